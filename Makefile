@@ -1,0 +1,36 @@
+# Two ways in: `make demo` and `make test`. Both build .venv from scratch when needed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is pinned here (not in pyproject) so a CPU machine takes the local CPU build
+# instead of downloading a multi-GB CUDA wheel; the package itself declares a range.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: demo test lint typecheck clean
+
+$(VENV)/.base: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.base
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.base
+	$(VENV)/bin/lmdistill demo
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check lmdistill tests benchmarks
+	$(VENV)/bin/ruff format --check lmdistill tests benchmarks
+
+typecheck: $(VENV)/.dev
+	$(VENV)/bin/mypy lmdistill
+
+test: lint typecheck
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) lmdistill-demo .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,287 @@
+"""The run configuration: a typed dataclass tree, loaded from YAML with `a.b=value` overrides.
+
+Validation happens once, in `load_config`; every error names the field (`train.lr`) and what is
+allowed. The user's config is never mutated: derived values live in the code that needs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type, or outside what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    """Where a model comes from.
+
+    `path` is a local Hugging Face directory, a Hub id, a `.gguf` file, the alias
+    `smollm2-135m-instruct`, or `tiny-llama` (random weights, local tokenizer; for tests).
+    """
+
+    path: str = "smollm2-135m-instruct"
+    gguf_file: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Only for `tiny-llama`: the shape of the random model.
+    tiny_layers: int = 4
+    tiny_hidden: int = 64
+    tiny_seed: int = 0
+
+
+@dataclass
+class StudentConfig:
+    """How the student is built.
+
+    - `layers_from_teacher`: keep `num_layers` of the teacher's layers, evenly spaced, first and
+      last included, with the teacher's weights (DistilBERT-style initialisation).
+    - `shrunk_config`: the teacher's architecture with fewer layers / a narrower width, fresh
+      random weights.
+    - `path`: any model `ModelConfig.path` accepts, given in `path`.
+    """
+
+    init: Literal["layers_from_teacher", "shrunk_config", "path"] = "layers_from_teacher"
+    num_layers: int = 6
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    path: str | None = None
+    gguf_file: str | None = None
+    freeze_embeddings: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Training data: a `.jsonl`/`.json` file, `hf:NAME[:CONFIG]`, or `builtin:gsm8k-demo`.
+
+    Rows hold `prompt`/`response`, chat `messages`, or GSM8K's `question`/`answer`.
+    """
+
+    train: str = "builtin:gsm8k-demo"
+    split: str = "train"
+    format: Literal["auto", "prompt_response", "messages", "gsm8k"] = "auto"
+    eval: str | None = None
+    eval_size: int = 32
+    max_train_examples: int | None = None
+    max_length: int = 256
+    on_truncation: Literal["warn", "error"] = "warn"
+
+
+@dataclass
+class GenerateConfig:
+    """Sequence-level KD: the teacher writes the responses the student trains on."""
+
+    enabled: bool = False
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 16
+    seed: int = 0
+
+
+@dataclass
+class LossConfig:
+    """loss = alpha * CE + (1 - alpha) * temperature^2 * D(teacher || student)."""
+
+    divergence: str = "forward_kl"
+    alpha: float = 0.0
+    temperature: float = 1.0
+    beta: float = 0.5
+    chunk_size: int = 1024
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class EvalConfig:
+    """Held-out fidelity to the teacher, before and after training."""
+
+    enabled: bool = True
+    batch_size: int = 8
+    num_samples: int = 3
+    sample_max_new_tokens: int = 48
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "outputs/run"
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Also train a CE-only student on the same data for the same steps, to compare against.
+    baseline: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load YAML (or the defaults when `path` is None), apply `a.b=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"{path}: the top level must be a mapping, got {type(loaded).__name__}"
+            )
+        raw = loaded
+    for item in overrides or []:
+        _apply_override(raw, item)
+    config = _build(RunConfig, raw, prefix="")
+    validate(config)
+    return config
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = prefix or "the top level"
+        raise ConfigError(
+            f"unknown key(s) {', '.join(_join(prefix, k) for k in unknown)}; "
+            f"allowed at {where}: {', '.join(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {name: _coerce(hints[name], raw[name], _join(prefix, name)) for name in raw}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(typing.cast(type, hint), value, name)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        inner = [o for o in options if o is not type(None)]
+        return _coerce(inner[0], value, name)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{name}: {value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def validate(config: RunConfig) -> None:
+    """Range checks that types alone cannot express."""
+    from lmdistill.losses import LOSSES
+
+    loss, train = config.loss, config.train
+    _check(
+        loss.divergence in LOSSES, "loss.divergence", loss.divergence, f"one of {sorted(LOSSES)}"
+    )
+    _check(0.0 <= loss.alpha <= 1.0, "loss.alpha", loss.alpha, "a number in [0, 1]")
+    _check(0.0 <= loss.beta <= 1.0, "loss.beta", loss.beta, "a number in [0, 1]")
+    _check(loss.temperature > 0, "loss.temperature", loss.temperature, "a number > 0")
+    _check(loss.chunk_size >= 1, "loss.chunk_size", loss.chunk_size, "an integer >= 1")
+    for name in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+        value = getattr(train, name)
+        _check(value >= 1, f"train.{name}", value, "an integer >= 1")
+    _check(train.lr > 0, "train.lr", train.lr, "a number > 0")
+    _check(train.warmup_steps >= 0, "train.warmup_steps", train.warmup_steps, "an integer >= 0")
+    _check(0 <= train.min_lr_ratio <= 1, "train.min_lr_ratio", train.min_lr_ratio, "in [0, 1]")
+    _check(train.max_grad_norm > 0, "train.max_grad_norm", train.max_grad_norm, "a number > 0")
+    _check(train.checkpoint_every >= 0, "train.checkpoint_every", train.checkpoint_every, ">= 0")
+    _check(config.data.max_length >= 8, "data.max_length", config.data.max_length, "an int >= 8")
+    _check(config.data.eval_size >= 0, "data.eval_size", config.data.eval_size, "an int >= 0")
+    student = config.student
+    _check(student.num_layers >= 1, "student.num_layers", student.num_layers, "an integer >= 1")
+    if student.init == "path":
+        _check(bool(student.path), "student.path", student.path, "a model path when init=path")
+    gen = config.generate
+    _check(gen.max_new_tokens >= 1, "generate.max_new_tokens", gen.max_new_tokens, ">= 1")
+    _check(gen.temperature > 0, "generate.temperature", gen.temperature, "a number > 0")
+    _check(0 < gen.top_p <= 1, "generate.top_p", gen.top_p, "a number in (0, 1]")
+    _check(gen.batch_size >= 1, "generate.batch_size", gen.batch_size, "an integer >= 1")
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {value!r} is not allowed; expected {allowed}")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    """Write the resolved config (YAML) beside the outputs."""
+    from lmdistill.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def config_hash(config: Any) -> str:
+    blob = json.dumps(to_dict(config), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

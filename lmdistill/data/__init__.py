@@ -1,0 +1,26 @@
+"""Data formats, tokenisation with response-only loss masks, and batching."""
+
+from lmdistill.data.formats import DataError, Example, data_hash, load_examples
+from lmdistill.data.tokenize import (
+    IGNORE_INDEX,
+    TokenizedExample,
+    TruncationReport,
+    collate,
+    collate_prompts,
+    encode_prompt,
+    tokenize_examples,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DataError",
+    "Example",
+    "TokenizedExample",
+    "TruncationReport",
+    "collate",
+    "collate_prompts",
+    "data_hash",
+    "encode_prompt",
+    "load_examples",
+    "tokenize_examples",
+]

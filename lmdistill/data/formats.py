@@ -1,0 +1,177 @@
+"""Read training and prompt data into one shape: a list of chat `Example`s.
+
+Accepted rows: `prompt`/`response`, chat `messages` (list of `{role, content}`), or GSM8K's
+`question`/`answer`. A row without a response (only `prompt` or `question`, or messages that
+do not end with the assistant) is a prompt: fine for `generate`, an error for training.
+Sources: a `.jsonl` or `.json` file, `hf:NAME[:CONFIG]` (needs `datasets`), or
+`builtin:gsm8k-demo` (400 GSM8K train questions shipped with the package, MIT licence).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("auto", "prompt_response", "messages", "gsm8k")
+BUILTIN = {"gsm8k-demo": "gsm8k_demo.jsonl"}
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """The input data is malformed; the message names the file, the line and the problem."""
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    messages: tuple[dict[str, str], ...]  # the prompt turns
+    response: str | None  # the assistant's answer; None for a prompt-only row
+    source: str = ""  # `file:line` for error messages
+    # False when the response was cut off (a teacher that hit max_new_tokens): the student
+    # must not learn to end the turn where the teacher had not.
+    response_complete: bool = True
+
+
+def load_examples(source: str, *, split: str = "train", format: str = "auto") -> list[Example]:
+    """Load `source` as `Example`s; raise `DataError` on malformed or empty input."""
+    if format not in FORMATS:
+        raise DataError(f"data.format: {format!r} is not allowed; choose one of {list(FORMATS)}")
+    rows = _read_rows(source, split)
+    examples = [_to_example(row, where, index, format) for index, (where, row) in enumerate(rows)]
+    if not examples:
+        raise DataError(f"{source}: the dataset is empty")
+    return examples
+
+
+def data_hash(examples: list[Example]) -> str:
+    digest = hashlib.sha256()
+    for example in examples:
+        blob = [example.id, list(example.messages), example.response]
+        digest.update(json.dumps(blob, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def _read_rows(source: str, split: str) -> list[tuple[str, Any]]:
+    if source.startswith("builtin:"):
+        name = source.removeprefix("builtin:")
+        if name not in BUILTIN:
+            raise DataError(f"unknown builtin dataset {name!r}; choose one of {sorted(BUILTIN)}")
+        asset = resources.files("lmdistill.data") / "assets" / BUILTIN[name]
+        return _read_jsonl(source, asset.read_text(encoding="utf-8"))
+    if source.startswith("hf:"):
+        return _read_hf(source.removeprefix("hf:"), split)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        return _read_json(str(path), text)
+    return _read_jsonl(str(path), text)
+
+
+def _read_jsonl(name: str, text: str) -> list[tuple[str, Any]]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{name}:{number}", json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"{name}:{number}: invalid JSON ({error.msg} at column {error.colno})"
+            ) from None
+    return rows
+
+
+def _read_json(name: str, text: str) -> list[tuple[str, Any]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{name}:{error.lineno}: invalid JSON ({error.msg})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{name}: a .json dataset must be a list of objects")
+    return [(f"{name}[{i}]", row) for i, row in enumerate(data)]
+
+
+def _read_hf(spec: str, split: str) -> list[tuple[str, Any]]:
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError:
+        raise DataError(
+            "hf: datasets need the `datasets` package: pip install 'lmdistill[hf]'"
+        ) from None
+    name, _, config = spec.partition(":")
+    dataset = datasets.load_dataset(name, config or None, split=split)
+    return [(f"hf:{spec}[{split}][{i}]", dict(row)) for i, row in enumerate(dataset)]
+
+
+def _to_example(row: Any, where: str, index: int, format: str) -> Example:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: each row must be a JSON object, got {type(row).__name__}")
+    kind = format if format != "auto" else _detect(row, where)
+    row_id = str(row.get("id", index))
+    if kind == "messages":
+        return _from_messages(row, where, row_id)
+    prompt_key, response_key = (
+        ("prompt", "response")
+        if kind == "prompt_response"
+        else (
+            "question",
+            "answer",
+        )
+    )
+    prompt = _text(row, prompt_key, where, required=True)
+    response = _text(row, response_key, where, required=False)
+    assert prompt is not None
+    turns: list[dict[str, str]] = [{"role": "user", "content": prompt}]
+    if isinstance(row.get("system"), str):
+        turns.insert(0, {"role": "system", "content": row["system"]})
+    return Example(row_id, tuple(turns), response, where)
+
+
+def _detect(row: dict[str, Any], where: str) -> str:
+    if "messages" in row:
+        return "messages"
+    if "prompt" in row:
+        return "prompt_response"
+    if "question" in row:
+        return "gsm8k"
+    raise DataError(
+        f"{where}: cannot tell the format from the columns {sorted(row)}; expected "
+        "`prompt` (+ `response`), `messages`, or `question` (+ `answer`)"
+    )
+
+
+def _text(row: dict[str, Any], key: str, where: str, *, required: bool) -> str | None:
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise DataError(f"{where}: missing column {key!r} (columns: {sorted(row)})")
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"{where}: column {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _from_messages(row: dict[str, Any], where: str, row_id: str) -> Example:
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}}")
+    turns = []
+    for position, message in enumerate(messages):
+        ok = isinstance(message, dict) and message.get("role") in ROLES
+        if not ok or not isinstance(message.get("content"), str):
+            raise DataError(
+                f"{where}: messages[{position}] must be {{role: one of {list(ROLES)}, "
+                f"content: string}}, got {message!r}"
+            )
+        turns.append({"role": message["role"], "content": message["content"]})
+    if turns[-1]["role"] == "assistant":
+        if len(turns) == 1:
+            raise DataError(f"{where}: `messages` has an assistant turn but no prompt before it")
+        return Example(row_id, tuple(turns[:-1]), turns[-1]["content"], where)
+    return Example(row_id, tuple(turns), None, where)

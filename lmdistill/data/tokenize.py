@@ -1,0 +1,145 @@
+"""Turn `Example`s into token ids with a response-only loss mask, and batch them.
+
+The prompt is rendered with the tokenizer's chat template (when it has one) exactly as
+`generate` renders it, and the response is tokenised after it, so the student trains on the
+same token boundary the teacher generated from.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lmdistill.data.formats import DataError, Example
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    id: str
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX on prompt tokens: the loss sees the response only
+    truncated: bool
+
+
+@dataclass
+class TruncationReport:
+    """How many examples lost response tokens to `max_length`, and how many were dropped
+    because their prompt alone filled it. Reported in metrics, never silent."""
+
+    total: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    dropped_ids: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"total": self.total, "truncated": self.truncated, "dropped": self.dropped}
+
+
+def prompt_text(example: Example, tokenizer: Any) -> str:
+    messages = list(example.messages)
+    if getattr(tokenizer, "chat_template", None):
+        return str(
+            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        )
+    return "\n\n".join(m["content"] for m in messages) + "\n"
+
+
+def response_text(response: str, tokenizer: Any) -> str:
+    """The response as the template closes it (e.g. `...<|im_end|>`), so the student learns
+    to stop."""
+    if getattr(tokenizer, "chat_template", None):
+        probe = [{"role": "user", "content": "x"}]
+        prefix = str(
+            tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+        )
+        full = str(
+            tokenizer.apply_chat_template(
+                [*probe, {"role": "assistant", "content": response}], tokenize=False
+            )
+        )
+        if full.startswith(prefix):
+            return full[len(prefix) :]
+    return response + (tokenizer.eos_token or "")
+
+
+def encode_prompt(example: Example, tokenizer: Any) -> list[int]:
+    return list(tokenizer(prompt_text(example, tokenizer), add_special_tokens=False)["input_ids"])
+
+
+def tokenize_examples(
+    examples: list[Example], tokenizer: Any, max_length: int, on_truncation: str = "warn"
+) -> tuple[list[TokenizedExample], TruncationReport]:
+    """Tokenise training examples; count (or refuse, with `on_truncation="error"`) truncation."""
+    report = TruncationReport(total=len(examples))
+    out = []
+    for example in examples:
+        if example.response is None:
+            raise DataError(f"{example.source}: no response to train on (a prompt-only row)")
+        prompt_ids = encode_prompt(example, tokenizer)
+        response = (
+            response_text(example.response, tokenizer)
+            if example.response_complete
+            else example.response
+        )
+        response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+        room = max_length - len(prompt_ids)
+        if room < 1:
+            _on_truncation(on_truncation, example, f"prompt alone is {len(prompt_ids)} tokens")
+            report.dropped += 1
+            report.dropped_ids.append(example.id)
+            continue
+        truncated = len(response_ids) > room
+        if truncated:
+            _on_truncation(on_truncation, example, f"{len(prompt_ids) + len(response_ids)} tokens")
+            report.truncated += 1
+            response_ids = response_ids[:room]
+        input_ids = prompt_ids + response_ids
+        labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+        out.append(TokenizedExample(example.id, input_ids, labels, truncated))
+    if not out:
+        raise DataError(f"every example was longer than data.max_length={max_length}")
+    if report.truncated or report.dropped:
+        warnings.warn(
+            f"data.max_length={max_length}: truncated {report.truncated} and dropped "
+            f"{report.dropped} of {report.total} examples",
+            stacklevel=2,
+        )
+    return out, report
+
+
+def _on_truncation(mode: str, example: Example, detail: str) -> None:
+    if mode == "error":
+        raise DataError(
+            f"{example.source}: example {example.id!r} does not fit data.max_length ({detail}); "
+            "raise data.max_length or set data.on_truncation=warn"
+        )
+
+
+def collate(batch: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: `input_ids`, `attention_mask`, `labels` of shape (B, T)."""
+    width = max(len(item.input_ids) for item in batch)
+    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, item in enumerate(batch):
+        n = len(item.input_ids)
+        input_ids[row, :n] = torch.tensor(item.input_ids)
+        labels[row, :n] = torch.tensor(item.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_prompts(prompts: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad prompts for batched generation: new tokens line up at the right edge."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -1,0 +1,183 @@
+"""The off-policy KD training loop: one recipe, read top to bottom.
+
+Each optimizer step takes a fixed global batch (micro-batch x accumulation x processes) that is
+a pure function of the step number and the seed, so a resumed run and an N-process run see
+exactly the batches a single uninterrupted process would.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from lmdistill.config import LossConfig, TrainConfig
+from lmdistill.data import IGNORE_INDEX, TokenizedExample, collate
+from lmdistill.kd.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
+from lmdistill.kd.objective import KDObjective, teacher_hidden
+from lmdistill.kd.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    seconds: float  # wall time of the steps run in this call
+    tokens_per_second: float  # response tokens per second, all processes
+    resumed_from: int  # step the run resumed from (0 for a fresh run)
+
+
+def make_accelerator(device: str) -> Accelerator:
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    return Accelerator(cpu=cpu)
+
+
+def train_student(
+    student: PreTrainedModel,
+    teacher: PreTrainedModel | None,
+    train_set: list[TokenizedExample],
+    *,
+    train: TrainConfig,
+    loss: LossConfig,
+    vocab_size: int,
+    pad_token_id: int,
+    checkpoint_dir: Path,
+    config_hash: str,
+    resume: bool = False,
+    desc: str = "train",
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train `student` in place. `stop_after` ends the call after that many steps (as a kill
+    would), leaving the checkpoints a resumed call continues from."""
+    accelerator = make_accelerator(train.device)
+    needs_teacher = loss.alpha < 1.0
+    if needs_teacher and teacher is None:
+        raise ValueError("loss.alpha < 1 needs a teacher signal, but no teacher was given")
+    torch.manual_seed(train.seed)
+    objective = KDObjective(student, loss, vocab_size)
+    optimizer = build_optimizer(objective, train)
+    scheduler = build_scheduler(optimizer, train)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    if teacher is not None:
+        teacher.to(accelerator.device).eval().requires_grad_(False)
+    teacher_weight = teacher.get_output_embeddings().weight if teacher is not None else None
+
+    state = TrainState(config_hash=config_hash)
+    if resume and (checkpoints := list_checkpoints(checkpoint_dir)):
+        unwrapped = accelerator.unwrap_model(objective)
+        state = load_checkpoint(checkpoints[-1], unwrapped, optimizer, scheduler)
+        if state.config_hash != config_hash:
+            raise ValueError(
+                f"{checkpoints[-1]} was written by a different config "
+                f"({state.config_hash} != {config_hash}); use a new output_dir or drop --resume"
+            )
+    resumed_from = state.step
+
+    world = accelerator.num_processes
+    global_batch = train.batch_size * train.grad_accum * world
+    last_step = train.max_steps if stop_after is None else min(train.max_steps, stop_after)
+    bar = tqdm(
+        total=train.max_steps,
+        initial=state.step,
+        desc=desc,
+        unit="step",
+        disable=not accelerator.is_main_process,
+        dynamic_ncols=True,
+    )
+    started, tokens_at_start = time.perf_counter(), state.tokens
+    objective.train()
+    while state.step < last_step:
+        indices = step_indices(state.step, len(train_set), global_batch, train.seed)
+        micro = [
+            collate([train_set[i] for i in chunk], pad_token_id)
+            for chunk in rank_slices(indices, train, accelerator.process_index, world)
+        ]
+        # Normalise by the *global* number of response tokens in this optimizer step, so that
+        # gradient accumulation and N processes give the gradient of one big batch.
+        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        global_tokens = int(
+            accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum")
+        )
+        sums = torch.zeros(3, device=accelerator.device)  # loss, ce, kd
+        for i, batch in enumerate(micro):
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            t_states = teacher_hidden(teacher, batch) if needs_teacher and teacher else None
+            # Only the last micro-batch synchronises gradients across processes.
+            sync = nullcontext() if i == len(micro) - 1 else accelerator.no_sync(objective)
+            with sync:
+                loss_sum, parts = objective(
+                    **batch, teacher_states=t_states, teacher_weight=teacher_weight
+                )
+                # DDP averages gradients over processes; multiply by `world` to undo it.
+                accelerator.backward(loss_sum * world / max(global_tokens, 1))
+            sums += torch.stack([loss_sum.detach(), parts["ce"], parts["kd"]])
+        grad_norm = accelerator.clip_grad_norm_(objective.parameters(), train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        sums = accelerator.reduce(sums, "sum") / max(global_tokens, 1)
+        state.step += 1
+        state.tokens += global_tokens
+        elapsed = time.perf_counter() - started
+        rate = (state.tokens - tokens_at_start) / max(elapsed, 1e-9)
+        record: dict[str, float] = {
+            "step": state.step,
+            "loss": float(sums[0]),
+            "ce": float(sums[1]),
+            "kd": float(sums[2]),
+            "lr": float(scheduler.get_last_lr()[0]),
+            "grad_norm": float(grad_norm),
+            "tokens": state.tokens,
+            "tokens_per_s": rate,
+        }
+        if state.step % train.log_every == 0 or state.step == train.max_steps:
+            state.history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{rate:.0f}")
+        bar.update(1)
+        if train.checkpoint_every and (
+            state.step % train.checkpoint_every == 0 or state.step == train.max_steps
+        ):
+            if accelerator.is_main_process:
+                save_checkpoint(
+                    checkpoint_dir,
+                    accelerator.unwrap_model(objective),
+                    optimizer,
+                    scheduler,
+                    state,
+                    train.keep_checkpoints,
+                )
+            accelerator.wait_for_everyone()
+    bar.close()
+    objective.eval()
+    elapsed = time.perf_counter() - started
+    return TrainResult(
+        state, elapsed, (state.tokens - tokens_at_start) / max(elapsed, 1e-9), resumed_from
+    )
+
+
+def step_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:
+    """The dataset indices of optimizer step `step`: a walk over per-epoch permutations."""
+    start = step * global_batch
+    return [_epoch_order(seed, j // n, n)[j % n] for j in range(start, start + global_batch)]
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def rank_slices(indices: list[int], train: TrainConfig, rank: int, world: int) -> list[list[int]]:
+    """This process's micro-batches: micro-batch i of rank r is the (i * world + r)-th slice."""
+    size = train.batch_size
+    return [
+        indices[(i * world + rank) * size : (i * world + rank + 1) * size]
+        for i in range(train.grad_accum)
+    ]

@@ -1,0 +1,329 @@
+"""CE + KD loss straight from hidden states, chunked so the (N, V) logits never exist.
+
+For each of the N (already selected, response-only) token rows::
+
+    logits_i = hidden_i @ weight[:vocab_size].T
+    loss_i   = alpha * CE(student_logits_i, target_i)
+               + (1 - alpha) * T**2 * D(teacher_logits_i || student_logits_i)
+
+where D is ``LOSSES[divergence]`` at temperature T (CE is at temperature 1). Only the first
+``vocab_size`` rows of each output projection are used: this is how a padded vocabulary is
+reconciled, the padding ids are dropped on both sides. The loss is a *sum* over tokens;
+the caller divides once by the global token count, so gradient accumulation and several
+processes give the same gradient as one big batch.
+
+The (tokens x vocab) logits are the memory wall of LLM distillation. ``fused_kd_loss``
+follows Liger-Kernel's fused-linear approach: its forward walks over ``chunk_size`` rows at
+a time, computes the chunk's loss and, right away, the gradients w.r.t. the hidden chunk and
+the output projection, and keeps only those; backward merely scales them by grad_output.
+The mechanism is generic over every entry of ``LOSSES``: the gradient w.r.t. the chunk's
+logits comes from autograd on the plain per-token formula. ``naive_kd_loss`` is the
+unchunked reference the tests hold it to.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmdistill.losses.divergences import get_loss
+
+IGNORE_INDEX = -100
+"""Label of a token that carries no loss (prompt, padding); never passed to these losses."""
+
+
+@dataclass(frozen=True)
+class _KDSpec:
+    """Tensor-free settings of one loss call; checked on construction, errors name the field."""
+
+    divergence: str
+    divergence_params: dict[str, Any]
+    alpha: float
+    temperature: float
+    vocab_size: int
+    chunk_size: int
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
+        empty = torch.zeros(0, self.vocab_size)
+        self.token_divergence(empty, empty)  # fail fast on a bad name or params, even if N == 0
+
+    def token_divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        """(C, V), (C, V) -> (C,): ``LOSSES[divergence]`` at this temperature and params."""
+        fn = get_loss(self.divergence)
+        return fn(
+            student_logits, teacher_logits, temperature=self.temperature, **self.divergence_params
+        )
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """Cast to at least fp32 (fp64 stays fp64, so gradcheck can run on these losses)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _check_targets(targets: Tensor, n: int, vocab_size: int) -> None:
+    if targets.shape != (n,) or targets.dtype != torch.long:
+        raise ValueError(
+            f"targets must be a ({n},) long tensor, got {targets.dtype} {tuple(targets.shape)}"
+        )
+    if n == 0:
+        return
+    if bool(((targets < 0) | (targets >= vocab_size)).any()):
+        if bool((targets == IGNORE_INDEX).any()):
+            raise ValueError(
+                f"targets contain IGNORE_INDEX ({IGNORE_INDEX}): select the response rows before "
+                "calling; this loss sums over every row it is given"
+            )
+        raise ValueError(f"targets must lie in [0, vocab_size={vocab_size})")
+
+
+def _check_teacher(
+    teacher_hidden: Tensor | None, teacher_weight: Tensor | None, n: int, vocab_size: int
+) -> None:
+    if (teacher_hidden is None) != (teacher_weight is None):
+        raise ValueError("pass both teacher_hidden and teacher_weight, or neither")
+    if teacher_hidden is None or teacher_weight is None:
+        return
+    if teacher_hidden.dim() != 2 or teacher_weight.dim() != 2:
+        raise ValueError("teacher_hidden must be (N, H_t) and teacher_weight (V_t, H_t)")
+    if teacher_hidden.shape[0] != n or teacher_hidden.shape[1] != teacher_weight.shape[1]:
+        raise ValueError(
+            f"teacher_hidden {tuple(teacher_hidden.shape)} does not match N={n} and "
+            f"teacher_weight {tuple(teacher_weight.shape)}"
+        )
+    if teacher_weight.shape[0] < vocab_size:
+        raise ValueError(
+            f"teacher_weight has {teacher_weight.shape[0]} rows < vocab_size={vocab_size}"
+        )
+
+
+def _check_tensors(
+    spec: _KDSpec,
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    targets: Tensor,
+    teacher_hidden: Tensor | None,
+    teacher_weight: Tensor | None,
+) -> None:
+    """Check shapes, the teacher's presence and the targets, with errors that name them."""
+    if student_hidden.dim() != 2 or student_weight.dim() != 2:
+        raise ValueError("student_hidden must be (N, H) and student_weight (V_s, H)")
+    if student_hidden.shape[1] != student_weight.shape[1]:
+        raise ValueError(
+            f"hidden size mismatch: student_hidden {tuple(student_hidden.shape)}, "
+            f"student_weight {tuple(student_weight.shape)}"
+        )
+    if spec.vocab_size > student_weight.shape[0]:
+        raise ValueError(
+            f"vocab_size={spec.vocab_size} > student_weight rows {student_weight.shape[0]}"
+        )
+    if spec.alpha < 1.0 and teacher_hidden is None:
+        raise ValueError(f"alpha={spec.alpha} < 1 needs teacher_hidden and teacher_weight")
+    n = student_hidden.shape[0]
+    _check_teacher(teacher_hidden, teacher_weight, n, spec.vocab_size)
+    _check_targets(targets, n, spec.vocab_size)
+
+
+def _token_losses(
+    student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor, spec: _KDSpec
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token ``(loss, ce, kd)``, each (C,), from (C, V) logits; kd is 0 without a teacher."""
+    ce = F.cross_entropy(student_logits, targets, reduction="none")
+    if teacher_logits is None:
+        kd = torch.zeros_like(ce)
+    else:
+        kd = spec.token_divergence(student_logits, teacher_logits)
+    loss = spec.alpha * ce + (1.0 - spec.alpha) * spec.temperature**2 * kd
+    return loss, ce, kd
+
+
+def _chunk_sums_and_grad(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    targets: Tensor,
+    spec: _KDSpec,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Return ``[loss_sum, ce_sum, kd_sum]`` (3,) of one chunk and d loss_sum / d logits (C, V)."""
+    with torch.enable_grad():
+        student_logits = student_logits.detach().requires_grad_(need_grad)
+        loss, ce, kd = _token_losses(student_logits, teacher_logits, targets, spec)
+        loss_sum = loss.sum()
+        grad = torch.autograd.grad(loss_sum, student_logits)[0] if need_grad else None
+    return torch.stack([loss_sum.detach(), ce.sum().detach(), kd.sum().detach()]), grad
+
+
+def _chunked_forward(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    targets: Tensor,
+    teacher_hidden: Tensor | None,
+    teacher_weight: Tensor | None,
+    spec: _KDSpec,
+    needs_grad: tuple[bool, bool],
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Loop over row chunks; return sums (3,), grad_hidden (N, H) and grad_weight (V, H)."""
+    w = _upcast(student_weight[: spec.vocab_size])  # (V_s, H) -> (V, H), padding rows dropped
+    tw = None if teacher_weight is None else _upcast(teacher_weight[: spec.vocab_size])
+    sums = torch.zeros(3, dtype=w.dtype, device=w.device)
+    grad_hidden = torch.zeros_like(student_hidden) if needs_grad[0] else None
+    grad_w = torch.zeros_like(w) if needs_grad[1] else None  # accumulated in fp32
+    for start in range(0, student_hidden.shape[0], spec.chunk_size):
+        rows = slice(start, start + spec.chunk_size)
+        h = _upcast(student_hidden[rows])  # (C, H)
+        teacher_logits = None
+        if teacher_hidden is not None and tw is not None:
+            with torch.no_grad():
+                teacher_logits = _upcast(teacher_hidden[rows]) @ tw.T  # (C, H_t) @ (H_t, V)
+        chunk_sums, grad_logits = _chunk_sums_and_grad(
+            h @ w.T, teacher_logits, targets[rows], spec, any(needs_grad)
+        )  # logits: (C, H) @ (H, V) -> (C, V)
+        sums += chunk_sums
+        if grad_hidden is not None and grad_logits is not None:
+            grad_hidden[rows] = grad_logits @ w  # (C, V) @ (V, H) -> (C, H), cast to input dtype
+        if grad_w is not None and grad_logits is not None:
+            grad_w.addmm_(grad_logits.T, h)  # (V, C) @ (C, H) -> (V, H)
+    return sums, grad_hidden, None if grad_w is None else _full_weight_grad(grad_w, student_weight)
+
+
+def _full_weight_grad(grad_w: Tensor, student_weight: Tensor) -> Tensor:
+    """(V, H) fp32 -> (V_s, H) in the weight's dtype; padding rows get exactly 0."""
+    if grad_w.shape == student_weight.shape and grad_w.dtype == student_weight.dtype:
+        return grad_w
+    full = torch.zeros_like(student_weight)
+    full[: grad_w.shape[0]] = grad_w
+    return full
+
+
+class _FusedKDFunction(torch.autograd.Function):
+    """Forward computes the loss *and* the student gradients chunk by chunk; backward scales."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        targets: Tensor,
+        teacher_hidden: Tensor | None,
+        teacher_weight: Tensor | None,
+        spec: _KDSpec,
+        needs_grad: tuple[bool, bool],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        sums, grad_hidden, grad_weight = _chunked_forward(
+            student_hidden,
+            student_weight,
+            targets,
+            teacher_hidden,
+            teacher_weight,
+            spec,
+            needs_grad,
+        )
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        loss_sum, ce_sum, kd_sum = sums[0].clone(), sums[1].clone(), sums[2].clone()
+        ctx.mark_non_differentiable(ce_sum, kd_sum)
+        return loss_sum, ce_sum, kd_sum
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_loss: Tensor, _grad_ce: Tensor, _grad_kd: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def fused_kd_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    targets: Tensor,
+    *,
+    teacher_hidden: Tensor | None,
+    teacher_weight: Tensor | None,
+    vocab_size: int,
+    divergence: str = "forward_kl",
+    alpha: float = 0.0,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    divergence_params: dict[str, Any] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Sum over N tokens of ``alpha * CE + (1 - alpha) * T**2 * D(teacher || student)``, chunked.
+
+    Args:
+        student_hidden: (N, H) final hidden states of the N supervised tokens.
+        student_weight: (V_s, H) student output projection (may be a tied embedding); its
+            gradient has zeros in rows >= vocab_size.
+        targets: (N,) long next-token ids in [0, vocab_size); no IGNORE_INDEX (select rows first).
+        teacher_hidden: (N, H_t) teacher hidden states, or None when alpha == 1.
+        teacher_weight: (V_t, H_t) teacher output projection, V_t >= vocab_size; no gradient.
+        vocab_size: ids >= vocab_size (vocabulary padding) are dropped on both sides.
+        divergence: a name in ``LOSSES``; ``divergence_params`` are its keyword parameters.
+        alpha: weight of the hard-label CE (at temperature 1); 1 - alpha weighs the KD term.
+        temperature: T of the divergence; the KD term is multiplied by T**2.
+        chunk_size: rows per chunk. Extra memory: a few chunk_size x vocab_size fp32 tensors,
+            plus, for non-fp32 weights, fp32 copies of the projections and of its gradient.
+
+    Returns:
+        ``(loss_sum, {"ce": ce_sum, "kd": kd_sum})``: an fp32 scalar to divide by the global
+        token count, and detached unweighted sums for logging.
+    """
+    spec = _KDSpec(
+        divergence, dict(divergence_params or {}), alpha, temperature, vocab_size, chunk_size
+    )
+    _check_tensors(spec, student_hidden, student_weight, targets, teacher_hidden, teacher_weight)
+    grad_on = torch.is_grad_enabled()
+    needs_grad = (
+        grad_on and student_hidden.requires_grad,
+        grad_on and student_weight.requires_grad,
+    )
+    loss_sum, ce_sum, kd_sum = _FusedKDFunction.apply(
+        student_hidden, student_weight, targets, teacher_hidden, teacher_weight, spec, needs_grad
+    )
+    return loss_sum, {"ce": ce_sum, "kd": kd_sum}
+
+
+def naive_kd_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    targets: Tensor,
+    *,
+    teacher_hidden: Tensor | None,
+    teacher_weight: Tensor | None,
+    vocab_size: int,
+    divergence: str = "forward_kl",
+    alpha: float = 0.0,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    divergence_params: dict[str, Any] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Reference for ``fused_kd_loss``: full (N, V) logits and plain autograd.
+
+    Same arguments and returns (``chunk_size`` is validated but unused); for tests and
+    debugging only, it materialises the logits the fused path exists to avoid.
+    """
+    spec = _KDSpec(
+        divergence, dict(divergence_params or {}), alpha, temperature, vocab_size, chunk_size
+    )
+    _check_tensors(spec, student_hidden, student_weight, targets, teacher_hidden, teacher_weight)
+    student_logits = _upcast(student_hidden) @ _upcast(student_weight[:vocab_size]).T  # (N, V)
+    ce = F.cross_entropy(student_logits, targets, reduction="none")  # (N,)
+    kd = torch.zeros_like(ce)
+    if teacher_hidden is not None and teacher_weight is not None:
+        with torch.no_grad():
+            teacher_logits = _upcast(teacher_hidden) @ _upcast(teacher_weight[:vocab_size]).T
+        kd = get_loss(divergence)(
+            student_logits, teacher_logits, temperature=temperature, **spec.divergence_params
+        )
+    loss = alpha * ce + (1.0 - alpha) * temperature**2 * kd
+    return loss.sum(), {"ce": ce.sum().detach(), "kd": kd.sum().detach()}

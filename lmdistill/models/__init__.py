@@ -1,0 +1,23 @@
+"""Load teachers and students; build students from teachers; check tokenizers agree."""
+
+from lmdistill.models.loading import describe, load_model
+from lmdistill.models.registry import RegistryError, resolve_alias
+from lmdistill.models.students import (
+    TokenizerMismatchError,
+    build_student,
+    check_tokenizers,
+    evenly_spaced_layers,
+    shared_vocab_size,
+)
+
+__all__ = [
+    "RegistryError",
+    "TokenizerMismatchError",
+    "build_student",
+    "check_tokenizers",
+    "describe",
+    "evenly_spaced_layers",
+    "load_model",
+    "resolve_alias",
+    "shared_vocab_size",
+]

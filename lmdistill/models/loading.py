@@ -1,0 +1,57 @@
+"""Load a teacher or student: HF directory, Hub id, GGUF file, known alias, or `tiny-llama`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from lmdistill.config import ModelConfig
+from lmdistill.models.registry import ALIASES, resolve_alias
+from lmdistill.models.tiny import build_tiny_llama, build_tiny_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TINY = "tiny-llama"
+
+
+def describe(spec: ModelConfig) -> str:
+    """A stable identity string for manifests and reports."""
+    return spec.path if spec.gguf_file is None else f"{spec.path}::{spec.gguf_file}"
+
+
+def load_model(spec: ModelConfig) -> tuple[PreTrainedModel, Any]:
+    """Return `(model, tokenizer)` for `spec`, in eval mode, in `spec.dtype`."""
+    dtype = DTYPES[spec.dtype]
+    if spec.path == TINY:
+        tiny_tokenizer = build_tiny_tokenizer()
+        tiny = build_tiny_llama(
+            len(tiny_tokenizer), spec.tiny_layers, spec.tiny_hidden, spec.tiny_seed
+        )
+        tiny.to(dtype=dtype)  # type: ignore[call-arg]  # transformers' wrapped `to` confuses mypy
+        return tiny.eval(), tiny_tokenizer
+    source, gguf_file = _resolve_source(spec)
+    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer: Any = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out by the attention mask and the loss mask, so any
+        # id works; eos is what most causal LMs use.
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def _resolve_source(spec: ModelConfig) -> tuple[str, str | None]:
+    if spec.path in ALIASES:
+        gguf = resolve_alias(spec.path)
+        return str(gguf.parent), gguf.name
+    path = Path(spec.path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return str(path.parent), path.name
+    if spec.gguf_file:
+        return str(path), spec.gguf_file
+    # A local directory, or a Hub id for users with a network.
+    return str(path) if path.exists() else spec.path, None

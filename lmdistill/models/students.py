@@ -1,0 +1,132 @@
+"""Build a student from a teacher, and check that the two speak the same tokenizer."""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from lmdistill.config import ModelConfig, StudentConfig
+from lmdistill.models.loading import load_model
+
+
+class TokenizerMismatchError(ValueError):
+    """Teacher and student tokenizers differ in more than vocabulary padding."""
+
+
+def evenly_spaced_layers(total: int, keep: int) -> list[int]:
+    """`keep` layer indices out of `total`, evenly spaced, first and last included."""
+    if not 1 <= keep <= total:
+        raise ValueError(f"student.num_layers: {keep} must be in [1, {total}] (teacher layers)")
+    if keep == 1:
+        return [0]
+    return [round(i * (total - 1) / (keep - 1)) for i in range(keep)]
+
+
+def build_student(
+    spec: StudentConfig, teacher: PreTrainedModel, teacher_tokenizer: Any
+) -> tuple[PreTrainedModel, Any]:
+    """Return `(student, tokenizer)`; the tokenizer is checked against the teacher's."""
+    if spec.init == "layers_from_teacher":
+        student = layers_from_teacher(teacher, spec.num_layers)
+        tokenizer = teacher_tokenizer
+    elif spec.init == "shrunk_config":
+        student = shrunk_from_teacher(teacher, spec)
+        tokenizer = teacher_tokenizer
+    else:
+        assert spec.path is not None
+        student, tokenizer = load_model(ModelConfig(path=spec.path, gguf_file=spec.gguf_file))
+        check_tokenizers(teacher_tokenizer, tokenizer)
+    shared_vocab_size(teacher, student, teacher_tokenizer)
+    if spec.freeze_embeddings:
+        # Tied embeddings freeze the output projection too: the cheapest student to train.
+        student.get_input_embeddings().weight.requires_grad_(False)
+    return student, tokenizer
+
+
+def layers_from_teacher(teacher: PreTrainedModel, num_layers: int) -> PreTrainedModel:
+    """A shallower copy of the teacher (DistilBERT-style init): every kept layer, the
+    embeddings, the final norm and the output head carry the teacher's weights."""
+    total = teacher.config.num_hidden_layers
+    keep = evenly_spaced_layers(total, num_layers)
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = num_layers
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[j] for j in keep]
+    student = AutoModelForCausalLM.from_config(config, dtype=teacher.dtype)
+    source = {j: i for i, j in enumerate(keep)}
+    state: dict[str, torch.Tensor] = {}
+    layer_key = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
+    for key, value in teacher.state_dict().items():
+        match = layer_key.match(key)
+        if match is None:
+            state[key] = value.clone()
+        elif int(match.group(2)) in source:
+            state[f"{match.group(1)}{source[int(match.group(2))]}{match.group(3)}"] = value.clone()
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    # A tied head is reported missing; it is the embedding and was loaded through it.
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"layer copy failed: missing {missing}, unexpected {unexpected}")
+    student.config.lmdistill_layer_map = keep
+    return student.eval()
+
+
+def shrunk_from_teacher(teacher: PreTrainedModel, spec: StudentConfig) -> PreTrainedModel:
+    """The teacher's architecture, smaller, with fresh random weights."""
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = spec.num_layers
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[: spec.num_layers]
+    if spec.hidden_size is not None:
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        heads = max(1, spec.hidden_size // head_dim)
+        kv_heads = max(1, min(getattr(config, "num_key_value_heads", heads), heads))
+        while heads % kv_heads:
+            kv_heads -= 1
+        config.hidden_size = spec.hidden_size
+        config.num_attention_heads = heads
+        config.num_key_value_heads = kv_heads
+        config.head_dim = head_dim
+    if spec.intermediate_size is not None:
+        config.intermediate_size = spec.intermediate_size
+    return AutoModelForCausalLM.from_config(config, dtype=teacher.dtype).eval()
+
+
+def check_tokenizers(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
+    """Raise `TokenizerMismatchError` unless both map every token to the same id."""
+    teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if teacher_vocab != student_vocab:
+        differing = sorted(
+            t
+            for t in set(teacher_vocab) | set(student_vocab)
+            if teacher_vocab.get(t) != student_vocab.get(t)
+        )
+        raise TokenizerMismatchError(
+            f"teacher and student tokenizers differ ({len(teacher_vocab)} vs {len(student_vocab)}"
+            f" tokens; {len(differing)} tokens map differently, e.g. {differing[:5]}). "
+            "Token-level KD needs one tokenizer; use a student of the teacher's family."
+        )
+    for attr in ("eos_token_id", "bos_token_id"):
+        if getattr(teacher_tokenizer, attr) != getattr(student_tokenizer, attr):
+            raise TokenizerMismatchError(f"teacher and student disagree on {attr}")
+    if teacher_tokenizer.chat_template != student_tokenizer.chat_template:
+        raise TokenizerMismatchError("teacher and student have different chat templates")
+
+
+def shared_vocab_size(teacher: PreTrainedModel, student: PreTrainedModel, tokenizer: Any) -> int:
+    """The vocabulary both heads score: the tokenizer's ids. Rows beyond it are padding
+    (models round their embedding up, e.g. to a multiple of 64) and are masked out."""
+    real = len(tokenizer)
+    for name, model in (("teacher", teacher), ("student", student)):
+        rows = model.get_output_embeddings().weight.shape[0]
+        if rows < real:
+            raise TokenizerMismatchError(
+                f"the {name}'s output head has {rows} rows but the tokenizer has {real} tokens"
+            )
+    return real

@@ -1,0 +1,98 @@
+"""`report.md`: what was distilled, how close the student got, at what cost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lmdistill.io import atomic_write_text
+from lmdistill.report.plots import fidelity_bars, loss_curves
+
+
+def write_report(out: Path, metrics: dict[str, Any], config: dict[str, Any]) -> Path:
+    loss_curves(metrics, out / "loss.png")
+    has_eval = bool(metrics["kd"]["after"])
+    if has_eval:
+        fidelity_bars(metrics, out / "fidelity.png")
+    path = out / "report.md"
+    atomic_write_text(path, render(metrics, config, has_eval))
+    return path
+
+
+def render(metrics: dict[str, Any], config: dict[str, Any], has_eval: bool) -> str:
+    models, data, kd = metrics["models"], metrics["data"], metrics["kd"]
+    loss = config["loss"]
+    lines = [
+        "# lmdistill report",
+        "",
+        f"Teacher `{models['teacher']}` ({models['teacher_parameters'] / 1e6:.1f} M parameters, "
+        f"{models['teacher_layers']} layers) -> student "
+        f"({models['student_parameters'] / 1e6:.1f} M parameters, {models['student_layers']} "
+        f"layers, init `{config['student']['init']}`).",
+        "",
+        f"Objective: `{loss['alpha']} * CE + (1 - {loss['alpha']}) * {loss['temperature']}^2 * "
+        f"{loss['divergence']}(teacher || student)`, {kd['steps']} steps, "
+        f"{kd['tokens']:,} response tokens, {kd['tokens_per_s']:.0f} tokens/s.",
+        "",
+        f"Data: `{data['source']}`: {data['train_examples']} training and "
+        f"{data['eval_examples']} held-out examples; truncated "
+        f"{data['train_truncation']['truncated']} / dropped "
+        f"{data['train_truncation']['dropped']} training examples at max_length "
+        f"{config['data']['max_length']}.",
+    ]
+    if metrics.get("generate"):
+        gen = metrics["generate"]
+        lines += [
+            "",
+            f"Sequence-level KD: the teacher wrote {gen['prompts']} responses "
+            f"({gen['new_tokens']:,} tokens generated in this call at "
+            f"{gen['new_tokens_per_s']:.0f} tokens/s; {gen['hit_length_limit']} hit "
+            "max_new_tokens and are kept without an end-of-turn token).",
+        ]
+    if has_eval:
+        lines += [
+            "",
+            "## Fidelity to the teacher (held-out responses)",
+            "",
+            *fidelity_table(metrics),
+        ]
+        lines += ["", "![fidelity](fidelity.png)"]
+    lines += ["", "## Training", "", "![loss](loss.png)", ""]
+    lines += [
+        f"Wall time {metrics['wall_seconds'] / 60:.1f} min, peak memory "
+        f"{metrics['peak_rss_mb']:.0f} MB (RSS)."
+    ]
+    if metrics.get("samples"):
+        lines += ["", "## Side by side (greedy, held-out prompts)", ""]
+        for i, row in enumerate(metrics["samples"], start=1):
+            lines += [f"### Prompt {i}", "", quote(row["prompt"]), ""]
+            for name, text in row.items():
+                if name != "prompt":
+                    lines += [f"**{name}:**", "", quote(text), ""]
+    return "\n".join(lines) + "\n"
+
+
+def fidelity_table(metrics: dict[str, Any]) -> list[str]:
+    arms = [
+        ("student before training", metrics.get("before")),
+        ("KD student", metrics["kd"]["after"]),
+    ]
+    if "baseline" in metrics:
+        arms.append(("CE-only student (same data, same steps)", metrics["baseline"]["after"]))
+    rows = [
+        "| model | KL(teacher‖student) ↓ | top-1 agreement ↑ | perplexity on teacher text ↓ |",
+        "|---|---|---|---|",
+    ]
+    for name, values in arms:
+        if values:
+            rows.append(
+                f"| {name} | {values['kl']:.4f} | {values['top1_agreement']:.3f} | "
+                f"{values['student_ppl']:.2f} |"
+            )
+    teacher_ppl = metrics["kd"]["after"]["teacher_ppl"]
+    rows.append(f"| teacher (reference) | 0 | 1 | {teacher_ppl:.2f} |")
+    return rows
+
+
+def quote(text: str) -> str:
+    return "\n".join("> " + line for line in (text.strip() or "(empty)").splitlines())
