@@ -138,14 +138,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lmdistill.data import tokenize_examples
     from lmdistill.eval import fidelity
     from lmdistill.models import check_tokenizers, load_model, shared_vocab_size
-    from lmdistill.pipeline import load_splits
+    from lmdistill.pipeline import prepare_examples
 
     config = load_config(args.config, args.overrides)
     teacher, tokenizer = load_model(config.teacher)
     student, student_tokenizer = load_model(ModelConfig(path=args.student))
     check_tokenizers(tokenizer, student_tokenizer)
     vocab_size = shared_vocab_size(teacher, student, tokenizer)
-    _, held_out = load_splits(config)
+    _, held_out, _ = prepare_examples(config, teacher, tokenizer)
     eval_set, _ = tokenize_examples(
         held_out, tokenizer, config.data.max_length, config.data.on_truncation
     )

@@ -54,12 +54,10 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     torch.manual_seed(config.train.seed)  # fresh student weights are reproducible
     student, _ = build_student(config.student, teacher, tokenizer)
     vocab_size = shared_vocab_size(teacher, student, tokenizer)
-    train_examples, eval_examples = load_splits(config)
     metrics: dict[str, Any] = {"lmdistill_version": __version__, "config_hash": chash}
-    if config.generate.enabled:
-        train_examples, eval_examples, metrics["generate"] = teacher_writes(
-            config, teacher, tokenizer, train_examples, eval_examples, out
-        )
+    train_examples, eval_examples, generation = prepare_examples(config, teacher, tokenizer)
+    if generation is not None:
+        metrics["generate"] = generation
 
     train_set, truncation = tokenize_examples(
         train_examples, tokenizer, config.data.max_length, config.data.on_truncation
@@ -147,6 +145,19 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         write_report(out, metrics, to_dict(config))
     state.wait_for_everyone()
     return metrics
+
+
+def prepare_examples(
+    config: RunConfig, teacher: PreTrainedModel, tokenizer: Any
+) -> tuple[list[Example], list[Example], dict[str, Any] | None]:
+    """Train and held-out examples, with teacher-written responses when `generate.enabled`
+    (generated once into output_dir, then read back by later stages such as `eval`)."""
+    train_examples, eval_examples = load_splits(config)
+    if not config.generate.enabled:
+        return train_examples, eval_examples, None
+    return teacher_writes(
+        config, teacher, tokenizer, train_examples, eval_examples, Path(config.output_dir)
+    )
 
 
 def load_splits(config: RunConfig) -> tuple[list[Example], list[Example]]:

@@ -1,0 +1,82 @@
+"""Teacher generation: batched, resumable, never redoing or losing a finished row."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import tiny_run_config
+
+from lmdistill.config import GenerateConfig
+from lmdistill.data import load_examples
+from lmdistill.pipeline import check_manifest
+from lmdistill.teachers import generate_responses, read_finished
+
+
+def test_interrupted_generation_resumes_without_redoing_rows(
+    tmp_path: Path, tiny_teacher: Any, tiny_tokenizer: Any
+) -> None:
+    prompts = load_examples("builtin:gsm8k-demo")[:20]
+    path = tmp_path / "out.jsonl"
+    config = GenerateConfig(max_new_tokens=6, batch_size=8)
+    answered, report = generate_responses(tiny_teacher, tiny_tokenizer, prompts, path, config)
+    assert report.generated == 20 and [a.id for a in answered] == [p.id for p in prompts]
+    assert (
+        report.hit_length_limit
+        + sum(json.loads(line)["finish_reason"] == "stop" for line in path.read_text().splitlines())
+        == 20
+    )
+
+    # A kill mid-write: 7 whole rows survive, the 8th is torn.
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:7]) + lines[7][:15])
+    kept = {json.loads(line)["id"]: json.loads(line) for line in lines[:7]}
+    answered, report = generate_responses(tiny_teacher, tiny_tokenizer, prompts, path, config)
+    assert report.generated == 13
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == sorted(p.id for p in prompts)  # each exactly once
+    assert all(read_finished(path)[i] == row for i, row in kept.items())  # finished rows kept
+    assert [a.response for a in answered if a.id in kept] == [
+        kept[p.id]["response"] for p in prompts if p.id in kept
+    ]
+
+    # Everything done: a third call generates nothing.
+    _, report = generate_responses(tiny_teacher, tiny_tokenizer, prompts, path, config)
+    assert report.generated == 0
+
+
+def test_responses_cut_at_max_new_tokens_are_marked_incomplete(
+    tmp_path: Path, tiny_teacher: Any, tiny_tokenizer: Any
+) -> None:
+    prompts = load_examples("builtin:gsm8k-demo")[:4]
+    answered, report = generate_responses(
+        tiny_teacher,
+        tiny_tokenizer,
+        prompts,
+        tmp_path / "o.jsonl",
+        GenerateConfig(max_new_tokens=3),
+    )
+    cut = [a for a in answered if not a.response_complete]
+    assert len(cut) == report.hit_length_limit > 0
+
+
+def test_generation_with_another_config_is_refused(tmp_path: Path) -> None:
+    manifest = {"teacher": "a", "prompts_hash": "x", "generate": {"max_new_tokens": 8}}
+    path = tmp_path / "manifest.json"
+    check_manifest(path, manifest)
+    check_manifest(path, manifest)  # the same again is fine
+    with pytest.raises(ValueError, match="generated with a different generate, teacher"):
+        check_manifest(path, {**manifest, "teacher": "b", "generate": {"max_new_tokens": 9}})
+
+
+def test_run_rejects_a_changed_generation_config(tmp_path: Path) -> None:
+    from lmdistill.pipeline import run
+
+    run(tiny_run_config(tmp_path, "baseline=false", "train.max_steps=1"))
+    changed = tiny_run_config(
+        tmp_path, "baseline=false", "generate.max_new_tokens=7", "train.max_steps=1"
+    )
+    with pytest.raises(ValueError, match="generated with a different generate"):
+        run(changed, resume=True)
