@@ -17,6 +17,16 @@ Stages read one YAML config (see configs/ for examples); any field can be overri
 command line as key.path=value, e.g. `train.max_steps=200 loss.divergence=reverse_kl`.
 """
 
+EPILOG = """examples:
+  lmdistill demo                                   # SmolLM2-135M -> 6 layers, ~10 min on CPU
+  lmdistill run configs/tiny.yaml output_dir=out   # tiny random models, < 1 min
+  lmdistill run configs/demo.yaml --resume         # continue a killed run
+  lmdistill eval configs/demo.yaml --student lmdistill-demo/student
+  torchrun --nproc_per_node 2 -m lmdistill run configs/tiny.yaml   # 2 processes
+
+`lmdistill COMMAND --help` explains each command.
+"""
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -33,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmdistill",
         description=DESCRIPTION,
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -121,14 +132,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from lmdistill.data import load_examples
-    from lmdistill.models import load_model
+    from lmdistill.models import describe, load_model
     from lmdistill.teachers import generate_responses
 
     config = load_config(args.config, args.overrides)
     out = Path(args.out or Path(config.output_dir) / "generate" / "teacher_responses.jsonl")
     teacher, tokenizer = load_model(config.teacher)
     prompts = load_examples(config.data.train, split=config.data.split, format=config.data.format)
-    _, report = generate_responses(teacher, tokenizer, prompts, out, config.generate)
+    _, report = generate_responses(
+        teacher, tokenizer, prompts, out, config.generate, teacher_id=describe(config.teacher)
+    )
     print(json.dumps({"output": str(out), **report.as_dict()}, indent=2))
     return 0
 

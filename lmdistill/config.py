@@ -97,7 +97,7 @@ class LossConfig:
     alpha: float = 0.0
     temperature: float = 1.0
     beta: float = 0.5
-    chunk_size: int = 1024
+    chunk_size: int = 256  # rows per chunk of the fused loss: memory ~ chunk_size x vocab
 
 
 @dataclass

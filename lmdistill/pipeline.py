@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import random
 import resource
 import sys
@@ -26,7 +25,7 @@ from lmdistill.data import Example, data_hash, load_examples, tokenize_examples
 from lmdistill.eval import fidelity
 from lmdistill.io import atomic_dir, atomic_write_json
 from lmdistill.kd.checkpoint import list_checkpoints
-from lmdistill.kd.train import TrainResult, train_student
+from lmdistill.kd.train import TrainResult, train_student, use_cpu
 from lmdistill.models import build_student, describe, load_model, shared_vocab_size
 from lmdistill.report import write_report
 from lmdistill.teachers import generate_responses, greedy_responses
@@ -39,7 +38,8 @@ class OutputExistsError(RuntimeError):
 def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run the configured pipeline; return (and write) the metrics."""
     started = time.perf_counter()
-    state = PartialState()
+    # Initialised once, as the trainer's Accelerator will be (gloo on CPU).
+    state = PartialState(cpu=use_cpu(config.train.device))
     out = Path(config.output_dir)
     if not resume and list_checkpoints(out / "checkpoints"):
         raise OutputExistsError(
@@ -192,38 +192,21 @@ def teacher_writes(
     """Replace every response with the teacher's own (sequence-level KD)."""
     state = PartialState()
     path = out / "generate" / "teacher_responses.jsonl"
-    manifest = {
-        "teacher": describe(config.teacher),
-        "prompts_hash": data_hash(train_examples + eval_examples),
-        "generate": to_dict(config.generate),
-    }
-    check_manifest(path.with_name("manifest.json"), manifest)
+    prompts = train_examples + eval_examples
+    teacher_id = describe(config.teacher)
     report: dict[str, Any] = {}
     if state.is_main_process:
-        prompts = train_examples + eval_examples
-        _, gen = generate_responses(teacher, tokenizer, prompts, path, config.generate)
+        _, gen = generate_responses(
+            teacher, tokenizer, prompts, path, config.generate, teacher_id=teacher_id
+        )
         report = gen.as_dict()
     state.wait_for_everyone()
     # Every process reads the finished file, so all of them train on the same responses.
     answered, _ = generate_responses(
-        teacher, tokenizer, train_examples + eval_examples, path, config.generate, desc="read"
+        teacher, tokenizer, prompts, path, config.generate, teacher_id=teacher_id, desc="read"
     )
     n = len(train_examples)
     return answered[:n], answered[n:], report
-
-
-def check_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    """Refuse to mix rows generated under another teacher, prompt set or generation config."""
-    if path.exists():
-        previous = json.loads(path.read_text())
-        changed = sorted(k for k in manifest if previous.get(k) != manifest[k])
-        if changed:
-            raise ValueError(
-                f"{path.parent} was generated with a different {', '.join(changed)}; "
-                "use another output_dir or delete it"
-            )
-    elif PartialState().is_main_process:
-        atomic_write_json(path, manifest)
 
 
 def summarise(result: TrainResult, after: dict[str, float] | None) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,8 @@ from conftest import tiny_run_config
 
 from lmdistill.config import GenerateConfig
 from lmdistill.data import load_examples
-from lmdistill.pipeline import check_manifest
 from lmdistill.teachers import generate_responses, read_finished
+from lmdistill.teachers.generate import check_manifest
 
 
 def test_interrupted_generation_resumes_without_redoing_rows(
@@ -21,7 +22,9 @@ def test_interrupted_generation_resumes_without_redoing_rows(
     prompts = load_examples("builtin:gsm8k-demo")[:20]
     path = tmp_path / "out.jsonl"
     config = GenerateConfig(max_new_tokens=6, batch_size=8)
-    answered, report = generate_responses(tiny_teacher, tiny_tokenizer, prompts, path, config)
+    answered, report = generate_responses(
+        tiny_teacher, tiny_tokenizer, prompts, path, config, teacher_id="t"
+    )
     assert report.generated == 20 and [a.id for a in answered] == [p.id for p in prompts]
     assert (
         report.hit_length_limit
@@ -33,7 +36,9 @@ def test_interrupted_generation_resumes_without_redoing_rows(
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:7]) + lines[7][:15])
     kept = {json.loads(line)["id"]: json.loads(line) for line in lines[:7]}
-    answered, report = generate_responses(tiny_teacher, tiny_tokenizer, prompts, path, config)
+    answered, report = generate_responses(
+        tiny_teacher, tiny_tokenizer, prompts, path, config, teacher_id="t"
+    )
     assert report.generated == 13
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert sorted(r["id"] for r in rows) == sorted(p.id for p in prompts)  # each exactly once
@@ -43,7 +48,9 @@ def test_interrupted_generation_resumes_without_redoing_rows(
     ]
 
     # Everything done: a third call generates nothing.
-    _, report = generate_responses(tiny_teacher, tiny_tokenizer, prompts, path, config)
+    _, report = generate_responses(
+        tiny_teacher, tiny_tokenizer, prompts, path, config, teacher_id="t"
+    )
     assert report.generated == 0
 
 
@@ -57,13 +64,14 @@ def test_responses_cut_at_max_new_tokens_are_marked_incomplete(
         prompts,
         tmp_path / "o.jsonl",
         GenerateConfig(max_new_tokens=3),
+        teacher_id="t",
     )
     cut = [a for a in answered if not a.response_complete]
     assert len(cut) == report.hit_length_limit > 0
 
 
 def test_generation_with_another_config_is_refused(tmp_path: Path) -> None:
-    manifest = {"teacher": "a", "prompts_hash": "x", "generate": {"max_new_tokens": 8}}
+    manifest = {"teacher": "a", "generate": {"max_new_tokens": 8}}
     path = tmp_path / "manifest.json"
     check_manifest(path, manifest)
     check_manifest(path, manifest)  # the same again is fine
@@ -80,3 +88,17 @@ def test_run_rejects_a_changed_generation_config(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="generated with a different generate"):
         run(changed, resume=True)
+
+
+def test_a_row_written_for_another_prompt_is_refused(
+    tmp_path: Path, tiny_teacher: Any, tiny_tokenizer: Any
+) -> None:
+    prompts = load_examples("builtin:gsm8k-demo")[:2]
+    path = tmp_path / "o.jsonl"
+    config = GenerateConfig(max_new_tokens=2)
+    generate_responses(tiny_teacher, tiny_tokenizer, prompts, path, config, teacher_id="t")
+    edited = [dataclasses.replace(prompts[0], messages=({"role": "user", "content": "new"},))]
+    with pytest.raises(ValueError, match="was generated for a different prompt"):
+        generate_responses(tiny_teacher, tiny_tokenizer, edited, path, config, teacher_id="t")
+    with pytest.raises(ValueError, match="generated with a different teacher"):
+        generate_responses(tiny_teacher, tiny_tokenizer, prompts, path, config, teacher_id="u")

