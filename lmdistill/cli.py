@@ -175,6 +175,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def print_summary(config: RunConfig, metrics: dict) -> None:
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
     out = Path(config.output_dir)
     print(f"\nwrote {out / 'report.md'}, {out / 'metrics.json'}, {out / 'student'}/")
     rows = [("before", metrics.get("before")), ("KD", metrics["kd"]["after"])]
