@@ -23,8 +23,8 @@ demo: $(VENV)/.base
 	$(VENV)/bin/lmdistill demo
 
 lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check lmdistill tests benchmarks
-	$(VENV)/bin/ruff format --check lmdistill tests benchmarks
+	$(VENV)/bin/ruff check lmdistill tests $(wildcard benchmarks)
+	$(VENV)/bin/ruff format --check lmdistill tests $(wildcard benchmarks)
 
 typecheck: $(VENV)/.dev
 	$(VENV)/bin/mypy lmdistill
