@@ -91,12 +91,23 @@ class GenerateConfig:
 
 @dataclass
 class LossConfig:
-    """loss = alpha * CE + (1 - alpha) * temperature^2 * D(teacher || student)."""
+    """loss = alpha * CE + (1 - alpha) * temperature^2 * D(teacher || student)
+    + hidden_weight * hidden-state matching + attention_weight * attention-map KL.
+
+    `beta` parameterises `generalized_jsd` (TRL's convention: 0 forward KL, 1 reverse KL);
+    `skew_alpha` the DistiLLM skew KLs. Feature losses pair student layer i with teacher
+    layer `layer_map[i - 1]` (default: uniform, the last layers paired).
+    """
 
     divergence: str = "forward_kl"
     alpha: float = 0.0
     temperature: float = 1.0
     beta: float = 0.5
+    skew_alpha: float = 0.1
+    hidden_weight: float = 0.0
+    hidden_kind: Literal["mse", "cosine"] = "mse"
+    attention_weight: float = 0.0
+    layer_map: list[int] | None = None
     chunk_size: int = 256  # rows per chunk of the fused loss: memory ~ chunk_size x vocab
 
 
@@ -210,6 +221,11 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         if value not in allowed:
             raise ConfigError(f"{name}: {value!r} is not allowed; choose one of {list(allowed)}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{name}: expected true or false, got {value!r}")
@@ -245,6 +261,10 @@ def validate(config: RunConfig) -> None:
     _check(0.0 <= loss.beta <= 1.0, "loss.beta", loss.beta, "a number in [0, 1]")
     _check(loss.temperature > 0, "loss.temperature", loss.temperature, "a number > 0")
     _check(loss.chunk_size >= 1, "loss.chunk_size", loss.chunk_size, "an integer >= 1")
+    _check(0.0 <= loss.skew_alpha < 1.0, "loss.skew_alpha", loss.skew_alpha, "in [0, 1)")
+    for weight in ("hidden_weight", "attention_weight"):
+        value = getattr(loss, weight)
+        _check(value >= 0, f"loss.{weight}", value, "a number >= 0")
     for name in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
         value = getattr(train, name)
         _check(value >= 1, f"train.{name}", value, "an integer >= 1")

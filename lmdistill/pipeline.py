@@ -120,7 +120,9 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     save_student(student, tokenizer, out / "student")
 
     if initial is not None:
-        ce_only = dataclasses.replace(config.loss, alpha=1.0)
+        ce_only = dataclasses.replace(
+            config.loss, alpha=1.0, hidden_weight=0.0, attention_weight=0.0
+        )
         base = train_student(
             initial,
             None,

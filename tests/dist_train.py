@@ -20,6 +20,8 @@ from lmdistill.kd.train import train_student
 from lmdistill.models import build_student
 from lmdistill.models.tiny import build_tiny_llama, build_tiny_tokenizer
 
+JSD = LossConfig(divergence="generalized_jsd", alpha=0.3, temperature=2.0, chunk_size=37)
+
 
 def train_tiny(
     batch_size: int,
@@ -28,6 +30,7 @@ def train_tiny(
     checkpoint_dir: Path,
     stop_after: int | None = None,
     resume: bool = False,
+    loss: LossConfig = JSD,
 ) -> tuple[dict, list]:
     tokenizer = build_tiny_tokenizer()
     teacher = build_tiny_llama(len(tokenizer), layers=4, hidden=64, seed=0).eval()
@@ -49,7 +52,7 @@ def train_tiny(
         teacher,
         train_set,
         train=train,
-        loss=LossConfig(divergence="generalized_jsd", alpha=0.3, temperature=2.0, chunk_size=37),
+        loss=loss,
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         checkpoint_dir=checkpoint_dir,

@@ -90,3 +90,11 @@ def test_loading_does_not_mutate_the_users_file(tmp_path: Path) -> None:
     path.write_text("train:\n  max_steps: 5\n")
     load_config(path, ["train.max_steps=9"])
     assert path.read_text() == "train:\n  max_steps: 5\n"
+
+
+def test_list_fields_are_typed_item_by_item() -> None:
+    assert load_config(None, ["loss.layer_map=[2, 4]"]).loss.layer_map == [2, 4]
+    with pytest.raises(ConfigError, match=r"loss.layer_map\[1\]: expected an integer"):
+        load_config(None, ["loss.layer_map=[2, x]"])
+    with pytest.raises(ConfigError, match=r"loss\.layer_map: expected a list"):
+        load_config(None, ["loss.layer_map=3"])

@@ -14,6 +14,7 @@ from conftest import ROOT, tiny_run_config
 from dist_train import train_tiny
 
 from lmdistill.cli import main
+from lmdistill.config import LossConfig
 from lmdistill.pipeline import OutputExistsError, run
 
 
@@ -126,3 +127,33 @@ def test_a_second_run_into_the_same_directory_needs_resume(tmp_path: Path) -> No
     again = run(config, resume=True)  # everything was done: nothing is retrained
     assert again["kd"]["resumed_from"] == first["kd"]["steps"] == 8
     assert again["generate"]["generated"] == 0
+
+
+def test_feature_losses_are_trained_logged_and_resumed(tmp_path: Path) -> None:
+    loss = LossConfig(alpha=0.5, hidden_weight=1.0, hidden_kind="mse", attention_weight=1.0)
+    straight, history = train_tiny(4, 1, steps=6, checkpoint_dir=tmp_path / "a", loss=loss)
+    assert {"hidden", "attention", "kd", "ce"} <= set(history[0])
+    assert history[-1]["hidden"] < history[0]["hidden"]
+    assert history[-1]["attention"] < history[0]["attention"]
+    # The projection's weights and optimizer state are in the checkpoint: resume is exact.
+    train_tiny(4, 1, steps=6, checkpoint_dir=tmp_path / "b", stop_after=3, loss=loss)
+    resumed, _ = train_tiny(4, 1, steps=6, checkpoint_dir=tmp_path / "b", resume=True, loss=loss)
+    for name, value in straight.items():
+        assert torch.equal(value, resumed[name]), name
+
+
+def test_feature_losses_need_a_teacher(tmp_path: Path) -> None:
+    from lmdistill.kd.train import train_student
+
+    with pytest.raises(ValueError, match="need a teacher signal"):
+        train_student(
+            None,  # type: ignore[arg-type]
+            None,
+            [],
+            train=tiny_run_config(tmp_path).train,
+            loss=LossConfig(alpha=1.0, hidden_weight=1.0),
+            vocab_size=10,
+            pad_token_id=0,
+            checkpoint_dir=tmp_path,
+            config_hash="x",
+        )

@@ -2,14 +2,20 @@
 
 loss_sum = sum over response tokens of
     alpha * CE(student, next token) + (1 - alpha) * tau^2 * D(teacher || student)
+    + hidden_weight * hidden-state distance + attention_weight * attention-map KL
 
 Logits are never materialised for the whole batch: we take the final hidden states at the
 positions that predict a response token, and the fused loss projects them chunk by chunk.
 Prompt positions never touch the output head at all (the head is ~60% of a 6-layer
 SmolLM2 student's parameters, so this alone saves most of its cost on prompt tokens).
+The feature losses are averaged over layer pairs, so every term is per response token and
+one global division by the token count normalises them all.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,6 +24,9 @@ from transformers import PreTrainedModel
 from lmdistill.config import LossConfig
 from lmdistill.data import IGNORE_INDEX
 from lmdistill.losses import fused_kd_loss
+from lmdistill.losses.features import HiddenStateMatcher, attention_kl, layer_map
+
+PARTS = ("loss", "ce", "kd", "hidden", "attention")  # the order training logs reduce in
 
 
 def check_supported(model: PreTrainedModel) -> None:
@@ -34,40 +43,114 @@ def check_supported(model: PreTrainedModel) -> None:
         raise NotImplementedError(f"{type(model).__name__}: output head must be bias-free Linear")
 
 
+def divergence_params(loss: LossConfig) -> dict[str, float]:
+    """The config fields a divergence takes, under the names its function uses."""
+    if loss.divergence == "generalized_jsd":
+        return {"beta": loss.beta}
+    if loss.divergence.startswith("skew_"):
+        return {"alpha": loss.skew_alpha}
+    return {}
+
+
+def uses_attention(loss: LossConfig) -> bool:
+    return loss.attention_weight > 0
+
+
+@dataclass
+class DecoderOutputs:
+    """What the losses need from one forward pass of a decoder."""
+
+    states: torch.Tensor  # (N, H) final hidden states at positions predicting a response token
+    targets: torch.Tensor  # (N,) those response tokens
+    mask: torch.Tensor  # (B, T) bool: the same positions, for the feature losses
+    hidden_states: tuple[torch.Tensor, ...] | None
+    attentions: tuple[torch.Tensor, ...] | None
+
+
+def run_decoder(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    hidden_states: bool = False,
+    attentions: bool = False,
+) -> DecoderOutputs:
+    """One decoder pass. Position t predicts token t + 1, so (B, T) labels shift left by one."""
+    out = model.get_decoder()(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        output_hidden_states=hidden_states,
+        output_attentions=attentions,
+    )
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # (B, T)
+    return DecoderOutputs(
+        states=out.last_hidden_state[mask],  # (B, T, H) -> (N, H)
+        targets=labels[:, 1:][mask[:, :-1]],  # (N,)
+        mask=mask,
+        hidden_states=out.hidden_states if hidden_states else None,
+        attentions=out.attentions if attentions else None,
+    )
+
+
 def response_hidden(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final hidden states at the positions that predict a response token, and those tokens.
-
-    Position t predicts token t + 1, so (B, T) labels shift left by one.
-    """
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
-    states = hidden.last_hidden_state[:, :-1]  # (B, T-1, H)
-    targets = labels[:, 1:]  # (B, T-1)
-    mask = targets != IGNORE_INDEX
-    return states[mask], targets[mask]  # (N, H), (N,)
+    """Final hidden states at the positions that predict a response token, and those tokens."""
+    out = run_decoder(model, input_ids, attention_mask, labels)
+    return out.states, out.targets
 
 
 @torch.no_grad()
-def teacher_hidden(teacher: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    states, _ = response_hidden(
-        teacher, batch["input_ids"], batch["attention_mask"], batch["labels"]
+def teacher_outputs(
+    teacher: PreTrainedModel, batch: dict[str, torch.Tensor], loss: LossConfig
+) -> DecoderOutputs:
+    return run_decoder(
+        teacher,
+        **batch,
+        hidden_states=loss.hidden_weight > 0,
+        attentions=uses_attention(loss),
     )
-    return states
 
 
 class KDObjective(nn.Module):
-    """Wraps the student; `forward(batch, teacher_states)` returns the summed loss and its parts."""
+    """Wraps the student (and the feature-loss projections); `forward` returns the summed
+    loss and its detached parts, all sums over response tokens."""
 
-    def __init__(self, student: PreTrainedModel, loss: LossConfig, vocab_size: int) -> None:
+    def __init__(
+        self,
+        student: PreTrainedModel,
+        loss: LossConfig,
+        vocab_size: int,
+        teacher_config: Any | None = None,
+    ) -> None:
         super().__init__()
         check_supported(student)
         self.student = student
         self.loss = loss
         self.vocab_size = vocab_size
+        self.pairs: list[tuple[int, int]] = []
+        self.hidden: HiddenStateMatcher | None = None
+        if loss.hidden_weight > 0 or uses_attention(loss):
+            if teacher_config is None:
+                raise ValueError("feature losses need the teacher's config (layers, width)")
+            s_layers, t_layers = student.config.num_hidden_layers, teacher_config.num_hidden_layers
+            self.pairs = layer_map(s_layers, t_layers, loss.layer_map)
+        if loss.hidden_weight > 0:
+            assert teacher_config is not None
+            self.hidden = HiddenStateMatcher(
+                student.config.hidden_size,
+                teacher_config.hidden_size,
+                self.pairs,
+                kind=loss.hidden_kind,
+            ).to(dtype=student.dtype)
+        if uses_attention(loss):
+            # Attention weights exist only in the eager implementation (sdpa returns none).
+            student.set_attn_implementation("eager")
 
     def forward(
         self,
@@ -76,13 +159,21 @@ class KDObjective(nn.Module):
         labels: torch.Tensor,
         teacher_states: torch.Tensor | None = None,
         teacher_weight: torch.Tensor | None = None,
+        teacher_hidden_states: tuple[torch.Tensor, ...] | None = None,
+        teacher_attentions: tuple[torch.Tensor, ...] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        states, targets = response_hidden(self.student, input_ids, attention_mask, labels)
-        params = {"beta": self.loss.beta} if self.loss.divergence == "generalized_jsd" else {}
-        return fused_kd_loss(
-            states,
+        out = run_decoder(
+            self.student,
+            input_ids,
+            attention_mask,
+            labels,
+            hidden_states=self.hidden is not None,
+            attentions=uses_attention(self.loss),
+        )
+        loss_sum, parts = fused_kd_loss(
+            out.states,
             self.student.get_output_embeddings().weight,
-            targets,
+            out.targets,
             teacher_hidden=teacher_states,
             teacher_weight=teacher_weight,
             vocab_size=self.vocab_size,
@@ -90,5 +181,19 @@ class KDObjective(nn.Module):
             alpha=self.loss.alpha,
             temperature=self.loss.temperature,
             chunk_size=self.loss.chunk_size,
-            divergence_params=params,
+            divergence_params=divergence_params(self.loss),
         )
+        parts = dict(parts)
+        if self.hidden is not None:
+            if out.hidden_states is None or teacher_hidden_states is None:
+                raise ValueError("loss.hidden_weight > 0 needs the teacher's hidden states")
+            hidden_sum, _ = self.hidden(out.hidden_states, teacher_hidden_states, out.mask)
+            parts["hidden"] = hidden_sum.detach() / len(self.pairs)
+            loss_sum = loss_sum + self.loss.hidden_weight * hidden_sum / len(self.pairs)
+        if uses_attention(self.loss):
+            if out.attentions is None or teacher_attentions is None:
+                raise ValueError("loss.attention_weight > 0 needs the teacher's attentions")
+            attn_sum, _ = attention_kl(out.attentions, teacher_attentions, self.pairs, out.mask)
+            parts["attention"] = attn_sum.detach() / len(self.pairs)
+            loss_sum = loss_sum + self.loss.attention_weight * attn_sum / len(self.pairs)
+        return loss_sum, parts

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from lmdistill.config import LossConfig, TrainConfig
 from lmdistill.data import IGNORE_INDEX, TokenizedExample, collate
 from lmdistill.kd.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
-from lmdistill.kd.objective import KDObjective, teacher_hidden
+from lmdistill.kd.objective import PARTS, KDObjective, teacher_outputs, uses_attention
 from lmdistill.kd.optim import build_optimizer, build_scheduler
 
 
@@ -60,17 +60,23 @@ def train_student(
     """Train `student` in place. `stop_after` ends the call after that many steps (as a kill
     would), leaving the checkpoints a resumed call continues from."""
     accelerator = make_accelerator(train.device)
-    needs_teacher = loss.alpha < 1.0
+    needs_teacher = loss.alpha < 1.0 or loss.hidden_weight > 0 or uses_attention(loss)
     if needs_teacher and teacher is None:
-        raise ValueError("loss.alpha < 1 needs a teacher signal, but no teacher was given")
+        raise ValueError(
+            "loss.alpha < 1 and the feature losses need a teacher signal, but no teacher was given"
+        )
+    if not needs_teacher:
+        teacher = None  # CE only: do not pay for a teacher forward pass
     torch.manual_seed(train.seed)
-    objective = KDObjective(student, loss, vocab_size)
+    teacher_config = teacher.config if teacher is not None else None
+    objective = KDObjective(student, loss, vocab_size, teacher_config)
     optimizer = build_optimizer(objective, train)
     scheduler = build_scheduler(optimizer, train)
     objective, optimizer = accelerator.prepare(objective, optimizer)
     if teacher is not None:
         teacher.to(accelerator.device).eval().requires_grad_(False)
-    teacher_weight = teacher.get_output_embeddings().weight if teacher is not None else None
+        if uses_attention(loss):
+            teacher.set_attn_implementation("eager")
 
     state = TrainState(config_hash=config_hash)
     if resume and (checkpoints := list_checkpoints(checkpoint_dir)):
@@ -83,6 +89,7 @@ def train_student(
             )
     resumed_from = state.step
 
+    logged = [k for k in PARTS if k not in ("hidden", "attention") or getattr(loss, f"{k}_weight")]
     world = accelerator.num_processes
     global_batch = train.batch_size * train.grad_accum * world
     last_step = train.max_steps if stop_after is None else min(train.max_steps, stop_after)
@@ -108,19 +115,7 @@ def train_student(
         global_tokens = int(
             accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum")
         )
-        sums = torch.zeros(3, device=accelerator.device)  # loss, ce, kd
-        for i, batch in enumerate(micro):
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            t_states = teacher_hidden(teacher, batch) if needs_teacher and teacher else None
-            # Only the last micro-batch synchronises gradients across processes.
-            sync = nullcontext() if i == len(micro) - 1 else accelerator.no_sync(objective)
-            with sync:
-                loss_sum, parts = objective(
-                    **batch, teacher_states=t_states, teacher_weight=teacher_weight
-                )
-                # DDP averages gradients over processes; multiply by `world` to undo it.
-                accelerator.backward(loss_sum * world / max(global_tokens, 1))
-            sums += torch.stack([loss_sum.detach(), parts["ce"], parts["kd"]])
+        sums = accumulate_gradients(accelerator, objective, teacher, micro, loss, global_tokens)
         grad_norm = accelerator.clip_grad_norm_(objective.parameters(), train.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -133,9 +128,7 @@ def train_student(
         rate = (state.tokens - tokens_at_start) / max(elapsed, 1e-9)
         record: dict[str, float] = {
             "step": state.step,
-            "loss": float(sums[0]),
-            "ce": float(sums[1]),
-            "kd": float(sums[2]),
+            **{k: float(v) for k, v in zip(PARTS, sums, strict=True) if k in logged},
             "lr": float(scheduler.get_last_lr()[0]),
             "grad_norm": float(grad_norm),
             "tokens": state.tokens,
@@ -164,6 +157,38 @@ def train_student(
     return TrainResult(
         state, elapsed, (state.tokens - tokens_at_start) / max(elapsed, 1e-9), resumed_from
     )
+
+
+def accumulate_gradients(
+    accelerator: Accelerator,
+    objective: torch.nn.Module,
+    teacher: PreTrainedModel | None,
+    micro: list[dict[str, torch.Tensor]],
+    loss: LossConfig,
+    global_tokens: int,
+) -> torch.Tensor:
+    """Backward over this process's micro-batches; return the local sums of `PARTS`."""
+    world = accelerator.num_processes
+    teacher_weight = teacher.get_output_embeddings().weight if teacher is not None else None
+    sums = torch.zeros(len(PARTS), device=accelerator.device)
+    for i, batch in enumerate(micro):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        signal = teacher_outputs(teacher, batch, loss) if teacher is not None else None
+        # Only the last micro-batch synchronises gradients across processes.
+        sync = nullcontext() if i == len(micro) - 1 else accelerator.no_sync(objective)
+        with sync:
+            loss_sum, parts = objective(
+                **batch,
+                teacher_states=signal.states if signal else None,
+                teacher_weight=teacher_weight,
+                teacher_hidden_states=signal.hidden_states if signal else None,
+                teacher_attentions=signal.attentions if signal else None,
+            )
+            # DDP averages gradients over processes; multiply by `world` to undo it.
+            accelerator.backward(loss_sum * world / max(global_tokens, 1))
+        parts["loss"] = loss_sum.detach()
+        sums += torch.stack([parts.get(k, torch.zeros(())).to(sums) for k in PARTS])
+    return sums
 
 
 def step_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:
