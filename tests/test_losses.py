@@ -48,12 +48,43 @@ def _py_jsd(
     return beta * _py_kl(p, m) + (1 - beta) * _py_kl(q, m)
 
 
+def _py_skew_forward_kl(
+    student: list[float], teacher: list[float], temperature: float = 1.0, alpha: float = 0.1
+) -> float:
+    p, q = _py_softmax(teacher, temperature), _py_softmax(student, temperature)
+    return _py_kl(p, [alpha * x + (1 - alpha) * y for x, y in zip(p, q, strict=True)])
+
+
+def _py_skew_reverse_kl(
+    student: list[float], teacher: list[float], temperature: float = 1.0, alpha: float = 0.1
+) -> float:
+    p, q = _py_softmax(teacher, temperature), _py_softmax(student, temperature)
+    return _py_kl(q, [alpha * y + (1 - alpha) * x for x, y in zip(p, q, strict=True)])
+
+
+def _py_tvd(student: list[float], teacher: list[float], temperature: float = 1.0) -> float:
+    p, q = _py_softmax(teacher, temperature), _py_softmax(student, temperature)
+    return 0.5 * sum(abs(x - y) for x, y in zip(p, q, strict=True))
+
+
+def _py_ce(student: list[float], teacher: list[float], temperature: float = 1.0) -> float:
+    label = teacher.index(max(teacher))  # first maximum
+    return -math.log(_py_softmax(student, temperature)[label])
+
+
 # Every registered loss needs a plain-python reference here (KeyError otherwise).
 PY_REFERENCES = {
     "forward_kl": _py_forward_kl,
     "reverse_kl": _py_reverse_kl,
     "generalized_jsd": _py_jsd,
+    "skew_forward_kl": _py_skew_forward_kl,
+    "skew_reverse_kl": _py_skew_reverse_kl,
+    "tvd": _py_tvd,
+    "ce": _py_ce,
 }
+# Losses that are not divergences: CE against the teacher's argmax is not 0 when q = p, and
+# the teacher (through an argmax) gets no gradient.
+HARD_LABEL_LOSSES = {"ce"}
 
 # 2 tokens, V = 3. Row 0: teacher (1/2, 1/4, 1/4), student uniform.
 GOLDEN_STUDENT = [[0.0, 0.0, 0.0], [math.log(0.2), math.log(0.5), math.log(0.3)]]
@@ -83,6 +114,21 @@ def _trl_generalized_jsd(
         kl_student = F.kl_div(m, s, reduction="none", log_target=True)
         jsd = b * kl_teacher + (1 - b) * kl_student
     return jsd.sum(dim=-1)
+
+
+def _distillm_skew_kl(
+    student_logits: Tensor, teacher_logits: Tensor, lam: float, reverse: bool
+) -> Tensor:
+    """DistiLLM's skewed_forward_kl / skewed_reverse_kl (jongwooko/distillm, distillm/losses.py)
+    per token, without their inf masks (finite logits here). Its forward version is the
+    cross-entropy -sum p log m: the KL plus the teacher entropy, which is added back by the test.
+    """
+    p, q = F.softmax(teacher_logits, dim=-1), F.softmax(student_logits, dim=-1)
+    if reverse:
+        mixed = (1 - lam) * p + lam * q
+        return (q * (torch.log(q) - torch.log(mixed))).sum(-1)
+    mixed = lam * p + (1 - lam) * q
+    return -(p * torch.log(mixed)).sum(-1)
 
 
 def _logits(n: int, v: int, seed: int, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -126,9 +172,25 @@ def test_golden_closed_forms() -> None:
     assert LOSSES["forward_kl"](student, teacher).item() == pytest.approx(math.log(9 / 8) / 2)
     # KL(uniform || p) = (ln(2/3) + 2 ln(4/3)) / 3 = ln(32/27) / 3
     assert LOSSES["reverse_kl"](student, teacher).item() == pytest.approx(math.log(32 / 27) / 3)
+    # alpha = 0.1: m = 0.1 p + 0.9 / 3 = (0.35, 0.325, 0.325);
+    # KL(p || m) = (ln(0.5 / 0.35) + ln(0.25 / 0.325)) / 2 = ln(100 / 91) / 2
+    assert LOSSES["skew_forward_kl"](student, teacher).item() == pytest.approx(
+        math.log(100 / 91) / 2
+    )
+    # m = 0.1 / 3 + 0.9 p = (29/60, 31/120, 31/120); KL(uniform || m) = ln(32000 / 27869) / 3
+    assert LOSSES["skew_reverse_kl"](student, teacher).item() == pytest.approx(
+        math.log(32000 / 27869) / 3
+    )
+    # 0.5 * (1/6 + 1/12 + 1/12) = 1/6
+    assert LOSSES["tvd"](student, teacher).item() == pytest.approx(1 / 6)
+    # argmax p = 0: -ln(1/3) for the uniform student; row 1: argmax 0, q = 0.2
+    torch.testing.assert_close(
+        LOSSES["ce"](torch.tensor(GOLDEN_STUDENT), torch.tensor(GOLDEN_TEACHER)),
+        torch.tensor([math.log(3), math.log(5)]),
+    )
 
 
-@pytest.mark.parametrize("name", ALL_LOSSES)
+@pytest.mark.parametrize("name", sorted(set(ALL_LOSSES) - HARD_LABEL_LOSSES))
 def test_zero_for_identical_distributions(name: str) -> None:
     logits = _logits(5, 11, seed=0)
     shifted = logits + 3.0  # softmax is shift invariant
@@ -172,6 +234,96 @@ def test_generalized_jsd_rejects_bad_beta(beta: float) -> None:
         LOSSES["generalized_jsd"](_logits(2, 3, 0), _logits(2, 3, 1), beta=beta)
 
 
+@pytest.mark.parametrize("name", ["skew_forward_kl", "skew_reverse_kl"])
+def test_skew_kl_at_alpha_zero_is_plain_kl_and_continuous(name: str) -> None:
+    s, t = _logits(6, 13, seed=20), _logits(6, 13, seed=21)
+    plain = LOSSES[name.removeprefix("skew_")](s, t, temperature=1.5)
+    torch.testing.assert_close(LOSSES[name](s, t, temperature=1.5, alpha=0.0), plain)
+    # unlike the JSD, the skew has no jump at its end point
+    torch.testing.assert_close(
+        LOSSES[name](s, t, temperature=1.5, alpha=1e-7), plain, rtol=1e-5, atol=1e-6
+    )
+    # ... and the default is DistiLLM's 0.1, strictly below plain KL
+    torch.testing.assert_close(LOSSES[name](s, t), LOSSES[name](s, t, alpha=0.1))
+    assert (LOSSES[name](s, t, temperature=1.5) < plain).all()
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_skew_kl_matches_distillm(reverse: bool, alpha: float, temperature: float) -> None:
+    """Values and student gradients against DistiLLM's formulas."""
+    name = "skew_reverse_kl" if reverse else "skew_forward_kl"
+    s, t = _logits(7, 11, seed=22), _logits(7, 11, seed=23)
+    got_s, want_s = s.clone().requires_grad_(), s.clone().requires_grad_()
+    got = LOSSES[name](got_s, t, temperature=temperature, alpha=alpha)
+    want = _distillm_skew_kl(want_s / temperature, t / temperature, alpha, reverse)
+    if not reverse:  # DistiLLM returns the cross-entropy: subtract the teacher entropy
+        log_p = F.log_softmax(t / temperature, dim=-1)
+        want = want + (log_p.exp() * log_p).sum(-1)
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(got_s.grad, want_s.grad)
+
+
+@pytest.mark.parametrize("name", ["skew_forward_kl", "skew_reverse_kl"])
+@pytest.mark.parametrize("alpha", [0.1, 0.4])
+def test_skew_kl_is_at_most_log_inverse_alpha(name: str, alpha: float) -> None:
+    """m >= alpha * (first argument), so the skew KL <= log(1 / alpha), with equality for
+    disjoint supports, where plain KL is infinite (floored here)."""
+    s, t = 4.0 * _logits(64, 7, seed=24), 4.0 * _logits(64, 7, seed=25)
+    assert (LOSSES[name](s, t, alpha=alpha) <= math.log(1 / alpha) + 1e-9).all()
+    teacher = torch.tensor([[0.0, -math.inf, -math.inf, -math.inf]])  # one-hot on id 0
+    student = torch.tensor([[-math.inf, 0.3, -1.0, 2.0]])  # no mass on id 0
+    got = _finite_value_and_grads(name, student, teacher, alpha=alpha)
+    torch.testing.assert_close(got, torch.tensor([math.log(1 / alpha)]))
+
+
+@pytest.mark.parametrize("name", ["skew_forward_kl", "skew_reverse_kl"])
+@pytest.mark.parametrize("alpha", [1.0, -0.1, 1.5, math.nan])
+def test_skew_kl_rejects_bad_alpha(name: str, alpha: float) -> None:
+    with pytest.raises(ValueError, match=rf"{name}: alpha must be in \[0, 1\)"):
+        LOSSES[name](_logits(2, 3, 0), _logits(2, 3, 1), alpha=alpha)
+
+
+def test_tvd_bounds_symmetry_and_pinsker() -> None:
+    s, t = 3.0 * _logits(64, 9, seed=26), 3.0 * _logits(64, 9, seed=27)
+    tvd = LOSSES["tvd"](s, t)
+    assert ((tvd > 0) & (tvd < 1)).all()
+    torch.testing.assert_close(tvd, LOSSES["tvd"](t, s))
+    # TVD = sum_v max(p_v - q_v, 0); Pinsker: TVD <= sqrt(KL / 2)
+    p, q = F.softmax(t, dim=-1), F.softmax(s, dim=-1)
+    torch.testing.assert_close(tvd, (p - q).clamp(min=0).sum(-1))
+    assert (tvd <= (LOSSES["forward_kl"](s, t) / 2).sqrt()).all()
+    # disjoint supports: exactly 1, with finite gradients
+    student = torch.tensor([[-math.inf, 0.3, 1.0], [0.0, -math.inf, -math.inf]])
+    teacher = torch.tensor([[0.0, -math.inf, -math.inf], [-math.inf, 1.0, 2.0]])
+    got = _finite_value_and_grads("tvd", student, teacher)
+    torch.testing.assert_close(got, torch.ones(2))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_ce_is_minus_log_student_prob_of_the_teacher_argmax(temperature: float) -> None:
+    s, t = _logits(9, 17, seed=28), _logits(9, 17, seed=29)
+    got_s, want_s = s.clone().requires_grad_(), s.clone().requires_grad_()
+    got = LOSSES["ce"](got_s, t, temperature=temperature)
+    want = F.cross_entropy(want_s / temperature, t.argmax(-1), reduction="none")
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(got_s.grad, want_s.grad)
+    # with a one-hot teacher, CE is forward KL
+    one_hot = torch.full_like(t, -math.inf).scatter(1, t.argmax(-1, keepdim=True), 0.0)
+    torch.testing.assert_close(got, LOSSES["forward_kl"](s, one_hot, temperature=temperature))
+
+
+def test_ce_ties_take_the_first_maximum() -> None:
+    student = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
+    teacher = torch.tensor([[0.0, 2.0, 1.0, 2.0]])
+    torch.testing.assert_close(LOSSES["ce"](student, teacher), -torch.log(torch.tensor([0.2])))
+
+
 @pytest.mark.parametrize("name", ALL_LOSSES)
 def test_temperature_divides_both_logits(name: str) -> None:
     s, t = _logits(4, 9, seed=9), _logits(4, 9, seed=10)
@@ -195,12 +347,18 @@ def _finite_value_and_grads(name: str, student: Tensor, teacher: Tensor, **param
     value.sum().backward()
     assert torch.isfinite(value).all(), value
     assert student.grad is not None and torch.isfinite(student.grad).all()
-    assert teacher.grad is not None and torch.isfinite(teacher.grad).all()
+    if name in HARD_LABEL_LOSSES:
+        assert teacher.grad is None  # an argmax: the teacher is not differentiated
+    else:
+        assert teacher.grad is not None and torch.isfinite(teacher.grad).all()
     return value.detach()
 
 
 CASES: list[tuple[str, dict[str, float]]] = [(name, {}) for name in ALL_LOSSES] + [
-    ("generalized_jsd", {"beta": 0.3})
+    ("generalized_jsd", {"beta": 0.3}),
+    ("skew_forward_kl", {"alpha": 0.0}),
+    ("skew_reverse_kl", {"alpha": 0.0}),
+    ("skew_reverse_kl", {"alpha": 0.9}),
 ]
 
 
@@ -248,6 +406,18 @@ def test_identical_one_hot_is_zero(name: str, params: dict[str, float]) -> None:
     torch.testing.assert_close(got, torch.zeros(3), rtol=0, atol=1e-6)  # fp32 rounding of log m
 
 
+@pytest.mark.parametrize(("name", "params"), CASES)
+def test_gradcheck_fp64(name: str, params: dict[str, float]) -> None:
+    """Finite differences, w.r.t. both sides (the student only for hard-label losses)."""
+    s = _logits(3, 5, seed=30).requires_grad_()
+    t = _logits(3, 5, seed=31).requires_grad_(name not in HARD_LABEL_LOSSES)
+
+    def loss(s: Tensor, t: Tensor) -> Tensor:
+        return get_loss(name)(s, t, temperature=1.3, **params)
+
+    assert torch.autograd.gradcheck(loss, (s, t))
+
+
 @pytest.mark.parametrize("name", ALL_LOSSES)
 def test_empty_rows(name: str) -> None:
     got = get_loss(name)(torch.zeros(0, 7), torch.zeros(0, 7))
@@ -255,7 +425,8 @@ def test_empty_rows(name: str) -> None:
 
 
 def test_registry_errors() -> None:
-    with pytest.raises(ValueError, match=r"valid names: forward_kl, generalized_jsd, reverse_kl"):
+    valid = "ce, forward_kl, generalized_jsd, reverse_kl, skew_forward_kl, skew_reverse_kl, tvd"
+    with pytest.raises(ValueError, match=f"valid names: {valid}$"):
         get_loss("kl_forward")
     with pytest.raises(ValueError, match="already registered"):
         register_loss("forward_kl")(LOSSES["reverse_kl"])
@@ -314,7 +485,8 @@ def _assert_same(got: tuple[Any, ...], want: tuple[Any, ...], tol: float) -> Non
 
 
 DIVERGENCES: list[tuple[str, dict[str, float]]] = [(name, {}) for name in ALL_LOSSES] + [
-    ("generalized_jsd", {"beta": 0.1})
+    ("generalized_jsd", {"beta": 0.1}),
+    ("skew_reverse_kl", {"alpha": 0.5}),
 ]
 
 

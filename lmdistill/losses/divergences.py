@@ -174,3 +174,93 @@ def generalized_jsd(
     log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
     log_m = _log_mixture(log_p, log_q, beta)
     return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+
+
+def _check_skew(name: str, alpha: float) -> None:
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(
+            f"{name}: alpha must be in [0, 1) (alpha = 1 makes the divergence identically 0), "
+            f"got alpha={alpha}"
+        )
+
+
+@register_loss("skew_forward_kl")
+def skew_forward_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 0.1,
+) -> Tensor:
+    """Skew forward KL of DistiLLM (Ko et al. 2024, arXiv:2402.03898):
+
+        SKL_alpha = KL(p_teacher || alpha * p_teacher + (1 - alpha) * q_student)
+
+    as ``skewed_forward_kl`` in ``distillm/losses.py`` of jongwooko/distillm, whose
+    ``lam`` is this ``alpha`` and whose scripts pass ``--skew-alpha 0.1`` (the default here).
+    That function returns the cross-entropy ``-sum_v p_v log m_v``, i.e. this value plus the
+    teacher entropy H(p): same student gradient, but this one is 0 when q = p.
+
+    alpha in [0, 1): alpha = 0 is plain forward KL; alpha -> 1 shrinks it to 0. Since
+    m >= alpha * p, the value is at most log(1 / alpha) and its gradient stays bounded even
+    where the student has no mass on the teacher's support. (N, V), (N, V) -> (N,), fp32.
+    """
+    _check_skew("skew_forward_kl", alpha)
+    if alpha == 0.0:
+        return forward_kl(student_logits, teacher_logits, temperature=temperature)
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
+    return _kl(log_p, _log_mixture(log_p, log_q, alpha))
+
+
+@register_loss("skew_reverse_kl")
+def skew_reverse_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 0.1,
+) -> Tensor:
+    """Skew reverse KL of DistiLLM (Ko et al. 2024, arXiv:2402.03898):
+
+        SRKL_alpha = KL(q_student || alpha * q_student + (1 - alpha) * p_teacher)
+
+    as ``skewed_reverse_kl`` in ``distillm/losses.py`` of jongwooko/distillm (``lam`` there,
+    default 0.1). alpha in [0, 1): alpha = 0 is plain reverse KL; the value is at most
+    log(1 / alpha), so a one-hot teacher no longer needs the log floor to stay finite.
+    (N, V), (N, V) -> (N,), unreduced, fp32.
+    """
+    _check_skew("skew_reverse_kl", alpha)
+    if alpha == 0.0:
+        return reverse_kl(student_logits, teacher_logits, temperature=temperature)
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
+    return _kl(log_q, _log_mixture(log_q, log_p, alpha))
+
+
+@register_loss("tvd")
+def tvd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """Total variation distance: TVD = 0.5 * sum_v |p_v - q_v|, in [0, 1] and symmetric.
+
+    (Used by DistiLLM's ``tv_distance`` and by Wen et al. 2023, "f-Divergence Minimization
+    for Sequence-Level KD".) The gradient of |x| at x = 0 is taken as 0.
+    (N, V), (N, V) -> (N,), unreduced, fp32.
+    """
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)
+
+
+@register_loss("ce")
+def ce(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """Cross-entropy of the student against the teacher's hard label (its argmax token):
+
+        CE = -log q_student[argmax_v p_teacher]       (first maximum on ties)
+
+    Plain CE on the teacher's hard labels, for mixing with a soft divergence (sequence-level
+    KD style). Not a divergence: it is not 0 when q = p. The CE against the *dataset* labels
+    is not this: it is the ``alpha`` term of ``lmdistill.losses.fused.fused_kd_loss``.
+    The teacher gets no gradient. A student log-probability of -inf at the label is floored
+    (see the module docstring). (N, V), (N, V) -> (N,), unreduced, fp32.
+    """
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
+    labels = log_p.argmax(dim=-1, keepdim=True)  # (N, 1)
+    label_log_q = log_q.gather(-1, labels).squeeze(-1)  # (N, 1) -> (N,)
+    return -torch.where(torch.isneginf(label_log_q), _LOG_FLOOR, label_log_q)

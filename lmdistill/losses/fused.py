@@ -6,7 +6,9 @@ For each of the N (already selected, response-only) token rows::
     loss_i   = alpha * CE(student_logits_i, target_i)
                + (1 - alpha) * T**2 * D(teacher_logits_i || student_logits_i)
 
-where D is ``LOSSES[divergence]`` at temperature T (CE is at temperature 1). Only the first
+where D is ``LOSSES[divergence]`` at temperature T (CE is at temperature 1). The teacher
+comes either dense (``teacher_hidden`` @ ``teacher_weight``, chunk by chunk) or as a sparse
+top-k ``SparseSignal`` (``lmdistill.losses.sparse``), sliced per chunk. Only the first
 ``vocab_size`` rows of each output projection are used: this is how a padded vocabulary is
 reconciled, the padding ids are dropped on both sides. The loss is a *sum* over tokens;
 the caller divides once by the global token count, so gradient accumulation and several
@@ -29,6 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmdistill.losses.divergences import get_loss
+from lmdistill.losses.sparse import (
+    SparseSignal,
+    _sparse_token_divergence,
+    check_signal,
+    sparse_divergence,
+)
 
 IGNORE_INDEX = -100
 """Label of a token that carries no loss (prompt, padding); never passed to these losses."""
@@ -57,12 +65,15 @@ class _KDSpec:
         empty = torch.zeros(0, self.vocab_size)
         self.token_divergence(empty, empty)  # fail fast on a bad name or params, even if N == 0
 
-    def token_divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-        """(C, V), (C, V) -> (C,): ``LOSSES[divergence]`` at this temperature and params."""
+    def token_divergence(self, student_logits: Tensor, teacher: Tensor | SparseSignal) -> Tensor:
+        """(C, V) and (C, V) teacher logits or a (C, k) signal -> (C,): ``LOSSES[divergence]``
+        at this temperature and params (the signal's data were checked once, up front)."""
+        if isinstance(teacher, SparseSignal):
+            return _sparse_token_divergence(
+                student_logits, teacher, self.divergence, self.temperature, self.divergence_params
+            )
         fn = get_loss(self.divergence)
-        return fn(
-            student_logits, teacher_logits, temperature=self.temperature, **self.divergence_params
-        )
+        return fn(student_logits, teacher, temperature=self.temperature, **self.divergence_params)
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -87,11 +98,28 @@ def _check_targets(targets: Tensor, n: int, vocab_size: int) -> None:
 
 
 def _check_teacher(
-    teacher_hidden: Tensor | None, teacher_weight: Tensor | None, n: int, vocab_size: int
+    spec: _KDSpec,
+    teacher_hidden: Tensor | None,
+    teacher_weight: Tensor | None,
+    teacher_signal: SparseSignal | None,
+    n: int,
 ) -> None:
+    """At most one teacher form, and one when alpha < 1; then check that form."""
+    if teacher_signal is not None and (teacher_hidden is not None or teacher_weight is not None):
+        raise ValueError(
+            "pass one teacher form: teacher_hidden and teacher_weight, or teacher_signal, not both"
+        )
     if (teacher_hidden is None) != (teacher_weight is None):
         raise ValueError("pass both teacher_hidden and teacher_weight, or neither")
+    if teacher_signal is not None:
+        check_signal(teacher_signal, n, spec.vocab_size, spec.temperature)
+        return
     if teacher_hidden is None or teacher_weight is None:
+        if spec.alpha < 1.0:
+            raise ValueError(
+                f"alpha={spec.alpha} < 1 needs a teacher: teacher_hidden and teacher_weight, "
+                "or teacher_signal"
+            )
         return
     if teacher_hidden.dim() != 2 or teacher_weight.dim() != 2:
         raise ValueError("teacher_hidden must be (N, H_t) and teacher_weight (V_t, H_t)")
@@ -100,9 +128,9 @@ def _check_teacher(
             f"teacher_hidden {tuple(teacher_hidden.shape)} does not match N={n} and "
             f"teacher_weight {tuple(teacher_weight.shape)}"
         )
-    if teacher_weight.shape[0] < vocab_size:
+    if teacher_weight.shape[0] < spec.vocab_size:
         raise ValueError(
-            f"teacher_weight has {teacher_weight.shape[0]} rows < vocab_size={vocab_size}"
+            f"teacher_weight has {teacher_weight.shape[0]} rows < vocab_size={spec.vocab_size}"
         )
 
 
@@ -113,6 +141,7 @@ def _check_tensors(
     targets: Tensor,
     teacher_hidden: Tensor | None,
     teacher_weight: Tensor | None,
+    teacher_signal: SparseSignal | None,
 ) -> None:
     """Check shapes, the teacher's presence and the targets, with errors that name them."""
     if student_hidden.dim() != 2 or student_weight.dim() != 2:
@@ -126,29 +155,24 @@ def _check_tensors(
         raise ValueError(
             f"vocab_size={spec.vocab_size} > student_weight rows {student_weight.shape[0]}"
         )
-    if spec.alpha < 1.0 and teacher_hidden is None:
-        raise ValueError(f"alpha={spec.alpha} < 1 needs teacher_hidden and teacher_weight")
     n = student_hidden.shape[0]
-    _check_teacher(teacher_hidden, teacher_weight, n, spec.vocab_size)
+    _check_teacher(spec, teacher_hidden, teacher_weight, teacher_signal, n)
     _check_targets(targets, n, spec.vocab_size)
 
 
 def _token_losses(
-    student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor, spec: _KDSpec
+    student_logits: Tensor, teacher: Tensor | SparseSignal | None, targets: Tensor, spec: _KDSpec
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token ``(loss, ce, kd)``, each (C,), from (C, V) logits; kd is 0 without a teacher."""
     ce = F.cross_entropy(student_logits, targets, reduction="none")
-    if teacher_logits is None:
-        kd = torch.zeros_like(ce)
-    else:
-        kd = spec.token_divergence(student_logits, teacher_logits)
+    kd = torch.zeros_like(ce) if teacher is None else spec.token_divergence(student_logits, teacher)
     loss = spec.alpha * ce + (1.0 - spec.alpha) * spec.temperature**2 * kd
     return loss, ce, kd
 
 
 def _chunk_sums_and_grad(
     student_logits: Tensor,
-    teacher_logits: Tensor | None,
+    teacher: Tensor | SparseSignal | None,
     targets: Tensor,
     spec: _KDSpec,
     need_grad: bool,
@@ -156,7 +180,7 @@ def _chunk_sums_and_grad(
     """Return ``[loss_sum, ce_sum, kd_sum]`` (3,) of one chunk and d loss_sum / d logits (C, V)."""
     with torch.enable_grad():
         student_logits = student_logits.detach().requires_grad_(need_grad)
-        loss, ce, kd = _token_losses(student_logits, teacher_logits, targets, spec)
+        loss, ce, kd = _token_losses(student_logits, teacher, targets, spec)
         loss_sum = loss.sum()
         grad = torch.autograd.grad(loss_sum, student_logits)[0] if need_grad else None
     return torch.stack([loss_sum.detach(), ce.sum().detach(), kd.sum().detach()]), grad
@@ -168,6 +192,7 @@ def _chunked_forward(
     targets: Tensor,
     teacher_hidden: Tensor | None,
     teacher_weight: Tensor | None,
+    teacher_signal: SparseSignal | None,
     spec: _KDSpec,
     needs_grad: tuple[bool, bool],
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -180,12 +205,14 @@ def _chunked_forward(
     for start in range(0, student_hidden.shape[0], spec.chunk_size):
         rows = slice(start, start + spec.chunk_size)
         h = _upcast(student_hidden[rows])  # (C, H)
-        teacher_logits = None
-        if teacher_hidden is not None and tw is not None:
+        teacher: Tensor | SparseSignal | None = None
+        if teacher_signal is not None:
+            teacher = teacher_signal.rows(rows)  # (C, k)
+        elif teacher_hidden is not None and tw is not None:
             with torch.no_grad():
-                teacher_logits = _upcast(teacher_hidden[rows]) @ tw.T  # (C, H_t) @ (H_t, V)
+                teacher = _upcast(teacher_hidden[rows]) @ tw.T  # (C, H_t) @ (H_t, V)
         chunk_sums, grad_logits = _chunk_sums_and_grad(
-            h @ w.T, teacher_logits, targets[rows], spec, any(needs_grad)
+            h @ w.T, teacher, targets[rows], spec, any(needs_grad)
         )  # logits: (C, H) @ (H, V) -> (C, V)
         sums += chunk_sums
         if grad_hidden is not None and grad_logits is not None:
@@ -215,6 +242,7 @@ class _FusedKDFunction(torch.autograd.Function):
         targets: Tensor,
         teacher_hidden: Tensor | None,
         teacher_weight: Tensor | None,
+        teacher_signal: SparseSignal | None,
         spec: _KDSpec,
         needs_grad: tuple[bool, bool],
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -224,6 +252,7 @@ class _FusedKDFunction(torch.autograd.Function):
             targets,
             teacher_hidden,
             teacher_weight,
+            teacher_signal,
             spec,
             needs_grad,
         )
@@ -241,7 +270,7 @@ class _FusedKDFunction(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def fused_kd_loss(
@@ -249,8 +278,9 @@ def fused_kd_loss(
     student_weight: Tensor,
     targets: Tensor,
     *,
-    teacher_hidden: Tensor | None,
-    teacher_weight: Tensor | None,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    teacher_signal: SparseSignal | None = None,
     vocab_size: int,
     divergence: str = "forward_kl",
     alpha: float = 0.0,
@@ -265,8 +295,11 @@ def fused_kd_loss(
         student_weight: (V_s, H) student output projection (may be a tied embedding); its
             gradient has zeros in rows >= vocab_size.
         targets: (N,) long next-token ids in [0, vocab_size); no IGNORE_INDEX (select rows first).
-        teacher_hidden: (N, H_t) teacher hidden states, or None when alpha == 1.
+        teacher_hidden: (N, H_t) teacher hidden states; no teacher is needed when alpha == 1.
         teacher_weight: (V_t, H_t) teacher output projection, V_t >= vocab_size; no gradient.
+        teacher_signal: instead of teacher_hidden/teacher_weight, the teacher's sparse top-k
+            (N, k) signal; D is then ``sparse_divergence`` (ids must be < vocab_size and, in
+            bucket mode, the signal computed at ``temperature``).
         vocab_size: ids >= vocab_size (vocabulary padding) are dropped on both sides.
         divergence: a name in ``LOSSES``; ``divergence_params`` are its keyword parameters.
         alpha: weight of the hard-label CE (at temperature 1); 1 - alpha weighs the KD term.
@@ -281,14 +314,29 @@ def fused_kd_loss(
     spec = _KDSpec(
         divergence, dict(divergence_params or {}), alpha, temperature, vocab_size, chunk_size
     )
-    _check_tensors(spec, student_hidden, student_weight, targets, teacher_hidden, teacher_weight)
+    _check_tensors(
+        spec,
+        student_hidden,
+        student_weight,
+        targets,
+        teacher_hidden,
+        teacher_weight,
+        teacher_signal,
+    )
     grad_on = torch.is_grad_enabled()
     needs_grad = (
         grad_on and student_hidden.requires_grad,
         grad_on and student_weight.requires_grad,
     )
     loss_sum, ce_sum, kd_sum = _FusedKDFunction.apply(
-        student_hidden, student_weight, targets, teacher_hidden, teacher_weight, spec, needs_grad
+        student_hidden,
+        student_weight,
+        targets,
+        teacher_hidden,
+        teacher_weight,
+        teacher_signal,
+        spec,
+        needs_grad,
     )
     return loss_sum, {"ce": ce_sum, "kd": kd_sum}
 
@@ -298,8 +346,9 @@ def naive_kd_loss(
     student_weight: Tensor,
     targets: Tensor,
     *,
-    teacher_hidden: Tensor | None,
-    teacher_weight: Tensor | None,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    teacher_signal: SparseSignal | None = None,
     vocab_size: int,
     divergence: str = "forward_kl",
     alpha: float = 0.0,
@@ -315,11 +364,27 @@ def naive_kd_loss(
     spec = _KDSpec(
         divergence, dict(divergence_params or {}), alpha, temperature, vocab_size, chunk_size
     )
-    _check_tensors(spec, student_hidden, student_weight, targets, teacher_hidden, teacher_weight)
+    _check_tensors(
+        spec,
+        student_hidden,
+        student_weight,
+        targets,
+        teacher_hidden,
+        teacher_weight,
+        teacher_signal,
+    )
     student_logits = _upcast(student_hidden) @ _upcast(student_weight[:vocab_size]).T  # (N, V)
     ce = F.cross_entropy(student_logits, targets, reduction="none")  # (N,)
     kd = torch.zeros_like(ce)
-    if teacher_hidden is not None and teacher_weight is not None:
+    if teacher_signal is not None:
+        kd = sparse_divergence(
+            student_logits,
+            teacher_signal,
+            divergence,
+            temperature=temperature,
+            **spec.divergence_params,
+        )
+    elif teacher_hidden is not None and teacher_weight is not None:
         with torch.no_grad():
             teacher_logits = _upcast(teacher_hidden) @ _upcast(teacher_weight[:vocab_size]).T
         kd = get_loss(divergence)(
