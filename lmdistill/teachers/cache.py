@@ -1,0 +1,222 @@
+"""An on-disk teacher-signal cache: run the teacher once, train from its top-k log-probs.
+
+Layout (`cache_dir/`):
+    manifest.json           identity (teacher, tokenizer, chat template, k, temperature, data)
+                            and one entry per finished shard: examples, tokens, sha256
+    shard-00000/ ...        one directory per `shard_size` examples, written atomically:
+        ids.npy     (T, k)    token ids, uint16 when the vocabulary fits, else int32
+        top.npy     (T,)      the top-1 log-prob, float16
+        gaps.npy    (T, k-1)  the other log-probs as uint8 codes of sqrt(top - logprob)
+        offsets.npy (E + 1,)  where each example's response tokens start and end
+
+Log-probs are stored relative to the top-1 on a square-root scale: the likely tokens, which
+carry the KL, get the finest steps (0.01 nats near the top, 0.08 at 16 nats below it). At
+k = 32 a token costs 2k + (k - 1) + 2 = 97 bytes with uint16 ids (DistillKit's recommended
+setting is about 300). The tail mass is implied: whatever the k entries leave over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from lmdistill.data import TokenizedExample, collate
+from lmdistill.io import atomic_dir, atomic_write_json
+from lmdistill.kd.objective import response_hidden
+from lmdistill.losses import SparseSignal
+
+FORMAT = 1
+GAP_RANGE = 25.0  # nats below the top-1 that a code can express (e^-25 ~ 1e-11 of its mass)
+FILES = ("ids.npy", "top.npy", "gaps.npy", "offsets.npy")
+
+
+class CacheError(ValueError):
+    """The cache does not belong to this run, or a shard is corrupted or missing."""
+
+
+def quantize(logprobs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(T, k) log-probs sorted descending -> top-1 (T,) float16 and gap codes (T, k-1) uint8."""
+    top = logprobs[:, 0]
+    gaps = (top[:, None] - logprobs[:, 1:]).clamp(0, GAP_RANGE)
+    codes = torch.round(gaps.sqrt() * (255 / GAP_RANGE**0.5))
+    return top.half().numpy(), codes.to(torch.uint8).numpy()
+
+
+def dequantize(top: np.ndarray, codes: np.ndarray) -> torch.Tensor:
+    """Inverse of `quantize`: (T, k) float32 log-probs."""
+    top_t = torch.from_numpy(np.asarray(top, dtype=np.float32))
+    gaps = (torch.from_numpy(np.asarray(codes, dtype=np.float32)) * (GAP_RANGE**0.5 / 255)) ** 2
+    return torch.cat([top_t[:, None], top_t[:, None] - gaps], dim=1)
+
+
+def bytes_per_token(k: int, vocab_size: int) -> int:
+    return k * (2 if vocab_size <= 65536 else 4) + (k - 1) + 2
+
+
+def tokenizer_identity(tokenizer: Any) -> dict[str, str]:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+    template = str(getattr(tokenizer, "chat_template", "") or "").encode()
+    return {
+        "tokenizer_hash": hashlib.sha256(vocab).hexdigest()[:16],
+        "chat_template_hash": hashlib.sha256(template).hexdigest()[:16],
+    }
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a cache must match to be used: written into, and checked against, the manifest."""
+
+    teacher: str
+    tokenizer_hash: str
+    chat_template_hash: str
+    data_hash: str
+    k: int
+    temperature: float
+    vocab_size: int
+    shard_size: int = 256
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, **self.__dict__}
+
+
+def write_cache(
+    teacher: PreTrainedModel,
+    examples: list[TokenizedExample],
+    cache_dir: Path,
+    spec: CacheSpec,
+    *,
+    pad_token_id: int,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Write (or finish writing) the cache; return the manifest. Finished shards are kept."""
+    manifest = _open_manifest(cache_dir, spec)
+    done = {shard["name"] for shard in manifest["shards"]}
+    starts = range(0, len(examples), spec.shard_size)
+    todo = [s for s in starts if _shard_name(s // spec.shard_size) not in done]
+    weight = teacher.get_output_embeddings().weight[: spec.vocab_size]
+    finished = sum(shard["examples"] for shard in manifest["shards"])
+    with tqdm(total=len(examples), initial=finished, desc="cache", unit="example") as bar:
+        for start in todo:
+            shard = examples[start : start + spec.shard_size]
+            arrays = _shard_arrays(teacher, weight, shard, spec, pad_token_id, batch_size, bar)
+            name = _shard_name(start // spec.shard_size)
+            with atomic_dir(cache_dir / name) as tmp:
+                for file, array in zip(FILES, arrays, strict=True):
+                    np.save(tmp / file, array)
+                digest = _shard_digest(tmp)
+            manifest["shards"].append(
+                {
+                    "name": name,
+                    "examples": len(shard),
+                    "tokens": int(arrays[3][-1]),
+                    "sha256": digest,
+                }
+            )
+            manifest["shards"].sort(key=lambda s: s["name"])
+            atomic_write_json(cache_dir / "manifest.json", manifest)
+    return manifest
+
+
+@torch.no_grad()
+def _shard_arrays(
+    teacher: PreTrainedModel,
+    weight: torch.Tensor,
+    shard: list[TokenizedExample],
+    spec: CacheSpec,
+    pad_token_id: int,
+    batch_size: int,
+    bar: Any,
+) -> tuple[np.ndarray, ...]:
+    ids_parts, top_parts, gap_parts, counts = [], [], [], []
+    for lo in range(0, len(shard), batch_size):
+        batch = collate(shard[lo : lo + batch_size], pad_token_id)
+        states, _ = response_hidden(teacher, **batch)  # (N, H), rows in example order
+        logprobs = torch.log_softmax((states @ weight.T).float() / spec.temperature, dim=-1)
+        values, ids = logprobs.topk(spec.k, dim=-1)  # (N, k), sorted descending
+        top, gaps = quantize(values)
+        ids_parts.append(ids.numpy().astype(np.uint16 if spec.vocab_size <= 65536 else np.int32))
+        top_parts.append(top)
+        gap_parts.append(gaps)
+        counts += [int((b[1:] != -100).sum()) for b in batch["labels"]]
+        bar.update(len(batch["labels"]))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return (
+        np.concatenate(ids_parts),
+        np.concatenate(top_parts),
+        np.concatenate(gap_parts),
+        offsets,
+    )
+
+
+class TeacherCache:
+    """Read a cache written by `write_cache`, memory-mapped; checked against `spec`."""
+
+    def __init__(self, cache_dir: Path, spec: CacheSpec, *, verify: bool = True) -> None:
+        manifest_path = cache_dir / "manifest.json"
+        if not manifest_path.is_file():
+            raise CacheError(f"{cache_dir}: no manifest.json; run `lmdistill cache` first")
+        manifest = json.loads(manifest_path.read_text())
+        _check_identity(manifest, spec, cache_dir)
+        self.spec = spec
+        self.shards: list[dict[str, np.ndarray]] = []
+        total = 0
+        for entry in manifest["shards"]:
+            path = cache_dir / entry["name"]
+            if verify and (not path.is_dir() or _shard_digest(path) != entry["sha256"]):
+                raise CacheError(
+                    f"{path}: shard is missing, truncated or corrupted "
+                    "(checksum mismatch); delete it and run `lmdistill cache`"
+                )
+            self.shards.append({f: np.load(path / f, mmap_mode="r") for f in FILES})
+            total += entry["examples"]
+        self.num_examples = total
+
+    def signal(self, index: int) -> SparseSignal:
+        """The teacher's top-k signal on example `index`'s response tokens, in order."""
+        if not 0 <= index < self.num_examples:
+            raise IndexError(f"example {index} is not in the cache ({self.num_examples} examples)")
+        shard = self.shards[index // self.spec.shard_size]
+        row = index % self.spec.shard_size
+        lo, hi = int(shard["offsets.npy"][row]), int(shard["offsets.npy"][row + 1])
+        logprobs = dequantize(shard["top.npy"][lo:hi], shard["gaps.npy"][lo:hi])
+        ids = torch.from_numpy(np.asarray(shard["ids.npy"][lo:hi], dtype=np.int64))
+        return SparseSignal(ids, logprobs, tail="bucket", temperature=self.spec.temperature)
+
+
+def _open_manifest(cache_dir: Path, spec: CacheSpec) -> dict[str, Any]:
+    path = cache_dir / "manifest.json"
+    if path.is_file():
+        manifest = json.loads(path.read_text())
+        _check_identity(manifest, spec, cache_dir)
+        return dict(manifest)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return {**spec.as_dict(), "shards": []}
+
+
+def _check_identity(manifest: dict[str, Any], spec: CacheSpec, cache_dir: Path) -> None:
+    expected = spec.as_dict()
+    changed = sorted(k for k, v in expected.items() if manifest.get(k) != v)
+    if changed:
+        detail = ", ".join(
+            f"{k}: cache {manifest.get(k)!r} != run {expected[k]!r}" for k in changed
+        )
+        raise CacheError(f"{cache_dir} was written for another run ({detail})")
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def _shard_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in FILES:
+        digest.update((path / file).read_bytes())
+    return digest.hexdigest()

@@ -1,0 +1,143 @@
+"""The teacher-signal cache: compact, faithful, resumable, and refusing what is not its own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from lmdistill.data import load_examples, tokenize_examples
+from lmdistill.kd.objective import response_hidden
+from lmdistill.losses import LOSSES, sparse_divergence
+from lmdistill.teachers.cache import (
+    CacheError,
+    CacheSpec,
+    TeacherCache,
+    bytes_per_token,
+    dequantize,
+    quantize,
+    tokenizer_identity,
+    write_cache,
+)
+
+
+def test_quantisation_is_finest_near_the_top() -> None:
+    logprobs = torch.tensor([[-0.1, -0.6, -2.0, -8.0, -20.0, -40.0]])
+    restored = dequantize(*quantize(logprobs))
+    error = (restored - logprobs).abs()[0]
+    assert error[0] < 1e-3  # fp16 top-1
+    # Half a step on the sqrt scale: |error| <= sqrt(gap) * sqrt(25) / 255 (+ fp16 of the top).
+    gaps = (logprobs[0, 0] - logprobs[0, 1:5]).sqrt()
+    assert (error[1:5] <= gaps * 5 / 255 + 1e-3).all()
+    assert restored[0, 5] == pytest.approx(-0.1 - 25.0, abs=1e-3)  # beyond range: clamped
+    assert bytes_per_token(32, 49152) == 97 and bytes_per_token(32, 151_000) == 161
+
+
+@pytest.fixture
+def tiny_setup(tiny_teacher: Any, tiny_tokenizer: Any) -> tuple[Any, Any, list, CacheSpec]:
+    examples = load_examples("builtin:gsm8k-demo")[:10]
+    train_set, _ = tokenize_examples(examples, tiny_tokenizer, max_length=700)
+    spec = CacheSpec(
+        teacher="tiny",
+        data_hash="d",
+        k=16,
+        temperature=1.0,
+        vocab_size=len(tiny_tokenizer),
+        shard_size=4,
+        **tokenizer_identity(tiny_tokenizer),
+    )
+    return tiny_teacher, tiny_tokenizer, train_set, spec
+
+
+def test_cache_round_trip_matches_the_live_teacher(tmp_path: Path, tiny_setup: Any) -> None:
+    teacher, tokenizer, train_set, spec = tiny_setup
+    manifest = write_cache(teacher, train_set, tmp_path, spec, pad_token_id=tokenizer.pad_token_id)
+    assert [s["examples"] for s in manifest["shards"]] == [4, 4, 2]
+    cache = TeacherCache(tmp_path, spec)
+    assert cache.num_examples == 10
+    weight = teacher.get_output_embeddings().weight
+    for index in (0, 5, 9):
+        item = train_set[index]
+        batch = {
+            k: torch.tensor([v])
+            for k, v in {
+                "input_ids": item.input_ids,
+                "labels": item.labels,
+                "attention_mask": [1] * len(item.input_ids),
+            }.items()
+        }
+        with torch.no_grad():
+            states, _ = response_hidden(teacher, **batch)
+            live = (states @ weight.T).float()  # (T, V) the full teacher distribution
+        signal = cache.signal(index)
+        assert signal.token_ids.shape == (len(live), 16)
+        assert torch.equal(signal.token_ids, live.topk(16).indices)
+        # The student-side loss from the cache is close to the one from exact top-k values.
+        student = torch.randn_like(live)
+        exact = torch.log_softmax(live, -1).topk(16)
+        exact_signal = type(signal)(exact.indices, exact.values, tail="bucket")
+        from_cache = sparse_divergence(student, signal, "forward_kl", temperature=1.0)
+        from_exact = sparse_divergence(student, exact_signal, "forward_kl", temperature=1.0)
+        torch.testing.assert_close(from_cache, from_exact, rtol=0.02, atol=0.02)
+        dense = LOSSES["forward_kl"](student, live)
+        assert (from_exact - dense).abs().mean() < dense.mean()  # a real approximation
+
+
+def test_an_interrupted_cache_finishes_without_redoing_shards(
+    tmp_path: Path, tiny_setup: Any
+) -> None:
+    teacher, tokenizer, train_set, spec = tiny_setup
+    write_cache(teacher, train_set[:8], tmp_path, spec, pad_token_id=tokenizer.pad_token_id)
+    first = (tmp_path / "shard-00000" / "ids.npy").stat().st_mtime_ns
+    manifest = write_cache(teacher, train_set, tmp_path, spec, pad_token_id=tokenizer.pad_token_id)
+    assert (tmp_path / "shard-00000" / "ids.npy").stat().st_mtime_ns == first
+    assert [s["name"] for s in manifest["shards"]] == ["shard-00000", "shard-00001", "shard-00002"]
+    assert TeacherCache(tmp_path, spec).num_examples == 10
+
+
+def test_a_corrupted_or_truncated_shard_is_named(tmp_path: Path, tiny_setup: Any) -> None:
+    teacher, tokenizer, train_set, spec = tiny_setup
+    write_cache(teacher, train_set, tmp_path, spec, pad_token_id=tokenizer.pad_token_id)
+    gaps = tmp_path / "shard-00001" / "gaps.npy"
+    data = bytearray(gaps.read_bytes())
+    data[-1] ^= 0xFF
+    gaps.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="shard-00001: shard is missing, truncated or corrupted"):
+        TeacherCache(tmp_path, spec)
+    gaps.write_bytes(bytes(data[:-10]))
+    with pytest.raises(CacheError, match="shard-00001"):
+        TeacherCache(tmp_path, spec)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"k": 8}, "k: cache 16 != run 8"),
+        ({"data_hash": "other"}, "data_hash"),
+        ({"tokenizer_hash": "x"}, "tokenizer_hash"),
+        ({"chat_template_hash": "x"}, "chat_template_hash"),
+        ({"temperature": 2.0}, "temperature"),
+    ],
+)
+def test_a_cache_for_another_run_is_refused(
+    tmp_path: Path, tiny_setup: Any, change: dict, field: str
+) -> None:
+    teacher, tokenizer, train_set, spec = tiny_setup
+    write_cache(teacher, train_set[:4], tmp_path, spec, pad_token_id=tokenizer.pad_token_id)
+    other = CacheSpec(**{**spec.__dict__, **change})
+    with pytest.raises(CacheError, match=f"written for another run.*{field}"):
+        TeacherCache(tmp_path, other)
+    with pytest.raises(CacheError, match="written for another run"):
+        write_cache(teacher, train_set, tmp_path, other, pad_token_id=tokenizer.pad_token_id)
+
+
+def test_ids_are_stored_compactly(tmp_path: Path, tiny_setup: Any) -> None:
+    teacher, tokenizer, train_set, spec = tiny_setup
+    write_cache(teacher, train_set[:4], tmp_path, spec, pad_token_id=tokenizer.pad_token_id)
+    shard = tmp_path / "shard-00000"
+    assert np.load(shard / "ids.npy").dtype == np.uint16
+    assert np.load(shard / "gaps.npy").dtype == np.uint8
+    assert np.load(shard / "top.npy").dtype == np.float16
