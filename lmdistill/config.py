@@ -129,6 +129,15 @@ class TrainConfig:
 
 
 @dataclass
+class CacheConfig:
+    """`lmdistill cache`: the teacher's top-k log-probs on every training response token."""
+
+    k: int = 32
+    shard_size: int = 256
+    dir: str | None = None  # default: OUTPUT_DIR/teacher_cache
+
+
+@dataclass
 class EvalConfig:
     """Held-out fidelity to the teacher, before and after training."""
 
@@ -148,6 +157,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     # Also train a CE-only student on the same data for the same steps, to compare against.
     baseline: bool = False
 
@@ -279,6 +289,8 @@ def validate(config: RunConfig) -> None:
     _check(student.num_layers >= 1, "student.num_layers", student.num_layers, "an integer >= 1")
     if student.init == "path":
         _check(bool(student.path), "student.path", student.path, "a model path when init=path")
+    _check(config.cache.k >= 1, "cache.k", config.cache.k, "an integer >= 1")
+    _check(config.cache.shard_size >= 1, "cache.shard_size", config.cache.shard_size, ">= 1")
     gen = config.generate
     _check(gen.max_new_tokens >= 1, "generate.max_new_tokens", gen.max_new_tokens, ">= 1")
     _check(gen.temperature > 0, "generate.temperature", gen.temperature, "a number > 0")

@@ -141,3 +141,44 @@ def test_ids_are_stored_compactly(tmp_path: Path, tiny_setup: Any) -> None:
     assert np.load(shard / "ids.npy").dtype == np.uint16
     assert np.load(shard / "gaps.npy").dtype == np.uint8
     assert np.load(shard / "top.npy").dtype == np.float16
+
+
+def test_the_cache_command_writes_a_cache_the_run_can_open(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from conftest import ROOT
+
+    from lmdistill.cli import main
+    from lmdistill.config import load_config
+    from lmdistill.data import data_hash
+    from lmdistill.models import load_model
+    from lmdistill.pipeline import prepare_examples
+
+    args = [
+        str(ROOT / "configs" / "tiny.yaml"),
+        f"output_dir={tmp_path}",
+        "data.max_train_examples=6",
+        "generate.max_new_tokens=8",
+        "cache.shard_size=4",
+    ]
+    assert main(["cache", *args]) == 0
+    out = capsys.readouterr().out
+    printed = json.loads(out[out.index("{") :])
+    assert printed["examples"] == 6 and printed["bytes_per_token"] == 3 * 32 + 1
+    config = load_config(args[0], args[1:])
+    teacher, tokenizer = load_model(config.teacher)
+    train_examples, _, _ = prepare_examples(config, teacher, tokenizer)
+    spec = CacheSpec(
+        teacher="tiny-llama",
+        data_hash=data_hash(train_examples),
+        k=32,
+        temperature=1.0,
+        vocab_size=len(tokenizer),
+        shard_size=4,
+        **tokenizer_identity(tokenizer),
+    )
+    cache = TeacherCache(tmp_path / "teacher_cache", spec)
+    assert cache.num_examples == 6
+    assert main(["cache", *args]) == 0  # everything is there: nothing is rewritten

@@ -9,7 +9,7 @@ from conftest import ROOT, write_jsonl
 
 from lmdistill.cli import build_parser, main
 
-COMMANDS = ["demo", "run", "generate", "eval"]
+COMMANDS = ["demo", "run", "generate", "cache", "eval"]
 
 
 def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
