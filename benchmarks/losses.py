@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -287,13 +288,14 @@ def run_worker(variant: Variant, n: int, repeats: int, result: Path, dump: Path 
     baseline = rss_mib()
     hwm_reset = reset_hwm()
     load_start = os.getloadavg()[0]
-    times, losses, hwm_samples = [], [], []
+    times, cpu_times, losses, hwm_samples = [], [], [], []
     for _ in range(1 + repeats):  # the first one is the warm-up
         x.h_s.grad = x.w_s.grad = None
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = head(x)
         loss.backward()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
         hwm_samples.append(hwm_mib())
         losses.append(loss.item())
     peak_hwm, peak_maxrss = hwm_mib(), maxrss_mib()
@@ -313,6 +315,10 @@ def run_worker(variant: Variant, n: int, repeats: int, result: Path, dump: Path 
         "warmup_s": times[0],
         "times_s": times[1:],
         "median_s": statistics.median(times[1:]),
+        # CPU seconds of this process (all threads): less swayed by other processes than wall
+        # time, though a thread waiting at a barrier for a descheduled one still spins
+        "cpu_times_s": cpu_times[1:],
+        "median_cpu_s": statistics.median(cpu_times[1:]),
         "loss": losses[-1],
         "loadavg_1min": [load_start, os.getloadavg()[0]],  # other processes skew times
         "losses": losses,
@@ -395,6 +401,8 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
             if ref is not None:
                 r[f"mem_ratio_{label}"] = r["peak_delta_mib"] / ref["peak_delta_mib"]
                 r[f"time_ratio_{label}"] = r["median_s"] / ref["median_s"]
+                if "median_cpu_s" in r and "median_cpu_s" in ref:
+                    r[f"cpu_ratio_{label}"] = r["median_cpu_s"] / ref["median_cpu_s"]
         if r["kind"] == "fused" and dense is not None:
             r["check_vs_dense"] = check_against_dense(r, dense)
 
@@ -429,6 +437,7 @@ def evaluate_targets(records: list[dict[str, Any]], chunk: int) -> list[dict[str
                     "time_ratio": tim,
                     "time_target": TARGET_TIME_RATIO,
                     "time_met": tim <= TARGET_TIME_RATIO,
+                    "cpu_ratio": r.get(f"cpu_ratio_{label}"),  # informational
                 }
             )
     return out
@@ -491,7 +500,8 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def print_table(records: list[dict[str, Any]]) -> None:
     head = f"{'variant':<30}{'N':>6}{'peak MiB':>10}{'mem/naive':>10}{'mem/dense':>10}"
-    head += f"{'time s':>8}{'t/naive':>8}{'t/dense':>8}  check (rel. err loss, dh, dW)"
+    head += f"{'time s':>8}{'t/naive':>8}{'t/dense':>8}{'cpu/naive':>10}{'load':>6}"
+    head += "  check (rel. err loss, dh, dW)"
     print(head)
     print("-" * len(head))
     for r in records:
@@ -507,9 +517,10 @@ def print_table(records: list[dict[str, Any]]) -> None:
             check_s = f"{verdict} ({errs})"
         mem = "".join(f"{_fmt(r.get(f'mem_ratio_{k}'), '.3f'):>10}" for k in ("naive", "dense"))
         tim = "".join(f"{_fmt(r.get(f'time_ratio_{k}'), '.2f'):>8}" for k in ("naive", "dense"))
+        cpu, load = _fmt(r.get("cpu_ratio_naive"), ".2f"), max(r["loadavg_1min"])
         print(
             f"{r['variant']:<30}{r['n']:>6}{r['peak_delta_mib']:>10.0f}{mem}"
-            f"{r['median_s']:>8.2f}{tim}  {check_s}"
+            f"{r['median_s']:>8.2f}{tim}{cpu:>10}{load:>6.1f}  {check_s}"
         )
 
 
@@ -549,6 +560,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def build_report(
+    info: dict[str, Any],
+    code: dict[str, Any],
+    config: dict[str, Any],
+    records: list[dict[str, Any]],
+) -> dict[str, Any]:
+    kept = [{k: v for k, v in r.items() if k != "dump"} for r in records]
+    targets = evaluate_targets(kept, config["default_chunk_size"])
+    return {
+        "machine": info,
+        "code": code,
+        "config": config,
+        "measurements": kept,
+        "targets": targets,
+    }
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
@@ -556,62 +589,58 @@ def main(argv: list[str] | None = None) -> None:
         variant = Variant(kind, div, int(chunk) or None)
         run_worker(variant, int(n), args.repeats, args.result, args.dump)
         return
+    # a SIGTERM unwinds normally: the temporary directory (gradient dumps) is removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
     default_chunk = default_chunk_size()
     chunks = args.chunk_sizes or sorted({default_chunk, 1024})
     sizes, repeats = args.sizes, args.repeats
     if args.quick:
         sizes, repeats, chunks = [256], 1, [default_chunk]
-    variants = make_variants(chunks)
     info, code = machine_info(), code_info()
+    config = {
+        "vocab": VOCAB,
+        "hidden": HIDDEN,
+        "dtype": "float32",
+        "sizes": sizes,
+        "repeats": repeats,
+        "chunk_sizes": chunks,
+        "default_chunk_size": default_chunk,
+        "jsd_beta": JSD_BETA,
+        "logits_mib_per_1k_tokens": 1024 * VOCAB * 4 / MIB,
+        "check_rtol": CHECK_RTOL,
+    }
     print(f"V={VOCAB} H={HIDDEN} fp32, sizes={sizes}, repeats={repeats}, chunks={chunks}")
     print(f"{info['cpu_count']} CPUs ({info['cpu_model']}), torch {info['torch']}, ", end="")
     print(f"{info['torch_threads']} threads, load {info['loadavg']}")
     print(f"commit {code['git_commit'][:10]}, loss code {code['loss_code_sha256_12']}")
 
+    partial = args.out.with_suffix(".partial.json")  # progress, in case the run is cut short
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="lmdistill-bench-") as tmp:
         for n in sizes:
-            for variant in variants:
+            for variant in make_variants(chunks):
                 record = measure_or_skip(records, variant, n, repeats, Path(tmp))
                 status = record.get("error") or record.get("skipped") or ""
                 status = f"{record['median_s']:.2f} s" if measured(record) else status
                 print(f"  {variant.name:<30} N={n:<6} {status}", flush=True)
                 records.append(record)
+                write_json(partial, build_report(info, code, config, records))
         add_ratios(records)
-    for r in records:
-        r.pop("dump", None)
-    targets = evaluate_targets(records, default_chunk)
+    info["loadavg_end"] = os.getloadavg()
+    report = build_report(info, code, config, records)
 
     print()
     print("peak = max RSS over the inputs' baseline during 1 warm-up + repeats of fwd+bwd;")
-    print("time = median fwd+bwd; naive = naive forward_kl; dense = dense run, same divergence")
+    print("time = median fwd+bwd (wall); cpu = median CPU time of the process; naive = naive")
+    print("forward_kl; dense = dense run of the same divergence; load = 1-min load average: the")
+    print(f"run alone adds ~{torch.get_num_threads()}, more means other processes skewed its times")
     print()
-    print_table(records)
+    print_table(report["measurements"])
     print()
-    print_targets(targets)
-
-    info["loadavg_end"] = os.getloadavg()
-    report = {
-        "machine": info,
-        "code": code,
-        "config": {
-            "vocab": VOCAB,
-            "hidden": HIDDEN,
-            "dtype": "float32",
-            "sizes": sizes,
-            "repeats": repeats,
-            "chunk_sizes": chunks,
-            "default_chunk_size": default_chunk,
-            "jsd_beta": JSD_BETA,
-            "logits_mib_per_1k_tokens": 1024 * VOCAB * 4 / MIB,
-            "check_rtol": CHECK_RTOL,
-        },
-        "measurements": records,
-        "targets": targets,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print_targets(report["targets"])
+    write_json(args.out, report)
+    partial.unlink(missing_ok=True)
     print(f"\nwrote {args.out}")
 
 
