@@ -356,15 +356,9 @@ def fused_kd_loss(
     spec = _KDSpec(
         divergence, dict(divergence_params or {}), alpha, temperature, vocab_size, chunk_size
     )
-    _check_tensors(
-        spec,
-        student_hidden,
-        student_weight,
-        targets,
-        teacher_hidden,
-        teacher_weight,
-        teacher_signal,
-    )
+    # The fused path and its naive reference validate identically (the tests rely on it).
+    tensors = (student_hidden, student_weight, targets, teacher_hidden, teacher_weight)
+    _check_tensors(spec, *tensors, teacher_signal)
     grad_on = torch.is_grad_enabled()
     needs_grad = (
         grad_on and student_hidden.requires_grad,
@@ -406,15 +400,9 @@ def naive_kd_loss(
     spec = _KDSpec(
         divergence, dict(divergence_params or {}), alpha, temperature, vocab_size, chunk_size
     )
-    _check_tensors(
-        spec,
-        student_hidden,
-        student_weight,
-        targets,
-        teacher_hidden,
-        teacher_weight,
-        teacher_signal,
-    )
+    # The fused path and its naive reference validate identically (the tests rely on it).
+    tensors = (student_hidden, student_weight, targets, teacher_hidden, teacher_weight)
+    _check_tensors(spec, *tensors, teacher_signal)
     student_logits = _upcast(student_hidden) @ _upcast(student_weight[:vocab_size]).T  # (N, V)
     ce = F.cross_entropy(student_logits, targets, reduction="none")  # (N,)
     kd = torch.zeros_like(ce)
