@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="store the teacher's top-k log-probs on the training data, on disk",
         description="Runs the teacher once over the training responses (teacher-written ones "
         "when generate.enabled) and writes cache.k log-probs per token into sharded, "
-        "checksummed files (97 bytes/token at k=32). Resumable: finished shards are kept.",
+        "checksummed files (100 bytes/token at k=32). Resumable: finished shards are kept.",
     )
     _common(cache, resume=False)
     cache.set_defaults(handler=cmd_cache)
@@ -142,62 +142,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from lmdistill.data import load_examples
-    from lmdistill.models import describe, load_model
-    from lmdistill.teachers import generate_responses
+    from lmdistill.teachers.base import ServedTeacher
+    from lmdistill.teachers.setup import generating_teacher
 
     config = load_config(args.config, args.overrides)
     out = Path(args.out or Path(config.output_dir) / "generate" / "teacher_responses.jsonl")
-    teacher, tokenizer = load_model(config.teacher)
+    teacher, report = generating_teacher(config)
     prompts = load_examples(config.data.train, split=config.data.split, format=config.data.format)
-    _, report = generate_responses(
-        teacher, tokenizer, prompts, out, config.generate, teacher_id=describe(config.teacher)
-    )
-    print(json.dumps({"output": str(out), **report.as_dict()}, indent=2))
+    _, generation = teacher.generate(prompts, out, config.generate)
+    report.update(generation.as_dict())
+    if isinstance(teacher, ServedTeacher):
+        report["served"] = teacher.client.stats.as_dict()
+    print(json.dumps({"output": str(out), "teacher": teacher.identity, **report}, indent=2))
     return 0
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from lmdistill.data import data_hash, tokenize_examples
-    from lmdistill.models import describe, load_model
-    from lmdistill.pipeline import prepare_examples
-    from lmdistill.teachers.cache import (
-        CacheSpec,
-        bytes_per_token,
-        tokenizer_identity,
-        write_cache,
-    )
+    from lmdistill.teachers.setup import cache_dir, open_teacher
 
     config = load_config(args.config, args.overrides)
-    teacher, tokenizer = load_model(config.teacher)
-    train_examples, _, _ = prepare_examples(config, teacher, tokenizer)
-    train_set, _ = tokenize_examples(
-        train_examples, tokenizer, config.data.max_length, config.data.on_truncation
-    )
-    spec = CacheSpec(
-        teacher=describe(config.teacher),
-        data_hash=data_hash(train_examples),
-        k=config.cache.k,
-        temperature=config.loss.temperature,
-        vocab_size=len(tokenizer),
-        shard_size=config.cache.shard_size,
-        **tokenizer_identity(tokenizer),
-    )
-    out = Path(config.cache.dir or Path(config.output_dir) / "teacher_cache")
-    manifest = write_cache(teacher, train_set, out, spec, pad_token_id=tokenizer.pad_token_id)
-    tokens = sum(shard["tokens"] for shard in manifest["shards"])
-    per_token = bytes_per_token(spec.k, spec.vocab_size)
-    print(
-        json.dumps(
-            {
-                "cache": str(out),
-                "examples": len(train_set),
-                "tokens": tokens,
-                "bytes_per_token": per_token,
-                "bytes": tokens * per_token,
-            },
-            indent=2,
+    if config.teacher.kind == "cache":
+        raise ConfigError(
+            "teacher.kind: 'cache' reads a cache; to write one, set teacher.kind to 'local' "
+            "or 'served'"
         )
-    )
+    setup = open_teacher(config, write_local_cache=True)
+    print(json.dumps({"cache": str(cache_dir(config)), **setup.report}, indent=2))
     return 0
 
 
@@ -205,24 +175,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lmdistill.config import ModelConfig
     from lmdistill.data import tokenize_examples
     from lmdistill.eval import fidelity
-    from lmdistill.models import check_tokenizers, load_model, shared_vocab_size
-    from lmdistill.pipeline import prepare_examples
+    from lmdistill.models import check_tokenizers, load_model
+    from lmdistill.teachers.setup import open_teacher
 
     config = load_config(args.config, args.overrides)
-    teacher, tokenizer = load_model(config.teacher)
+    setup = open_teacher(config)
     student, student_tokenizer = load_model(ModelConfig(path=args.student))
-    check_tokenizers(tokenizer, student_tokenizer)
-    vocab_size = shared_vocab_size(teacher, student, tokenizer)
-    _, held_out, _ = prepare_examples(config, teacher, tokenizer)
+    check_tokenizers(setup.tokenizer, student_tokenizer)
+    vocab_size = len(setup.tokenizer)
     eval_set, _ = tokenize_examples(
-        held_out, tokenizer, config.data.max_length, config.data.on_truncation
+        setup.examples["eval"], setup.tokenizer, config.data.max_length, config.data.on_truncation
     )
     result = fidelity(
         student,
-        teacher,
+        setup.signal["eval"],
         eval_set,
         vocab_size=vocab_size,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=setup.tokenizer.pad_token_id,
         batch_size=config.eval.batch_size,
     )
     print(json.dumps(result, indent=2))

@@ -40,6 +40,38 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherConfig(ModelConfig):
+    """The teacher: a model in this process, a server, or a signal cache on disk.
+
+    - `local`: `path` is loaded here (any `ModelConfig.path`).
+    - `served`: an OpenAI-compatible server at `base_url` serving `model` writes the responses
+      and returns `top_logprobs` per generated token; `path` still names the tokenizer (and,
+      for the conformance probe, a local copy of the weights when `probe: true`). The API key
+      is read from the environment variable named by `api_key_env`; it is never logged or saved.
+    - `cache`: the signal `lmdistill cache` wrote to `cache.dir`; no teacher in memory while
+      training (`path` names the tokenizer; its weights are read only to initialise a
+      `layers_from_teacher` student).
+    """
+
+    kind: Literal["local", "served", "cache"] = "local"
+    base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1
+    model: str | None = None  # the model name the server serves
+    api_key_env: str | None = None  # name of the environment variable holding the key
+    max_concurrency: int = 4
+    timeout_s: float = 120.0
+    max_retries: int = 5
+    top_logprobs: int = 20
+    # A token string the tokenizer cannot map back to exactly one id: stop (`error`), or
+    # train on the text alone (`text_only`: sequence-level KD, no token-level signal).
+    on_unmappable: Literal["error", "text_only"] = "error"
+    probe: bool = True  # compare the server's log-probs with a local copy before a long run
+    probe_tolerance: float = 0.25  # max mean |log p| difference on the probe's tokens (nats)
+    # Extra fields for every chat request, e.g. {repeat_penalty: 1.0} for llama.cpp, whose
+    # default penalty makes its samples differ from the distribution its log-probs report.
+    extra_body: dict[str, Any] | None = None
+
+
+@dataclass
 class StudentConfig:
     """How the student is built.
 
@@ -150,7 +182,7 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     output_dir: str = "outputs/run"
-    teacher: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -248,6 +280,10 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         return float(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
@@ -291,11 +327,40 @@ def validate(config: RunConfig) -> None:
         _check(bool(student.path), "student.path", student.path, "a model path when init=path")
     _check(config.cache.k >= 1, "cache.k", config.cache.k, "an integer >= 1")
     _check(config.cache.shard_size >= 1, "cache.shard_size", config.cache.shard_size, ">= 1")
+    _validate_teacher(config)
     gen = config.generate
     _check(gen.max_new_tokens >= 1, "generate.max_new_tokens", gen.max_new_tokens, ">= 1")
     _check(gen.temperature > 0, "generate.temperature", gen.temperature, "a number > 0")
     _check(0 < gen.top_p <= 1, "generate.top_p", gen.top_p, "a number in (0, 1]")
     _check(gen.batch_size >= 1, "generate.batch_size", gen.batch_size, "an integer >= 1")
+
+
+def _validate_teacher(config: RunConfig) -> None:
+    teacher, loss = config.teacher, config.loss
+    _check(teacher.max_concurrency >= 1, "teacher.max_concurrency", teacher.max_concurrency, ">= 1")
+    _check(teacher.timeout_s > 0, "teacher.timeout_s", teacher.timeout_s, "a number > 0")
+    _check(teacher.max_retries >= 0, "teacher.max_retries", teacher.max_retries, ">= 0")
+    _check(teacher.top_logprobs >= 1, "teacher.top_logprobs", teacher.top_logprobs, ">= 1")
+    _check(teacher.probe_tolerance > 0, "teacher.probe_tolerance", teacher.probe_tolerance, "> 0")
+    if teacher.kind == "local":
+        return
+    features = loss.hidden_weight > 0 or loss.attention_weight > 0
+    _check(
+        not features,
+        "loss.hidden_weight/attention_weight",
+        [loss.hidden_weight, loss.attention_weight],
+        f"0 with teacher.kind={teacher.kind} (feature losses need the teacher in memory)",
+    )
+    if teacher.kind == "served":
+        for name in ("base_url", "model"):
+            value = getattr(teacher, name)
+            _check(bool(value), f"teacher.{name}", value, "a value when teacher.kind=served")
+        _check(
+            config.generate.enabled,
+            "generate.enabled",
+            config.generate.enabled,
+            "true with teacher.kind=served (a server returns log-probs only for text it writes)",
+        )
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import random
 import resource
 import sys
 import time
@@ -21,14 +20,15 @@ from transformers import PreTrainedModel
 
 from lmdistill import __version__
 from lmdistill.config import RunConfig, config_hash, save_config, to_dict
-from lmdistill.data import Example, data_hash, load_examples, tokenize_examples
+from lmdistill.data import Example, data_hash, tokenize_examples
 from lmdistill.eval import fidelity
 from lmdistill.io import atomic_dir, atomic_write_json
 from lmdistill.kd.checkpoint import list_checkpoints
 from lmdistill.kd.train import TrainResult, train_student, use_cpu
-from lmdistill.models import build_student, describe, load_model, shared_vocab_size
+from lmdistill.models import build_student, describe, shared_vocab_size
 from lmdistill.report import write_report
-from lmdistill.teachers import generate_responses, greedy_responses
+from lmdistill.teachers import greedy_responses
+from lmdistill.teachers.setup import open_teacher
 
 
 class OutputExistsError(RuntimeError):
@@ -50,14 +50,15 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         save_config(config, out / "config.yaml")
     chash = config_hash(config)
 
-    teacher, tokenizer = load_model(config.teacher)
+    setup = open_teacher(config)
+    tokenizer, teacher_model = setup.tokenizer, setup.model
+    assert teacher_model is not None
     torch.manual_seed(config.train.seed)  # fresh student weights are reproducible
-    student, _ = build_student(config.student, teacher, tokenizer)
-    vocab_size = shared_vocab_size(teacher, student, tokenizer)
+    student, _ = build_student(config.student, teacher_model, tokenizer)
+    vocab_size = shared_vocab_size(teacher_model, student, tokenizer)
     metrics: dict[str, Any] = {"lmdistill_version": __version__, "config_hash": chash}
-    train_examples, eval_examples, generation = prepare_examples(config, teacher, tokenizer)
-    if generation is not None:
-        metrics["generate"] = generation
+    metrics.update(setup.report)
+    train_examples, eval_examples = setup.examples["train"], setup.examples["eval"]
 
     train_set, truncation = tokenize_examples(
         train_examples, tokenizer, config.data.max_length, config.data.on_truncation
@@ -75,17 +76,19 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     }
     metrics["models"] = {
         "teacher": describe(config.teacher),
-        "teacher_parameters": count_parameters(teacher),
+        "teacher_kind": config.teacher.kind,
+        "teacher_signal": setup.signal["train"].identity,
+        "teacher_parameters": count_parameters(teacher_model),
         "student_parameters": count_parameters(student),
         "student_layers": student.config.num_hidden_layers,
-        "teacher_layers": teacher.config.num_hidden_layers,
+        "teacher_layers": teacher_model.config.num_hidden_layers,
         "vocab_size": vocab_size,
     }
 
-    def evaluate(model: PreTrainedModel) -> dict[str, float]:
+    def evaluate(model: PreTrainedModel) -> dict[str, float | None]:
         return fidelity(
             model,
-            teacher,
+            setup.signal["eval"],
             eval_set,
             vocab_size=vocab_size,
             pad_token_id=tokenizer.pad_token_id,
@@ -96,8 +99,13 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     initial = copy.deepcopy(student) if config.baseline else None
     if config.eval.enabled:
         metrics["before"] = evaluate(student)
-    texts = {"teacher": sample(teacher, tokenizer, samples, config)}
+    if config.teacher.kind == "local":
+        texts = {"teacher": sample(teacher_model, tokenizer, samples, config)}
+    else:  # the teacher's own (served or cached) responses
+        texts = {"teacher": [ex.response or "" for ex in samples]}
     texts["student before"] = sample(student, tokenizer, samples, config)
+    setup.release_model()  # served / cache: training holds no teacher weights
+    del teacher_model
 
     common = dict(
         train=config.train,
@@ -108,7 +116,7 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     )
     kd = train_student(
         student,
-        teacher,
+        setup.signal["train"],
         train_set,
         loss=config.loss,
         checkpoint_dir=out / "checkpoints",
@@ -149,69 +157,7 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     return metrics
 
 
-def prepare_examples(
-    config: RunConfig, teacher: PreTrainedModel, tokenizer: Any
-) -> tuple[list[Example], list[Example], dict[str, Any] | None]:
-    """Train and held-out examples, with teacher-written responses when `generate.enabled`
-    (generated once into output_dir, then read back by later stages such as `eval`)."""
-    train_examples, eval_examples = load_splits(config)
-    if not config.generate.enabled:
-        return train_examples, eval_examples, None
-    return teacher_writes(
-        config, teacher, tokenizer, train_examples, eval_examples, Path(config.output_dir)
-    )
-
-
-def load_splits(config: RunConfig) -> tuple[list[Example], list[Example]]:
-    """Train and held-out examples; without `data.eval`, hold out `eval_size` at random."""
-    data = config.data
-    examples = load_examples(data.train, split=data.split, format=data.format)
-    if data.eval is not None:
-        held_out = load_examples(data.eval, split=data.split, format=data.format)
-    else:
-        if len(examples) <= data.eval_size:
-            raise ValueError(
-                f"data.eval_size={data.eval_size} leaves no training data out of "
-                f"{len(examples)} examples"
-            )
-        order = list(range(len(examples)))
-        random.Random(config.train.seed).shuffle(order)
-        held_out = [examples[i] for i in order[: data.eval_size]]
-        examples = [examples[i] for i in sorted(order[data.eval_size :])]
-    if data.max_train_examples is not None:
-        examples = examples[: data.max_train_examples]
-    return examples, held_out
-
-
-def teacher_writes(
-    config: RunConfig,
-    teacher: PreTrainedModel,
-    tokenizer: Any,
-    train_examples: list[Example],
-    eval_examples: list[Example],
-    out: Path,
-) -> tuple[list[Example], list[Example], dict[str, Any]]:
-    """Replace every response with the teacher's own (sequence-level KD)."""
-    state = PartialState()
-    path = out / "generate" / "teacher_responses.jsonl"
-    prompts = train_examples + eval_examples
-    teacher_id = describe(config.teacher)
-    report: dict[str, Any] = {}
-    if state.is_main_process:
-        _, gen = generate_responses(
-            teacher, tokenizer, prompts, path, config.generate, teacher_id=teacher_id
-        )
-        report = gen.as_dict()
-    state.wait_for_everyone()
-    # Every process reads the finished file, so all of them train on the same responses.
-    answered, _ = generate_responses(
-        teacher, tokenizer, prompts, path, config.generate, teacher_id=teacher_id, desc="read"
-    )
-    n = len(train_examples)
-    return answered[:n], answered[n:], report
-
-
-def summarise(result: TrainResult, after: dict[str, float] | None) -> dict[str, Any]:
+def summarise(result: TrainResult, after: dict[str, float | None] | None) -> dict[str, Any]:
     return {
         "after": after,
         "steps": result.state.step,

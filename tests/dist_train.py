@@ -19,6 +19,7 @@ from lmdistill.data import load_examples, tokenize_examples
 from lmdistill.kd.train import train_student
 from lmdistill.models import build_student
 from lmdistill.models.tiny import build_tiny_llama, build_tiny_tokenizer
+from lmdistill.teachers.base import LocalTeacher
 
 JSD = LossConfig(divergence="generalized_jsd", alpha=0.3, temperature=2.0, chunk_size=37)
 
@@ -49,7 +50,7 @@ def train_tiny(
     )
     result = train_student(
         student,
-        teacher,
+        LocalTeacher(teacher, tokenizer, "tiny"),
         train_set,
         train=train,
         loss=loss,

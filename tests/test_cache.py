@@ -35,7 +35,7 @@ def test_quantisation_is_finest_near_the_top_and_keeps_the_tail() -> None:
     # ...and the gaps below the top-1 are within half a step on the sqrt scale.
     gaps, restored_gaps = logprobs[0, 0] - logprobs[0, 1:5], restored[0, 0] - restored[0, 1:5]
     assert ((gaps - restored_gaps).abs() <= gaps.sqrt() * 5 / 255 + 2e-3).all()
-    assert bytes_per_token(32, 49152) == 99 and bytes_per_token(32, 151_000) == 163
+    assert bytes_per_token(32, 49152) == 100 and bytes_per_token(32, 151_000) == 164
 
 
 @pytest.fixture
@@ -154,9 +154,7 @@ def test_the_cache_command_writes_a_cache_the_run_can_open(
 
     from lmdistill.cli import main
     from lmdistill.config import load_config
-    from lmdistill.data import data_hash
-    from lmdistill.models import load_model
-    from lmdistill.pipeline import prepare_examples
+    from lmdistill.teachers.setup import open_teacher
 
     args = [
         str(ROOT / "configs" / "tiny.yaml"),
@@ -168,19 +166,20 @@ def test_the_cache_command_writes_a_cache_the_run_can_open(
     assert main(["cache", *args]) == 0
     out = capsys.readouterr().out
     printed = json.loads(out[out.index("{") :])
-    assert printed["examples"] == 6 and printed["bytes_per_token"] == 3 * 32 + 3
-    config = load_config(args[0], args[1:])
-    teacher, tokenizer = load_model(config.teacher)
-    train_examples, _, _ = prepare_examples(config, teacher, tokenizer)
-    spec = CacheSpec(
-        teacher="tiny-llama",
-        data_hash=data_hash(train_examples),
-        k=32,
-        temperature=1.0,
-        vocab_size=len(tokenizer),
-        shard_size=4,
-        **tokenizer_identity(tokenizer),
-    )
-    cache = TeacherCache(tmp_path / "teacher_cache", spec)
-    assert cache.num_examples == 6
+    assert printed["cache"]["train"]["examples"] == 6
+    assert printed["cache"]["train"]["bytes_per_token"] == 3 * 32 + 4
+    stamp = (tmp_path / "teacher_cache" / "train" / "shard-00000" / "ids.npy").stat().st_mtime_ns
     assert main(["cache", *args]) == 0  # everything is there: nothing is rewritten
+    assert (
+        tmp_path / "teacher_cache" / "train" / "shard-00000" / "ids.npy"
+    ).stat().st_mtime_ns == stamp
+    # A run with teacher.kind=cache takes the examples and the signal from the cache.
+    config = load_config(args[0], [*args[1:], "teacher.kind=cache"])
+    setup = open_teacher(config)
+    assert [e.id for e in setup.examples["train"]] == [
+        json.loads(line)["id"]
+        for line in (tmp_path / "teacher_cache" / "train" / "examples.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    assert setup.signal["train"].identity == "cache:tiny-llama"

@@ -17,6 +17,7 @@ from lmdistill.data import load_examples, tokenize_examples
 from lmdistill.eval import fidelity
 from lmdistill.kd.train import train_student
 from lmdistill.models import RegistryError, build_student, load_model, shared_vocab_size
+from lmdistill.teachers.base import LocalTeacher
 
 pytestmark = pytest.mark.slow
 
@@ -47,16 +48,17 @@ def test_a_few_kd_steps_move_the_student_toward_the_real_teacher(
     vocab = shared_vocab_size(teacher, student, tokenizer)
     examples = load_examples("builtin:gsm8k-demo")[:16]
     train_set, _ = tokenize_examples(examples, tokenizer, max_length=160)
+    local = LocalTeacher(teacher, tokenizer, "smollm2")
 
     def kl() -> float:
         return fidelity(
-            student, teacher, train_set[:8], vocab_size=vocab, pad_token_id=tokenizer.pad_token_id
+            student, local, train_set[:8], vocab_size=vocab, pad_token_id=tokenizer.pad_token_id
         )["kl"]
 
     before = kl()
     result = train_student(
         student,
-        teacher,
+        local,
         train_set,
         train=TrainConfig(
             max_steps=6, batch_size=4, lr=2e-4, warmup_steps=1, checkpoint_every=0, device="cpu"

@@ -34,6 +34,10 @@ class Example:
     # False when the response was cut off (a teacher that hit max_new_tokens): the student
     # must not learn to end the turn where the teacher had not.
     response_complete: bool = True
+    # The response as token ids, when the teacher's own tokens must be kept (a served
+    # teacher's log-probs belong to the tokens it generated, which re-tokenising the text
+    # does not always reproduce: e.g. "\n\n" generated as one token, re-tokenised as two).
+    response_ids: tuple[int, ...] | None = None
 
 
 def load_examples(source: str, *, split: str = "train", format: str = "auto") -> list[Example]:
@@ -50,7 +54,9 @@ def load_examples(source: str, *, split: str = "train", format: str = "auto") ->
 def data_hash(examples: list[Example]) -> str:
     digest = hashlib.sha256()
     for example in examples:
-        blob = [example.id, list(example.messages), example.response]
+        blob: list[Any] = [example.id, list(example.messages), example.response]
+        if example.response_ids is not None:
+            blob.append(list(example.response_ids))
         digest.update(json.dumps(blob, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 

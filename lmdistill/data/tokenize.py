@@ -81,12 +81,19 @@ def tokenize_examples(
         if example.response is None:
             raise DataError(f"{example.source}: no response to train on (a prompt-only row)")
         prompt_ids = encode_prompt(example, tokenizer)
-        response = (
-            response_text(example.response, tokenizer)
-            if example.response_complete
-            else example.response
-        )
-        response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+        if example.response_ids is not None:
+            # The teacher's own tokens, then the template's closing tokens when it stopped.
+            closing = response_text("", tokenizer) if example.response_complete else ""
+            response_ids = list(example.response_ids) + list(
+                tokenizer(closing, add_special_tokens=False)["input_ids"] if closing else []
+            )
+        else:
+            response = (
+                response_text(example.response, tokenizer)
+                if example.response_complete
+                else example.response
+            )
+            response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
         room = max_length - len(prompt_ids)
         if room < 1:
             _on_truncation(on_truncation, example, f"prompt alone is {len(prompt_ids)} tokens")

@@ -7,68 +7,87 @@ models' most likely next token is the same), and the student's perplexity on the
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from lmdistill.config import LossConfig
 from lmdistill.data import TokenizedExample, collate
 from lmdistill.kd.objective import response_hidden
-from lmdistill.losses import LOSSES
+from lmdistill.losses import LOSSES, sparse_divergence
+from lmdistill.teachers.base import Teacher
 
 
 @torch.no_grad()
 def fidelity(
     student: PreTrainedModel,
-    teacher: PreTrainedModel,
+    teacher: Teacher,
     eval_set: list[TokenizedExample],
     *,
     vocab_size: int,
     pad_token_id: int,
     batch_size: int = 8,
     chunk_size: int = 512,
-) -> dict[str, float]:
-    """`{"kl", "top1_agreement", "student_ppl", "teacher_ppl", "tokens"}` over `eval_set`."""
+) -> dict[str, float | None]:
+    """`{"kl", "top1_agreement", "student_ppl", "teacher_ppl", "tokens"}` over `eval_set`.
+
+    With a sparse teacher (cache, server) KL is the top-k + tail-bucket KL, agreement compares
+    with the teacher's top-1 id, rows without a signal are left out (`signal_tokens` says how
+    many were scored) and `teacher_ppl` is None (the cache does not hold every target's
+    log-prob).
+    """
     student.eval()
-    teacher.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # kl, agree, student ce, teacher ce
-    tokens = 0
+    tokens = scored = 0
+    sparse_seen = False
     s_weight = student.get_output_embeddings().weight[:vocab_size]
-    t_weight = teacher.get_output_embeddings().weight[:vocab_size]
+    kd_config = LossConfig()
     for start in range(0, len(eval_set), batch_size):
-        batch = collate(eval_set[start : start + batch_size], pad_token_id)
+        indices = list(range(start, min(start + batch_size, len(eval_set))))
+        batch = collate([eval_set[i] for i in indices], pad_token_id)
         batch = {k: v.to(student.device) for k, v in batch.items()}
         s_states, targets = response_hidden(student, **batch)
-        t_states, _ = response_hidden(teacher, **_to(batch, teacher.device))
+        signal = teacher.score(batch, indices, kd_config)
         for lo in range(0, targets.shape[0], chunk_size):
-            s_logits = (s_states[lo : lo + chunk_size] @ s_weight.T).float()  # (n, V)
-            t_logits = (t_states[lo : lo + chunk_size] @ t_weight.T).float().to(s_logits.device)
-            y = targets[lo : lo + chunk_size]
-            totals += (
-                torch.stack(
-                    [
-                        LOSSES["forward_kl"](s_logits, t_logits).sum(),
-                        (s_logits.argmax(-1) == t_logits.argmax(-1)).sum(),
-                        F.cross_entropy(s_logits, y, reduction="sum"),
-                        F.cross_entropy(t_logits, y, reduction="sum"),
-                    ]
+            rows = slice(lo, lo + chunk_size)
+            s_logits = (s_states[rows] @ s_weight.T).float()  # (n, V)
+            y = targets[rows]
+            s_ce = F.cross_entropy(s_logits, y, reduction="sum")
+            if signal.sparse is not None:
+                sparse_seen = True
+                part = signal.sparse.rows(rows).to(s_logits.device)
+                keep = (
+                    part.present
+                    if part.present is not None
+                    else torch.ones(len(y), dtype=torch.bool, device=y.device)
                 )
-                .double()
-                .cpu()
-            )
+                kl = sparse_divergence(s_logits, part, "forward_kl", temperature=1.0)
+                agree = s_logits.argmax(-1) == part.token_ids[:, 0]
+                values = [kl[keep].sum(), agree[keep].sum(), s_ce, torch.zeros(())]
+                scored += int(keep.sum())
+            else:
+                assert signal.states is not None and signal.weight is not None
+                t_weight = signal.weight[:vocab_size]
+                t_logits = (signal.states[rows] @ t_weight.T).float().to(s_logits.device)
+                values = [
+                    LOSSES["forward_kl"](s_logits, t_logits).sum(),
+                    (s_logits.argmax(-1) == t_logits.argmax(-1)).sum(),
+                    s_ce,
+                    F.cross_entropy(t_logits, y, reduction="sum"),
+                ]
+                scored += len(y)
+            totals += torch.stack([v.double().cpu() for v in values])
         tokens += int(targets.shape[0])
-    if tokens == 0:
-        raise ValueError("the eval set has no response tokens")
-    kl, agree, s_ce, t_ce = (totals / tokens).tolist()
+    if tokens == 0 or scored == 0:
+        raise ValueError("the eval set has no response tokens with a teacher signal")
+    kl, agree = (totals[:2] / scored).tolist()
+    s_ce, t_ce = (totals[2:] / tokens).tolist()
     return {
         "kl": kl,
         "top1_agreement": agree,
         "student_ppl": math.exp(s_ce),
-        "teacher_ppl": math.exp(t_ce),
+        "teacher_ppl": None if sparse_seen else math.exp(t_ce),
         "tokens": tokens,
+        "signal_tokens": scored,
     }
-
-
-def _to(batch: dict[str, torch.Tensor], device: Any) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 
 from lmdistill.config import LossConfig
 from lmdistill.data import IGNORE_INDEX
-from lmdistill.losses import fused_kd_loss
+from lmdistill.losses import SparseSignal, fused_kd_loss
 from lmdistill.losses.features import HiddenStateMatcher, attention_kl, layer_map
 
 PARTS = ("loss", "ce", "kd", "hidden", "attention")  # the order training logs reduce in
@@ -161,6 +161,7 @@ class KDObjective(nn.Module):
         teacher_weight: torch.Tensor | None = None,
         teacher_hidden_states: tuple[torch.Tensor, ...] | None = None,
         teacher_attentions: tuple[torch.Tensor, ...] | None = None,
+        teacher_signal: SparseSignal | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = run_decoder(
             self.student,
@@ -176,6 +177,7 @@ class KDObjective(nn.Module):
             out.targets,
             teacher_hidden=teacher_states,
             teacher_weight=teacher_weight,
+            teacher_signal=teacher_signal,
             vocab_size=self.vocab_size,
             divergence=self.loss.divergence,
             alpha=self.loss.alpha,

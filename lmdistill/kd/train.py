@@ -21,8 +21,9 @@ from transformers import PreTrainedModel
 from lmdistill.config import LossConfig, TrainConfig
 from lmdistill.data import IGNORE_INDEX, TokenizedExample, collate
 from lmdistill.kd.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
-from lmdistill.kd.objective import PARTS, KDObjective, teacher_outputs, uses_attention
+from lmdistill.kd.objective import PARTS, KDObjective, uses_attention
 from lmdistill.kd.optim import build_optimizer, build_scheduler
+from lmdistill.teachers.base import LocalTeacher, Teacher
 
 
 @dataclass
@@ -44,7 +45,7 @@ def make_accelerator(device: str) -> Accelerator:
 
 def train_student(
     student: PreTrainedModel,
-    teacher: PreTrainedModel | None,
+    teacher: Teacher | None,
     train_set: list[TokenizedExample],
     *,
     train: TrainConfig,
@@ -57,8 +58,9 @@ def train_student(
     desc: str = "train",
     stop_after: int | None = None,
 ) -> TrainResult:
-    """Train `student` in place. `stop_after` ends the call after that many steps (as a kill
-    would), leaving the checkpoints a resumed call continues from."""
+    """Train `student` in place on `teacher`'s signal (any backend: in-process, cache).
+    `stop_after` ends the call after that many steps (as a kill would), leaving the
+    checkpoints a resumed call continues from."""
     accelerator = make_accelerator(train.device)
     needs_teacher = loss.alpha < 1.0 or loss.hidden_weight > 0 or uses_attention(loss)
     if needs_teacher and teacher is None:
@@ -68,15 +70,15 @@ def train_student(
     if not needs_teacher:
         teacher = None  # CE only: do not pay for a teacher forward pass
     torch.manual_seed(train.seed)
-    teacher_config = teacher.config if teacher is not None else None
+    teacher_config = teacher.model_config if teacher is not None else None
     objective = KDObjective(student, loss, vocab_size, teacher_config)
     optimizer = build_optimizer(objective, train)
     scheduler = build_scheduler(optimizer, train)
     objective, optimizer = accelerator.prepare(objective, optimizer)
-    if teacher is not None:
-        teacher.to(accelerator.device).eval().requires_grad_(False)
+    if isinstance(teacher, LocalTeacher):
+        teacher.model.to(accelerator.device).eval().requires_grad_(False)
         if uses_attention(loss):
-            teacher.set_attn_implementation("eager")
+            teacher.model.set_attn_implementation("eager")
 
     state = TrainState(config_hash=config_hash)
     if resume and (checkpoints := list_checkpoints(checkpoint_dir)):
@@ -105,17 +107,17 @@ def train_student(
     objective.train()
     while state.step < last_step:
         indices = step_indices(state.step, len(train_set), global_batch, train.seed)
-        micro = [
-            collate([train_set[i] for i in chunk], pad_token_id)
-            for chunk in rank_slices(indices, train, accelerator.process_index, world)
-        ]
+        chunks = rank_slices(indices, train, accelerator.process_index, world)
+        micro = [collate([train_set[i] for i in chunk], pad_token_id) for chunk in chunks]
         # Normalise by the *global* number of response tokens in this optimizer step, so that
         # gradient accumulation and N processes give the gradient of one big batch.
         local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         global_tokens = int(
             accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum")
         )
-        sums = accumulate_gradients(accelerator, objective, teacher, micro, loss, global_tokens)
+        sums = accumulate_gradients(
+            accelerator, objective, teacher, micro, chunks, loss, global_tokens
+        )
         grad_norm = accelerator.clip_grad_norm_(objective.parameters(), train.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -162,25 +164,27 @@ def train_student(
 def accumulate_gradients(
     accelerator: Accelerator,
     objective: torch.nn.Module,
-    teacher: PreTrainedModel | None,
+    teacher: Teacher | None,
     micro: list[dict[str, torch.Tensor]],
+    chunks: list[list[int]],
     loss: LossConfig,
     global_tokens: int,
 ) -> torch.Tensor:
     """Backward over this process's micro-batches; return the local sums of `PARTS`."""
     world = accelerator.num_processes
-    teacher_weight = teacher.get_output_embeddings().weight if teacher is not None else None
     sums = torch.zeros(len(PARTS), device=accelerator.device)
-    for i, batch in enumerate(micro):
+    for i, (batch, chunk) in enumerate(zip(micro, chunks, strict=True)):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        signal = teacher_outputs(teacher, batch, loss) if teacher is not None else None
+        signal = teacher.score(batch, chunk, loss) if teacher is not None else None
+        sparse = signal.sparse if signal is not None else None
         # Only the last micro-batch synchronises gradients across processes.
         sync = nullcontext() if i == len(micro) - 1 else accelerator.no_sync(objective)
         with sync:
             loss_sum, parts = objective(
                 **batch,
                 teacher_states=signal.states if signal else None,
-                teacher_weight=teacher_weight,
+                teacher_weight=signal.weight if signal else None,
+                teacher_signal=sparse.to(accelerator.device) if sparse is not None else None,
                 teacher_hidden_states=signal.hidden_states if signal else None,
                 teacher_attentions=signal.attentions if signal else None,
             )

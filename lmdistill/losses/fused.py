@@ -166,6 +166,9 @@ def _token_losses(
     """Per-token ``(loss, ce, kd)``, each (C,), from (C, V) logits; kd is 0 without a teacher."""
     ce = F.cross_entropy(student_logits, targets, reduction="none")
     kd = torch.zeros_like(ce) if teacher is None else spec.token_divergence(student_logits, teacher)
+    if isinstance(teacher, SparseSignal) and teacher.present is not None:
+        kd = torch.where(teacher.present, kd, torch.zeros_like(kd))
+        return teacher.mix(ce, kd, spec.alpha, spec.temperature), ce, kd
     loss = spec.alpha * ce + (1.0 - spec.alpha) * spec.temperature**2 * kd
     return loss, ce, kd
 
@@ -420,5 +423,9 @@ def naive_kd_loss(
         kd = get_loss(divergence)(
             student_logits, teacher_logits, temperature=temperature, **spec.divergence_params
         )
-    loss = alpha * ce + (1.0 - alpha) * temperature**2 * kd
+    if teacher_signal is not None and teacher_signal.present is not None:
+        kd = torch.where(teacher_signal.present, kd, torch.zeros_like(kd))
+        loss = teacher_signal.mix(ce, kd, alpha, temperature)
+    else:
+        loss = alpha * ce + (1.0 - alpha) * temperature**2 * kd
     return loss.sum(), {"ce": ce.sum().detach(), "kd": kd.sum().detach()}

@@ -40,12 +40,17 @@ class SparseSignal:
             *full* vocabulary, gathered: each row's mass sums to at most 1.
         tail: ``"renormalize"`` or ``"bucket"`` (see the module docstring).
         temperature: the temperature ``logprobs`` were computed at.
+        present: optional (N,) bool; False marks a row the teacher gave no signal for (a
+            served teacher returns none for the end-of-turn token, for example). Such a row
+            trains on the data label alone (its loss is plain CE); its ids and log-probs are
+            placeholders and are never read.
     """
 
     token_ids: Tensor
     logprobs: Tensor
     tail: TailMode = "bucket"
     temperature: float = 1.0
+    present: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.token_ids.dim() != 2 or self.token_ids.dtype != torch.long:
@@ -65,6 +70,13 @@ class SparseSignal:
             raise ValueError(f"tail must be one of {get_args(TailMode)}, got {self.tail!r}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if self.present is not None and (
+            self.present.dtype != torch.bool or self.present.shape != self.token_ids.shape[:1]
+        ):
+            raise ValueError(
+                f"present must be an (N,) bool tensor with N={self.token_ids.shape[0]}, got "
+                f"{self.present.dtype} {tuple(self.present.shape)}"
+            )
 
     @property
     def num_rows(self) -> int:
@@ -72,7 +84,25 @@ class SparseSignal:
 
     def rows(self, rows: slice) -> "SparseSignal":
         """The signal of a slice of the token rows (a chunk), same tail and temperature."""
-        return SparseSignal(self.token_ids[rows], self.logprobs[rows], self.tail, self.temperature)
+        present = None if self.present is None else self.present[rows]
+        return SparseSignal(
+            self.token_ids[rows], self.logprobs[rows], self.tail, self.temperature, present
+        )
+
+    def to(self, device: Any) -> "SparseSignal":
+        present = None if self.present is None else self.present.to(device)
+        return SparseSignal(
+            self.token_ids.to(device),
+            self.logprobs.to(device),
+            self.tail,
+            self.temperature,
+            present,
+        )
+
+    def mix(self, ce: Tensor, kd: Tensor, alpha: float, temperature: float) -> Tensor:
+        """Per-row loss ``alpha * ce + (1 - alpha) * T^2 * kd``; rows without a signal: ``ce``."""
+        loss = alpha * ce + (1.0 - alpha) * temperature**2 * kd
+        return loss if self.present is None else torch.where(self.present, loss, ce)
 
 
 def topk_signal(

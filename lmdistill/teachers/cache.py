@@ -1,13 +1,17 @@
 """An on-disk teacher-signal cache: run the teacher once, train from its top-k log-probs.
 
 Layout (`cache_dir/`):
-    manifest.json           identity (teacher, tokenizer, chat template, k, temperature, data)
-                            and one entry per finished shard: examples, tokens, sha256
+    manifest.json           identity (teacher, tokenizer, chat template, k, temperature, data,
+                            max_length) and one entry per finished shard: examples, tokens, sha256
+    examples.jsonl          the examples the signal belongs to (prompt and response text), so a
+                            run with `teacher.kind: cache` needs nothing else from the teacher
     shard-00000/ ...        one directory per `shard_size` examples, written atomically:
         ids.npy     (T, k)    token ids, uint16 when the vocabulary fits, else int32
         top.npy     (T,)      the top-1 log-prob, float16
         gaps.npy    (T, k-1)  the other log-probs as uint8 codes of sqrt(top - logprob)
         tail.npy    (T,)      the mass outside the top k, float16
+        present.npy (T,)      uint8, 0 where the teacher gave no signal (e.g. a served
+                              teacher's end-of-turn token): that token trains on CE alone
         offsets.npy (E + 1,)  where each example's response tokens start and end
 
 Log-probs are stored relative to the top-1 on a square-root scale: the likely tokens, which
@@ -16,13 +20,14 @@ tail mass is stored too and the decoded top-k is rescaled to leave exactly that:
 the rounding errors of all k entries pile up in the tail, which then dominates the
 reconstruction KL (measured 6.4e-4 without, 3.3e-5 with, vs 1.1e-4 for int32 ids + bf16
 log-probs at k = 32; benchmarks/teacher_cache.py). At k = 32 a token costs
-2k + (k - 1) + 2 + 2 = 99 bytes with uint16 ids (DistillKit's recommended setting: ~300).
+2k + (k - 1) + 2 + 2 + 1 = 100 bytes with uint16 ids (DistillKit's recommended setting: ~300).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,14 +37,17 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from lmdistill.data import TokenizedExample, collate
-from lmdistill.io import atomic_dir, atomic_write_json
+from lmdistill.data import IGNORE_INDEX, Example, TokenizedExample, collate
+from lmdistill.io import atomic_dir, atomic_write_json, atomic_write_text
 from lmdistill.kd.objective import response_hidden
 from lmdistill.losses import SparseSignal
 
 FORMAT = 1
 GAP_RANGE = 25.0  # nats below the top-1 that a code can express (e^-25 ~ 1e-11 of its mass)
-FILES = ("ids.npy", "top.npy", "gaps.npy", "tail.npy", "offsets.npy")
+FILES = ("ids.npy", "top.npy", "gaps.npy", "tail.npy", "present.npy", "offsets.npy")
+
+# One batch of rows: (N, k) ids, (N, k) log-probs sorted descending, (N,) bool present.
+Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class CacheError(ValueError):
@@ -50,7 +58,7 @@ def quantize(logprobs: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray
     """(T, k) log-probs sorted descending -> top-1 (T,) float16, gap codes (T, k-1) uint8 and
     the tail mass (T,) float16."""
     top = logprobs[:, 0]
-    gaps = (top[:, None] - logprobs[:, 1:]).clamp(0, GAP_RANGE)
+    gaps = torch.nan_to_num(top[:, None] - logprobs[:, 1:], posinf=GAP_RANGE).clamp(0, GAP_RANGE)
     codes = torch.round(gaps.sqrt() * (255 / GAP_RANGE**0.5))
     tail = (1 - logprobs.double().exp().sum(-1)).clamp(0, 1)
     return top.half().numpy(), codes.to(torch.uint8).numpy(), tail.half().numpy()
@@ -67,7 +75,7 @@ def dequantize(top: np.ndarray, codes: np.ndarray, tail: np.ndarray) -> torch.Te
 
 
 def bytes_per_token(k: int, vocab_size: int) -> int:
-    return k * (2 if vocab_size <= 65536 else 4) + (k - 1) + 2 + 2
+    return k * (2 if vocab_size <= 65536 else 4) + (k - 1) + 2 + 2 + 1
 
 
 def tokenizer_identity(tokenizer: Any) -> dict[str, str]:
@@ -83,14 +91,15 @@ def tokenizer_identity(tokenizer: Any) -> dict[str, str]:
 class CacheSpec:
     """What a cache must match to be used: written into, and checked against, the manifest."""
 
-    teacher: str
+    teacher: str | None  # None: any (reading with `teacher.kind: cache`)
     tokenizer_hash: str
     chat_template_hash: str
-    data_hash: str
-    k: int
+    data_hash: str | None
+    k: int | None
     temperature: float
     vocab_size: int
-    shard_size: int = 256
+    max_length: int = 256
+    shard_size: int | None = 256
 
     def as_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, **self.__dict__}
@@ -104,19 +113,51 @@ def write_cache(
     *,
     pad_token_id: int,
     batch_size: int = 8,
+    texts: list[Example] | None = None,
 ) -> dict[str, Any]:
-    """Write (or finish writing) the cache; return the manifest. Finished shards are kept."""
-    manifest = _open_manifest(cache_dir, spec)
-    done = {shard["name"] for shard in manifest["shards"]}
-    starts = range(0, len(examples), spec.shard_size)
-    todo = [s for s in starts if _shard_name(s // spec.shard_size) not in done]
+    """Score `examples` with an in-process teacher and write (or finish) the cache."""
     weight = teacher.get_output_embeddings().weight[: spec.vocab_size]
+
+    @torch.no_grad()
+    def score(batch: list[TokenizedExample], _: int) -> Rows:
+        states, _targets = response_hidden(teacher, **collate(batch, pad_token_id))  # (N, H)
+        logprobs = torch.log_softmax((states @ weight.T).float() / spec.temperature, dim=-1)
+        assert spec.k is not None
+        values, ids = logprobs.topk(spec.k, dim=-1)  # (N, k), sorted descending
+        return ids, values, torch.ones(len(ids), dtype=torch.bool)
+
+    return write_rows(score, examples, cache_dir, spec, batch_size=batch_size, texts=texts)
+
+
+def write_rows(
+    score: Callable[[list[TokenizedExample], int], Rows],
+    examples: list[TokenizedExample],
+    cache_dir: Path,
+    spec: CacheSpec,
+    *,
+    batch_size: int = 8,
+    texts: list[Example] | None = None,
+) -> dict[str, Any]:
+    """Write (or finish writing) a cache; return the manifest. Finished shards are kept.
+
+    `score(batch, first_index)` returns the rows of the batch's response tokens, in order;
+    `texts` are the examples' prompt and response, stored beside the signal.
+    """
+    manifest = _open_manifest(cache_dir, spec)
+    assert spec.shard_size is not None
+    shard_size = spec.shard_size
+    if texts is not None and not (cache_dir / "examples.jsonl").is_file():
+        lines = [json.dumps(_example_row(example)) for example in texts]
+        atomic_write_text(cache_dir / "examples.jsonl", "\n".join(lines) + "\n")
+    done = {shard["name"] for shard in manifest["shards"]}
+    starts = range(0, len(examples), shard_size)
+    todo = [s for s in starts if _shard_name(s // shard_size) not in done]
     finished = sum(shard["examples"] for shard in manifest["shards"])
     with tqdm(total=len(examples), initial=finished, desc="cache", unit="example") as bar:
         for start in todo:
-            shard = examples[start : start + spec.shard_size]
-            arrays = _shard_arrays(teacher, weight, shard, spec, pad_token_id, batch_size, bar)
-            name = _shard_name(start // spec.shard_size)
+            shard = examples[start : start + shard_size]
+            arrays = _shard_arrays(score, shard, start, spec, batch_size, bar)
+            name = _shard_name(start // shard_size)
             with atomic_dir(cache_dir / name) as tmp:
                 for file, array in zip(FILES, arrays, strict=True):
                     np.save(tmp / file, array)
@@ -125,7 +166,7 @@ def write_cache(
                 {
                     "name": name,
                     "examples": len(shard),
-                    "tokens": int(arrays[4][-1]),
+                    "tokens": int(arrays[-1][-1]),
                     "sha256": digest,
                 }
             )
@@ -134,41 +175,42 @@ def write_cache(
     return manifest
 
 
-@torch.no_grad()
 def _shard_arrays(
-    teacher: PreTrainedModel,
-    weight: torch.Tensor,
+    score: Callable[[list[TokenizedExample], int], Rows],
     shard: list[TokenizedExample],
+    first: int,
     spec: CacheSpec,
-    pad_token_id: int,
     batch_size: int,
     bar: Any,
 ) -> tuple[np.ndarray, ...]:
-    ids_parts, top_parts, gap_parts, tail_parts, counts = [], [], [], [], []
+    parts: list[list[np.ndarray]] = [[] for _ in FILES[:-1]]
+    counts: list[int] = []
     for lo in range(0, len(shard), batch_size):
-        batch = collate(shard[lo : lo + batch_size], pad_token_id)
-        states, _ = response_hidden(teacher, **batch)  # (N, H), rows in example order
-        logprobs = torch.log_softmax((states @ weight.T).float() / spec.temperature, dim=-1)
-        values, ids = logprobs.topk(spec.k, dim=-1)  # (N, k), sorted descending
+        batch = shard[lo : lo + batch_size]
+        ids, values, present = score(batch, first + lo)
+        batch_counts = [sum(1 for y in item.labels[1:] if y != IGNORE_INDEX) for item in batch]
+        if len(ids) != sum(batch_counts):
+            raise CacheError(
+                f"examples {first + lo}..{first + lo + len(batch) - 1}: the teacher scored "
+                f"{len(ids)} response tokens, the data has {sum(batch_counts)}"
+            )
         top, gaps, tail = quantize(values)
-        ids_parts.append(ids.numpy().astype(np.uint16 if spec.vocab_size <= 65536 else np.int32))
-        top_parts.append(top)
-        gap_parts.append(gaps)
-        tail_parts.append(tail)
-        counts += [int((b[1:] != -100).sum()) for b in batch["labels"]]
-        bar.update(len(batch["labels"]))
+        dtype = np.uint16 if spec.vocab_size <= 65536 else np.int32
+        for part, array in zip(
+            parts,
+            (ids.numpy().astype(dtype), top, gaps, tail, present.numpy().astype(np.uint8)),
+            strict=True,
+        ):
+            part.append(array)
+        counts += batch_counts
+        bar.update(len(batch))
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return (
-        np.concatenate(ids_parts),
-        np.concatenate(top_parts),
-        np.concatenate(gap_parts),
-        np.concatenate(tail_parts),
-        offsets,
-    )
+    return (*(np.concatenate(part) for part in parts), offsets)
 
 
 class TeacherCache:
-    """Read a cache written by `write_cache`, memory-mapped; checked against `spec`."""
+    """Read a cache written by `write_cache`, memory-mapped; checked against `spec`
+    (`spec.teacher=None` accepts whichever teacher wrote it: `teacher.kind: cache`)."""
 
     def __init__(self, cache_dir: Path, spec: CacheSpec, *, verify: bool = True) -> None:
         manifest_path = cache_dir / "manifest.json"
@@ -176,7 +218,11 @@ class TeacherCache:
             raise CacheError(f"{cache_dir}: no manifest.json; run `lmdistill cache` first")
         manifest = json.loads(manifest_path.read_text())
         _check_identity(manifest, spec, cache_dir)
+        self.dir = cache_dir
         self.spec = spec
+        self.teacher = str(manifest.get("teacher"))
+        self.manifest = manifest
+        self.shard_size = int(manifest["shard_size"])
         self.shards: list[dict[str, np.ndarray]] = []
         total = 0
         for entry in manifest["shards"]:
@@ -194,17 +240,68 @@ class TeacherCache:
         """The teacher's top-k signal on example `index`'s response tokens, in order."""
         if not 0 <= index < self.num_examples:
             raise IndexError(f"example {index} is not in the cache ({self.num_examples} examples)")
-        shard = self.shards[index // self.spec.shard_size]
-        row = index % self.spec.shard_size
+        shard = self.shards[index // self.shard_size]
+        row = index % self.shard_size
         lo, hi = int(shard["offsets.npy"][row]), int(shard["offsets.npy"][row + 1])
         logprobs = dequantize(
             shard["top.npy"][lo:hi], shard["gaps.npy"][lo:hi], shard["tail.npy"][lo:hi]
         )
         ids = torch.from_numpy(np.asarray(shard["ids.npy"][lo:hi], dtype=np.int64))
-        return SparseSignal(ids, logprobs, tail="bucket", temperature=self.spec.temperature)
+        present = torch.from_numpy(np.asarray(shard["present.npy"][lo:hi]) != 0)
+        return SparseSignal(
+            ids,
+            logprobs,
+            tail="bucket",
+            temperature=self.spec.temperature,
+            present=None if bool(present.all()) else present,
+        )
+
+    def batch_signal(self, indices: list[int]) -> SparseSignal:
+        """Signals of several examples, concatenated in order (a training micro-batch)."""
+        parts = [self.signal(i) for i in indices]
+        present = [
+            p.present if p.present is not None else torch.ones(p.num_rows, dtype=torch.bool)
+            for p in parts
+        ]
+        all_present = torch.cat(present) if present else torch.ones(0, dtype=torch.bool)
+        return SparseSignal(
+            torch.cat([p.token_ids for p in parts]),
+            torch.cat([p.logprobs for p in parts]),
+            tail="bucket",
+            temperature=self.spec.temperature,
+            present=None if bool(all_present.all()) else all_present,
+        )
+
+    def examples(self) -> list[Example]:
+        """The examples the signal was computed on (prompt and response text)."""
+        path = self.dir / "examples.jsonl"
+        if not path.is_file():
+            raise CacheError(f"{path} is missing; write the cache again with `lmdistill cache`")
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+        return [
+            Example(
+                r["id"],
+                tuple(r["messages"]),
+                r["response"],
+                f"{path}:{r['id']}",
+                response_complete=r["response_complete"],
+            )
+            for r in rows
+        ]
+
+
+def _example_row(example: Example) -> dict[str, Any]:
+    return {
+        "id": example.id,
+        "messages": list(example.messages),
+        "response": example.response,
+        "response_complete": example.response_complete,
+    }
 
 
 def _open_manifest(cache_dir: Path, spec: CacheSpec) -> dict[str, Any]:
+    if None in (spec.teacher, spec.data_hash, spec.k):
+        raise ValueError("writing a cache needs a complete CacheSpec (teacher, data_hash, k)")
     path = cache_dir / "manifest.json"
     if path.is_file():
         manifest = json.loads(path.read_text())
@@ -215,7 +312,9 @@ def _open_manifest(cache_dir: Path, spec: CacheSpec) -> dict[str, Any]:
 
 
 def _check_identity(manifest: dict[str, Any], spec: CacheSpec, cache_dir: Path) -> None:
-    expected = spec.as_dict()
+    # None fields accept what the cache holds (`teacher.kind: cache` takes the cache's teacher,
+    # k and data as they are, and checks the tokenizer, template, temperature, max_length).
+    expected = {k: v for k, v in spec.as_dict().items() if v is not None}
     changed = sorted(k for k, v in expected.items() if manifest.get(k) != v)
     if changed:
         detail = ", ".join(

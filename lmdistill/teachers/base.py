@@ -1,0 +1,169 @@
+"""One teacher interface for the trainer, the evaluator and the stages.
+
+A teacher does two things: `score` a batch of token sequences (the signal at every position
+that predicts a response token: dense logits through hidden states and the output head, or a
+sparse top-k), and `generate` responses for prompts. Backends: `LocalTeacher` (a model in
+this process), `ServedTeacher` (an OpenAI-compatible server) and `CachedTeacher` (a signal
+cache on disk). The trainer never asks which one it has.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from lmdistill.config import GenerateConfig, LossConfig, TeacherConfig
+from lmdistill.data import IGNORE_INDEX, Example
+from lmdistill.kd.objective import teacher_outputs
+from lmdistill.losses import SparseSignal
+from lmdistill.teachers.cache import CacheError, TeacherCache
+from lmdistill.teachers.generate import GenerationReport, generate_responses
+from lmdistill.teachers.served import ServedClient, ServedTeacherError, served_generate
+
+
+@dataclass
+class TeacherSignal:
+    """The teacher on one batch, at the positions that predict response tokens (N rows)."""
+
+    states: torch.Tensor | None = None  # (N, H) final hidden states: dense, with `weight`
+    weight: torch.Tensor | None = None  # (V, H) the teacher's output head
+    sparse: SparseSignal | None = None  # or (N, k) top-k log-probs
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # feature losses (local only)
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class Teacher(ABC):
+    identity: str
+    model_config: Any | None = None  # the model's config where feature losses can use it
+
+    @abstractmethod
+    def score(
+        self, batch: dict[str, torch.Tensor], indices: list[int], loss: LossConfig
+    ) -> TeacherSignal:
+        """The signal on `batch`, whose rows are examples `indices` of the scored dataset."""
+
+    @abstractmethod
+    def generate(
+        self, prompts: list[Example], out_path: Path, config: GenerateConfig
+    ) -> tuple[list[Example], GenerationReport]:
+        """Responses for `prompts`, written (resumably) to `out_path` as JSONL."""
+
+
+class LocalTeacher(Teacher):
+    def __init__(self, model: PreTrainedModel, tokenizer: Any, identity: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.identity = identity
+        self.model_config = model.config
+
+    def score(
+        self, batch: dict[str, torch.Tensor], indices: list[int], loss: LossConfig
+    ) -> TeacherSignal:
+        out = teacher_outputs(self.model, _to(batch, self.model.device), loss)
+        return TeacherSignal(
+            states=out.states,
+            weight=self.model.get_output_embeddings().weight,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
+
+    def generate(
+        self, prompts: list[Example], out_path: Path, config: GenerateConfig
+    ) -> tuple[list[Example], GenerationReport]:
+        return generate_responses(
+            self.model, self.tokenizer, prompts, out_path, config, teacher_id=self.identity
+        )
+
+
+class CachedTeacher(Teacher):
+    """The signal `lmdistill cache` stored; example `i` of the cache is dataset index `i`."""
+
+    def __init__(self, cache: TeacherCache, others: list[TeacherCache] | None = None) -> None:
+        self.cache = cache
+        self.others = others or []  # more caches `generate` may look prompts up in
+        self.identity = f"cache:{cache.teacher}"
+
+    def score(
+        self, batch: dict[str, torch.Tensor], indices: list[int], loss: LossConfig
+    ) -> TeacherSignal:
+        signal = self.cache.batch_signal(indices)
+        rows = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        if signal.num_rows != rows:
+            raise CacheError(
+                f"{self.cache.dir}: examples {indices} have {signal.num_rows} cached response "
+                f"tokens, the batch has {rows}; the cache belongs to other data"
+            )
+        return TeacherSignal(sparse=signal)
+
+    def generate(
+        self, prompts: list[Example], out_path: Path, config: GenerateConfig
+    ) -> tuple[list[Example], GenerationReport]:
+        """The cached teacher-written responses for `prompts` (nothing is generated)."""
+        from lmdistill.io import atomic_write_text
+
+        stored = {e.id: e for c in [self.cache, *self.others] for e in c.examples()}
+        answered = []
+        for prompt in prompts:
+            found = stored.get(prompt.id)
+            if found is None or found.messages != prompt.messages:
+                raise CacheError(
+                    f"{self.cache.dir}: prompt {prompt.id!r} is not in the cache (or its text "
+                    "differs); a cache teacher can only return responses it has stored"
+                )
+            answered.append(found)
+        lines = [json_row(e, "stop" if e.response_complete else "length") for e in answered]
+        atomic_write_text(out_path, "".join(lines))
+        return answered, GenerationReport(len(prompts), 0, 0, 0, 0.0)
+
+
+class ServedTeacher(Teacher):
+    """Generation through the server; its token-level signal is the top-k log-probs of the
+    tokens it generated, stored with each row and turned into a cache for training."""
+
+    def __init__(self, spec: TeacherConfig, tokenizer: Any) -> None:
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.client = ServedClient(spec)
+        self.identity = f"served:{spec.model}@{spec.base_url}"
+
+    def score(
+        self, batch: dict[str, torch.Tensor], indices: list[int], loss: LossConfig
+    ) -> TeacherSignal:
+        raise ServedTeacherError(
+            "a served teacher returns log-probs only for text it generates; `lmdistill cache` "
+            "turns those into a cache to train from"
+        )
+
+    def generate(
+        self, prompts: list[Example], out_path: Path, config: GenerateConfig
+    ) -> tuple[list[Example], GenerationReport]:
+        return served_generate(
+            self.client,
+            self.tokenizer,
+            prompts,
+            out_path,
+            config,
+            self.spec,
+            teacher_id=self.identity,
+        )
+
+
+def json_row(example: Example, finish_reason: str) -> str:
+    import json
+
+    row = {
+        "id": example.id,
+        "messages": list(example.messages),
+        "response": example.response,
+        "finish_reason": finish_reason,
+    }
+    return json.dumps(row) + "\n"
+
+
+def _to(batch: dict[str, torch.Tensor], device: Any) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}

@@ -1,0 +1,298 @@
+"""From `teacher.kind` to the examples and the teacher signal a run trains and evaluates on.
+
+- `local`: the model in this process scores every batch (and writes responses when
+  `generate.enabled`).
+- `served`: the conformance probe (when `teacher.probe`), then the server writes the responses
+  with their top-k log-probs, which are stored as a cache: training reads the cache.
+- `cache`: the examples and the signal `lmdistill cache` stored; no teacher in memory.
+
+Caches live in `cache.dir` (default OUTPUT_DIR/teacher_cache), one per split: train/, eval/.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+from transformers import PreTrainedModel
+
+from lmdistill.config import RunConfig
+from lmdistill.data import (
+    Example,
+    TokenizedExample,
+    data_hash,
+    load_examples,
+    tokenize_examples,
+)
+from lmdistill.models import describe, load_model
+from lmdistill.teachers.base import CachedTeacher, LocalTeacher, ServedTeacher, Teacher
+from lmdistill.teachers.cache import (
+    CacheError,
+    CacheSpec,
+    TeacherCache,
+    bytes_per_token,
+    tokenizer_identity,
+    write_cache,
+    write_rows,
+)
+from lmdistill.teachers.generate import read_finished
+from lmdistill.teachers.served import conformance_probe, rows_scorer
+
+SPLITS = ("train", "eval")
+
+
+@dataclass
+class RunTeacher:
+    """What a stage needs from the teacher side of a run."""
+
+    tokenizer: Any
+    model: PreTrainedModel | None  # the local weights (student init, samples); None once freed
+    examples: dict[str, list[Example]]  # "train", "eval"
+    signal: dict[str, Teacher]  # who scores each split
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def release_model(self) -> None:
+        """Drop the local weights when training does not need them (served, cache)."""
+        if not isinstance(self.signal["train"], LocalTeacher):
+            self.model = None
+            gc.collect()
+
+
+def cache_dir(config: RunConfig) -> Path:
+    return Path(config.cache.dir or Path(config.output_dir) / "teacher_cache")
+
+
+def generation_path(config: RunConfig) -> Path:
+    return Path(config.output_dir) / "generate" / "teacher_responses.jsonl"
+
+
+def open_teacher(config: RunConfig, *, write_local_cache: bool = False) -> RunTeacher:
+    """Load what `config.teacher` describes; generate and cache what the kind needs."""
+    model, tokenizer = load_model(config.teacher)
+    kind = config.teacher.kind
+    if kind == "cache":
+        return _from_cache(config, model, tokenizer)
+    train, held_out = load_splits(config)
+    examples = {"train": train, "eval": held_out}
+    report: dict[str, Any] = {}
+    if kind == "local":
+        local = LocalTeacher(model, tokenizer, describe(config.teacher))
+        if config.generate.enabled:
+            examples, report["generate"] = _generate(config, local, examples)
+        setup = RunTeacher(tokenizer, model, examples, {s: local for s in SPLITS}, report)
+        if write_local_cache:
+            report["cache"] = _write_local_caches(config, setup)
+        return setup
+    served = ServedTeacher(config.teacher, tokenizer)
+    if config.teacher.probe:
+        report["probe"] = conformance_probe(
+            served.client,
+            tokenizer,
+            model,
+            top_logprobs=config.teacher.top_logprobs,
+            tolerance=config.teacher.probe_tolerance,
+        )
+    examples, report["generate"] = _generate(config, served, examples)
+    report["served"] = served.client.stats.as_dict()
+    report["cache"] = _write_served_caches(config, tokenizer, served, examples)
+    caches = {s: CachedTeacher(_open(config, tokenizer, s)) for s in SPLITS}
+    return RunTeacher(tokenizer, model, examples, dict(caches), report)
+
+
+def generating_teacher(config: RunConfig) -> tuple[Teacher, dict[str, Any]]:
+    """The teacher `lmdistill generate` writes with (a cache returns what it stored)."""
+    report: dict[str, Any] = {}
+    if config.teacher.kind == "cache":
+        _, tokenizer = load_model(config.teacher)
+        caches = [_open(config, tokenizer, split) for split in SPLITS]
+        return CachedTeacher(caches[0], others=caches[1:]), report
+    model, tokenizer = load_model(config.teacher)
+    if config.teacher.kind == "local":
+        return LocalTeacher(model, tokenizer, describe(config.teacher)), report
+    served = ServedTeacher(config.teacher, tokenizer)
+    if config.teacher.probe:
+        report["probe"] = conformance_probe(
+            served.client,
+            tokenizer,
+            model,
+            top_logprobs=config.teacher.top_logprobs,
+            tolerance=config.teacher.probe_tolerance,
+        )
+    return served, report
+
+
+def load_splits(config: RunConfig) -> tuple[list[Example], list[Example]]:
+    """Train and held-out examples; without `data.eval`, hold out `eval_size` at random."""
+    import random
+
+    data = config.data
+    examples = load_examples(data.train, split=data.split, format=data.format)
+    if data.eval is not None:
+        held_out = load_examples(data.eval, split=data.split, format=data.format)
+    else:
+        if len(examples) <= data.eval_size:
+            raise ValueError(
+                f"data.eval_size={data.eval_size} leaves no training data out of "
+                f"{len(examples)} examples"
+            )
+        order = list(range(len(examples)))
+        random.Random(config.train.seed).shuffle(order)
+        held_out = [examples[i] for i in order[: data.eval_size]]
+        examples = [examples[i] for i in sorted(order[data.eval_size :])]
+    if data.max_train_examples is not None:
+        examples = examples[: data.max_train_examples]
+    return examples, held_out
+
+
+def _generate(
+    config: RunConfig, teacher: Teacher, examples: dict[str, list[Example]]
+) -> tuple[dict[str, list[Example]], dict[str, Any]]:
+    """The teacher writes every response (sequence-level KD); the main process generates,
+    every process then reads the finished file, so all train on the same responses."""
+    state = PartialState()
+    path = generation_path(config)
+    prompts = examples["train"] + examples["eval"]
+    report: dict[str, Any] = {}
+    if state.is_main_process:
+        _, gen = teacher.generate(prompts, path, config.generate)
+        report = gen.as_dict()
+    state.wait_for_everyone()
+    answered, _ = teacher.generate(prompts, path, config.generate)
+    n = len(examples["train"])
+    return {"train": answered[:n], "eval": answered[n:]}, report
+
+
+def _spec(config: RunConfig, tokenizer: Any, **fields: Any) -> CacheSpec:
+    values: dict[str, Any] = {
+        "vocab_size": len(tokenizer),
+        "max_length": config.data.max_length,
+        "shard_size": config.cache.shard_size,
+        **tokenizer_identity(tokenizer),
+        **fields,
+    }
+    return CacheSpec(**values)
+
+
+def _write_local_caches(config: RunConfig, setup: RunTeacher) -> dict[str, Any]:
+    assert setup.model is not None
+    out: dict[str, Any] = {}
+    for split in SPLITS:
+        tokenized, examples = _tokenized(config, setup.tokenizer, setup.examples[split])
+        spec = _spec(
+            config,
+            setup.tokenizer,
+            teacher=describe(config.teacher),
+            data_hash=data_hash(examples),
+            k=config.cache.k,
+            temperature=config.loss.temperature,
+        )
+        manifest = write_cache(
+            setup.model,
+            tokenized,
+            cache_dir(config) / split,
+            spec,
+            pad_token_id=setup.tokenizer.pad_token_id,
+            texts=examples,
+        )
+        out[split] = _summary(manifest, spec)
+    return out
+
+
+def _write_served_caches(
+    config: RunConfig, tokenizer: Any, served: ServedTeacher, examples: dict[str, list[Example]]
+) -> dict[str, Any]:
+    rows = read_finished(generation_path(config))
+    out: dict[str, Any] = {}
+    k = config.teacher.top_logprobs
+    for split in SPLITS:
+        tokenized, kept = _tokenized(config, tokenizer, examples[split])
+        spec = _spec(
+            config,
+            tokenizer,
+            teacher=served.identity,
+            data_hash=data_hash(kept),
+            k=k,
+            temperature=1.0,  # servers report log-probs at temperature 1
+        )
+        state = PartialState()
+        if state.is_main_process:
+            manifest = write_rows(
+                rows_scorer(rows, k),
+                tokenized,
+                cache_dir(config) / split,
+                spec,
+                texts=kept,
+            )
+            out[split] = _summary(manifest, spec)
+        state.wait_for_everyone()
+    return out
+
+
+def _tokenized(
+    config: RunConfig, tokenizer: Any, examples: list[Example]
+) -> tuple[list[TokenizedExample], list[Example]]:
+    """Tokenised examples and the examples they came from (those too long are dropped), so
+    that cache row i, training example i and stored text i are the same example."""
+    tokenized, _ = tokenize_examples(
+        examples, tokenizer, config.data.max_length, config.data.on_truncation
+    )
+    kept = {item.id for item in tokenized}
+    return tokenized, [e for e in examples if e.id in kept]
+
+
+def _summary(manifest: dict[str, Any], spec: CacheSpec) -> dict[str, Any]:
+    assert spec.k is not None
+    tokens = sum(shard["tokens"] for shard in manifest["shards"])
+    per_token = bytes_per_token(spec.k, spec.vocab_size)
+    return {
+        "examples": sum(shard["examples"] for shard in manifest["shards"]),
+        "tokens": tokens,
+        "k": spec.k,
+        "bytes_per_token": per_token,
+        "bytes": tokens * per_token,
+    }
+
+
+def _open(config: RunConfig, tokenizer: Any, split: str) -> TeacherCache:
+    """Open a split's cache as `teacher.kind: cache` reads it: any teacher, k and data, but
+    this tokenizer, chat template, max_length and (loss) temperature."""
+    spec = _spec(
+        config,
+        tokenizer,
+        teacher=None,
+        data_hash=None,
+        k=None,
+        temperature=config.loss.temperature,
+        shard_size=None,
+    )
+    return TeacherCache(cache_dir(config) / split, spec)
+
+
+def _from_cache(config: RunConfig, model: PreTrainedModel, tokenizer: Any) -> RunTeacher:
+    caches = {split: _open(config, tokenizer, split) for split in SPLITS}
+    examples = {}
+    for split, cache in caches.items():
+        examples[split] = cache.examples()
+        if data_hash(examples[split]) != cache.manifest["data_hash"]:
+            raise CacheError(f"{cache.dir}/examples.jsonl does not match the cached signal")
+        if len(examples[split]) != cache.num_examples:
+            raise CacheError(
+                f"{cache.dir}: {cache.num_examples} of {len(examples[split])} examples are "
+                "cached; finish it with `lmdistill cache`"
+            )
+    if config.data.max_train_examples is not None:
+        examples["train"] = examples["train"][: config.data.max_train_examples]
+    report = {"cache": {s: {"teacher": c.teacher, **_counts(c)} for s, c in caches.items()}}
+    signal: dict[str, Teacher] = {s: CachedTeacher(c) for s, c in caches.items()}
+    return RunTeacher(tokenizer, model, examples, signal, report)
+
+
+def _counts(cache: TeacherCache) -> dict[str, Any]:
+    return {
+        "examples": cache.num_examples,
+        "tokens": sum(s["tokens"] for s in cache.manifest["shards"]),
+        "k": cache.manifest["k"],
+    }
