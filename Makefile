@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 # torch is pinned here (not in pyproject) so a CPU machine takes the local CPU build
 # instead of downloading a multi-GB CUDA wheel; the package itself declares a range.
 TORCH_PIN ?= torch==2.13.0
+# The served-teacher tests run a real OpenAI-compatible server (llama.cpp's); its wheel is built
+# from source the first time (a few minutes), then pip's cache has it.
+LLAMA_PIN ?= llama-cpp-python[server]==0.3.36
 
 .PHONY: demo test lint typecheck clean
 
@@ -16,7 +19,7 @@ $(VENV)/.base: pyproject.toml Makefile
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.base
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]' '$(LLAMA_PIN)'
 	touch $@
 
 demo: $(VENV)/.base

@@ -72,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser(
         "generate",
         help="have the teacher write responses for the config's prompts (JSONL)",
-        description="Sequence-level KD data. Batched, resumable: an interrupted run keeps its "
-        "finished rows and generates only the rest when started again.",
+        description="Sequence-level KD data for the run's training and held-out prompts. "
+        "Batched (local) or concurrent (served), resumable: an interrupted run keeps its "
+        "finished rows and generates only the rest when started again. A served teacher also "
+        "stores its top-k log-probs per token; a cache teacher returns what it stored.",
     )
     _common(generate, resume=False)
     generate.add_argument(
@@ -141,14 +143,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lmdistill.data import load_examples
     from lmdistill.teachers.base import ServedTeacher
-    from lmdistill.teachers.setup import generating_teacher
+    from lmdistill.teachers.setup import generating_teacher, load_splits
 
     config = load_config(args.config, args.overrides)
     out = Path(args.out or Path(config.output_dir) / "generate" / "teacher_responses.jsonl")
     teacher, report = generating_teacher(config)
-    prompts = load_examples(config.data.train, split=config.data.split, format=config.data.format)
+    train, held_out = load_splits(config)
+    prompts = train + held_out
     _, generation = teacher.generate(prompts, out, config.generate)
     report.update(generation.as_dict())
     if isinstance(teacher, ServedTeacher):

@@ -183,3 +183,40 @@ def test_the_cache_command_writes_a_cache_the_run_can_open(
         .splitlines()
     ]
     assert setup.signal["train"].identity == "cache:tiny-llama"
+
+
+def test_a_run_from_the_cache_trains_without_the_teacher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import tiny_run_config
+
+    from lmdistill.pipeline import run
+    from lmdistill.teachers import base
+    from lmdistill.teachers.setup import open_teacher
+
+    config = tiny_run_config(tmp_path, "cache.k=64")
+    open_teacher(config, write_local_cache=True)
+
+    def no_live_teacher(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the live teacher was asked for a signal")
+
+    monkeypatch.setattr(base.LocalTeacher, "score", no_live_teacher)
+    cached = tiny_run_config(tmp_path, "teacher.kind=cache", "baseline=false")
+    metrics = run(cached)
+    assert metrics["models"]["teacher_signal"] == "cache:tiny-llama"
+    assert metrics["kd"]["after"]["kl"] < 0.5 * metrics["before"]["kl"]
+    assert metrics["data"]["train_examples"] == 32
+
+
+def test_a_missing_or_foreign_cache_is_a_clear_error(tmp_path: Path) -> None:
+    from conftest import tiny_run_config
+
+    from lmdistill.teachers.setup import open_teacher
+
+    with pytest.raises(CacheError, match=r"no manifest\.json; run `lmdistill cache` first"):
+        open_teacher(tiny_run_config(tmp_path, "teacher.kind=cache"))
+    open_teacher(tiny_run_config(tmp_path), write_local_cache=True)
+    with pytest.raises(CacheError, match="max_length: cache 384 != run 200"):
+        open_teacher(tiny_run_config(tmp_path, "teacher.kind=cache", "data.max_length=200"))
+    with pytest.raises(CacheError, match=r"temperature: cache 1\.0 != run 2\.0"):
+        open_teacher(tiny_run_config(tmp_path, "teacher.kind=cache", "loss.temperature=2"))

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -23,7 +24,9 @@ from lmdistill.data import IGNORE_INDEX, TokenizedExample, collate
 from lmdistill.kd.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from lmdistill.kd.objective import PARTS, KDObjective, uses_attention
 from lmdistill.kd.optim import build_optimizer, build_scheduler
-from lmdistill.teachers.base import LocalTeacher, Teacher
+
+if TYPE_CHECKING:  # teachers import the objective; the loop only calls their methods
+    from lmdistill.teachers.base import Teacher
 
 
 @dataclass
@@ -75,10 +78,8 @@ def train_student(
     optimizer = build_optimizer(objective, train)
     scheduler = build_scheduler(optimizer, train)
     objective, optimizer = accelerator.prepare(objective, optimizer)
-    if isinstance(teacher, LocalTeacher):
-        teacher.model.to(accelerator.device).eval().requires_grad_(False)
-        if uses_attention(loss):
-            teacher.model.set_attn_implementation("eager")
+    if teacher is not None:
+        teacher.prepare(accelerator.device, loss)
 
     state = TrainState(config_hash=config_hash)
     if resume and (checkpoints := list_checkpoints(checkpoint_dir)):

@@ -49,6 +49,42 @@ def render(metrics: dict[str, Any], config: dict[str, Any], has_eval: bool) -> s
             f"{gen['new_tokens_per_s']:.0f} tokens/s; {gen['hit_length_limit']} hit "
             "max_new_tokens and are kept without an end-of-turn token).",
         ]
+    if metrics.get("served"):
+        served = metrics["served"]
+        lines += [
+            "",
+            f"Served teacher `{metrics['models']['teacher_signal']}`: {served['requests']} "
+            f"requests ({served['retries']} retries), {served['prompt_tokens']:,} prompt and "
+            f"{served['completion_tokens']:,} completion tokens; "
+            f"{served['dropped_alternatives']} top-k alternatives did not map to one token id "
+            f"(their mass is in the tail bucket); {served['text_only_rows']} rows text-only.",
+        ]
+    if metrics.get("probe"):
+        probe = metrics["probe"]
+        diff = probe["mean_abs_diff"]
+        lines += [
+            "",
+            f"Conformance probe: {probe['positions']} greedy tokens, {probe['misaligned']} not "
+            "their row's top-1; "
+            + (
+                f"mean |log p| difference from the local teacher {diff:.3f} nats "
+                f"(max {probe['max_abs_diff']:.3f}, tolerance {probe['tolerance']})."
+                if diff is not None
+                else "no local copy to compare with."
+            ),
+        ]
+    if metrics.get("cache"):
+        for split, cache in metrics["cache"].items():
+            lines.append("")
+            lines.append(
+                f"Teacher-signal cache ({split}): {cache['examples']} examples, "
+                f"{cache['tokens']:,} tokens, k = {cache['k']}"
+                + (
+                    f", {cache['bytes_per_token']} bytes/token."
+                    if "bytes_per_token" in cache
+                    else f", written by `{cache.get('teacher')}`."
+                )
+            )
     if has_eval:
         lines += [
             "",
@@ -89,8 +125,17 @@ def fidelity_table(metrics: dict[str, Any]) -> list[str]:
                 f"| {name} | {values['kl']:.4f} | {values['top1_agreement']:.3f} | "
                 f"{values['student_ppl']:.2f} |"
             )
-    teacher_ppl = metrics["kd"]["after"]["teacher_ppl"]
-    rows.append(f"| teacher (reference) | 0 | 1 | {teacher_ppl:.2f} |")
+    after = metrics["kd"]["after"]
+    teacher_ppl = after["teacher_ppl"]
+    shown = "n/a (top-k signal)" if teacher_ppl is None else f"{teacher_ppl:.2f}"
+    rows.append(f"| teacher (reference) | 0 | 1 | {shown} |")
+    if after.get("signal_tokens", after["tokens"]) != after["tokens"]:
+        rows += [
+            "",
+            f"KL and agreement over the {after['signal_tokens']:,} of {after['tokens']:,} "
+            "held-out tokens that carry a teacher signal (a served teacher reports none for "
+            "the end-of-turn tokens); KL is over the teacher's top-k ids plus one tail bucket.",
+        ]
     return rows
 
 

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from lmdistill.config import GenerateConfig, LossConfig, TeacherConfig
 from lmdistill.data import IGNORE_INDEX, Example
-from lmdistill.kd.objective import teacher_outputs
+from lmdistill.kd.objective import teacher_outputs, uses_attention
 from lmdistill.losses import SparseSignal
 from lmdistill.teachers.cache import CacheError, TeacherCache
 from lmdistill.teachers.generate import GenerationReport, generate_responses
@@ -41,6 +41,10 @@ class Teacher(ABC):
     identity: str
     model_config: Any | None = None  # the model's config where feature losses can use it
 
+    def prepare(self, device: Any, loss: LossConfig) -> None:
+        """Get ready to score on `device` (a local model moves there); by default nothing."""
+        return None
+
     @abstractmethod
     def score(
         self, batch: dict[str, torch.Tensor], indices: list[int], loss: LossConfig
@@ -60,6 +64,12 @@ class LocalTeacher(Teacher):
         self.tokenizer = tokenizer
         self.identity = identity
         self.model_config = model.config
+
+    def prepare(self, device: Any, loss: LossConfig) -> None:
+        self.model.to(device).eval().requires_grad_(False)
+        if uses_attention(loss):
+            # Attention weights exist only in the eager implementation (sdpa returns none).
+            self.model.set_attn_implementation("eager")
 
     def score(
         self, batch: dict[str, torch.Tensor], indices: list[int], loss: LossConfig

@@ -285,6 +285,7 @@ class TeacherCache:
                 r["response"],
                 f"{path}:{r['id']}",
                 response_complete=r["response_complete"],
+                response_ids=None if r["response_ids"] is None else tuple(r["response_ids"]),
             )
             for r in rows
         ]
@@ -296,6 +297,7 @@ def _example_row(example: Example) -> dict[str, Any]:
         "messages": list(example.messages),
         "response": example.response,
         "response_complete": example.response_complete,
+        "response_ids": None if example.response_ids is None else list(example.response_ids),
     }
 
 

@@ -24,7 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -378,11 +378,17 @@ def served_generate(
         ThreadPoolExecutor(max_workers=spec.max_concurrency) as pool,
     ):
         pending: set[Future[dict[str, Any]]] = {pool.submit(one, p) for p in todo}
+        failure: BaseException | None = None
         try:
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            while pending and failure is None:
+                # Each row is written the moment it arrives; the first failure stops the run
+                # (after the rows that did arrive are safely on disk).
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    row = future.result()  # re-raises the first failure
+                    if future.exception() is not None:
+                        failure = failure or future.exception()
+                        continue
+                    row = future.result()
                     sink.write(json.dumps(row) + "\n")
                     done[row["id"]] = row
                     new_tokens += row["new_tokens"]
@@ -394,6 +400,8 @@ def served_generate(
         finally:
             for future in pending:
                 future.cancel()
+        if failure is not None:
+            raise failure
     report = GenerationReport(
         len(prompts), len(todo), at_limit, new_tokens, time.perf_counter() - started
     )

@@ -1,0 +1,267 @@
+"""The served-teacher client's mechanics against a scripted HTTP server on 127.0.0.1: retries
+and backoff, errors that name the problem, token-string mapping and the text-only fallback.
+(The real server, llama.cpp's, is exercised in test_served.py.)"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lmdistill.config import GenerateConfig, TeacherConfig
+from lmdistill.data import Example, tokenize_examples
+from lmdistill.teachers.cache import CacheSpec, TeacherCache, tokenizer_identity, write_rows
+from lmdistill.teachers.generate import read_finished
+from lmdistill.teachers.served import (
+    ServedClient,
+    ServedTeacherError,
+    TokenMapper,
+    UnmappableTokenError,
+    rows_scorer,
+    served_generate,
+)
+
+
+class Script:
+    """What the fake server answers: a queue of (status, body) for chat requests."""
+
+    def __init__(self) -> None:
+        self.chat: list[tuple[int, Any]] = []
+        self.default: tuple[int, Any] | None = None
+        self.seen: list[dict[str, Any]] = []
+        self.key = "sk-test-123"
+
+
+def _handler(script: Script) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _authorised(self) -> bool:
+            if self.headers.get("Authorization") != f"Bearer {script.key}":
+                self._send(401, {"error": "bad key"})
+                return False
+            return True
+
+        def do_GET(self) -> None:
+            if self._authorised():
+                self._send(200, {"data": [{"id": "fake-model"}]})
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            script.seen.append({"headers": dict(self.headers), "body": body})
+            if not self._authorised():
+                return
+            status, answer = script.chat.pop(0) if script.chat else script.default  # type: ignore[misc]
+            self._send(status, answer, {"Retry-After": "0"} if status == 429 else None)
+
+    return Handler
+
+
+@pytest.fixture
+def fake() -> Iterator[tuple[Script, str]]:
+    script = Script()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(script))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield script, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def spec(url: str, **changes: Any) -> TeacherConfig:
+    values: dict[str, Any] = {
+        "kind": "served",
+        "base_url": url,
+        "model": "fake-model",
+        "api_key_env": "LMDISTILL_TEST_KEY",
+        "max_retries": 3,
+        "max_concurrency": 2,
+        "top_logprobs": 3,
+        **changes,
+    }
+    return TeacherConfig(**values)
+
+
+def answer(tokenizer: Any, text: str, *, strings: list[str] | None = None) -> dict[str, Any]:
+    """A chat completion whose logprobs spell `text` token by token (as llama.cpp renders)."""
+    mapper = TokenMapper(tokenizer)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    strings = strings or [mapper.bytes[i].decode("utf-8", "ignore") for i in ids]
+    content = []
+    for index, token in zip(ids, strings, strict=True):
+        alternatives = [token, *(t for t in ("a", "b", "c") if t != token)][:3]
+        content.append(
+            {
+                "token": token,
+                "logprob": -0.1,
+                "top_logprobs": [
+                    {"token": t, "logprob": -0.1 if t == token else -3.0} for t in alternatives
+                ],
+            }
+        )
+        del index
+    return {
+        "choices": [
+            {
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "stop",
+                "logprobs": {"content": content},
+            }
+        ],
+        "usage": {"prompt_tokens": 7, "completion_tokens": len(ids)},
+    }
+
+
+def prompts(n: int) -> list[Example]:
+    return [Example(f"p{i}", ({"role": "user", "content": f"q{i}"},), None) for i in range(n)]
+
+
+def test_retries_on_429_and_5xx_then_succeeds_and_counts(
+    fake: tuple[Script, str], tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script, url = fake
+    monkeypatch.setenv("LMDISTILL_TEST_KEY", script.key)
+    script.chat = [(429, {"error": "slow down"}), (503, {"error": "busy"})]
+    script.default = (200, answer(tiny_tokenizer, "12 apples."))
+    client = ServedClient(spec(url), backoff_s=0.01)
+    choice = client.chat(
+        [{"role": "user", "content": "q"}], GenerateConfig(), top_logprobs=3, seed=1
+    )
+    assert choice["message"]["content"] == "12 apples."
+    assert client.stats.requests == 3 and client.stats.retries == 2
+    assert client.stats.completion_tokens == len(tiny_tokenizer("12 apples.")["input_ids"])
+    body = script.seen[-1]["body"]
+    assert body["logprobs"] is True and body["top_logprobs"] == 3 and body["model"] == "fake-model"
+
+
+def test_gives_up_after_max_retries_with_the_last_error(
+    fake: tuple[Script, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script, url = fake
+    monkeypatch.setenv("LMDISTILL_TEST_KEY", script.key)
+    script.default = (500, {"error": "boom"})
+    client = ServedClient(spec(url, max_retries=2), backoff_s=0.01)
+    with pytest.raises(ServedTeacherError, match=r"after 3 tries: HTTP 500"):
+        client.chat([{"role": "user", "content": "q"}], GenerateConfig(), top_logprobs=3, seed=1)
+    assert client.stats.requests == 3
+
+
+def test_a_wrong_key_is_named_without_showing_it(
+    fake: tuple[Script, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, url = fake
+    monkeypatch.setenv("LMDISTILL_TEST_KEY", "sk-wrong-999")
+    client = ServedClient(spec(url), backoff_s=0.01)
+    with pytest.raises(ServedTeacherError, match=r"HTTP 401.*rejected the API key") as error:
+        client.check_model()
+    assert "sk-wrong-999" not in str(error.value) and "LMDISTILL_TEST_KEY" in str(error.value)
+    assert client.stats.requests == 1  # a rejected key is not retried
+    monkeypatch.delenv("LMDISTILL_TEST_KEY")
+    with pytest.raises(ServedTeacherError, match=r"\$LMDISTILL_TEST_KEY, which is not set"):
+        ServedClient(spec(url))
+
+
+def test_an_unknown_model_and_an_unreachable_server_are_named(
+    fake: tuple[Script, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script, url = fake
+    monkeypatch.setenv("LMDISTILL_TEST_KEY", script.key)
+    with pytest.raises(ServedTeacherError, match=r"does not serve model 'gpt-9'.*fake-model"):
+        ServedClient(spec(url, model="gpt-9")).check_model()
+    closed = "http://127.0.0.1:9/v1"  # the discard port: nothing listens there
+    client = ServedClient(spec(closed, max_retries=1), backoff_s=0.01)
+    with pytest.raises(ServedTeacherError, match=r"cannot get an answer from .* after 2 tries"):
+        client.check_model()
+
+
+def test_generate_keeps_the_servers_token_ids_and_builds_a_masked_cache(
+    fake: tuple[Script, str], tiny_tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script, url = fake
+    monkeypatch.setenv("LMDISTILL_TEST_KEY", script.key)
+    script.default = (200, answer(tiny_tokenizer, "It is 42."))
+    client = ServedClient(spec(url), backoff_s=0.01)
+    out = tmp_path / "gen" / "rows.jsonl"
+    answered, report = served_generate(
+        client, tiny_tokenizer, prompts(5), out, GenerateConfig(), spec(url), teacher_id="fake"
+    )
+    assert report.generated == 5 and len(read_finished(out)) == 5
+    ids = tuple(tiny_tokenizer("It is 42.", add_special_tokens=False)["input_ids"])
+    assert all(e.response == "It is 42." and e.response_ids == ids for e in answered)
+    assert "sk-test-123" not in out.read_text()  # the key is never written
+
+    # Every generated token gets the top-k; the template's closing tokens get no signal.
+    tokenized, _ = tokenize_examples(answered, tiny_tokenizer, max_length=128)
+    cache_spec = CacheSpec(
+        teacher="fake",
+        data_hash="d",
+        k=3,
+        temperature=1.0,
+        vocab_size=len(tiny_tokenizer),
+        shard_size=4,
+        **tokenizer_identity(tiny_tokenizer),
+    )
+    write_rows(rows_scorer(read_finished(out), 3), tokenized, tmp_path / "c", cache_spec)
+    signal = TeacherCache(tmp_path / "c", cache_spec).signal(0)
+    closing = (
+        len(tokenized[0].labels)
+        - len(ids)
+        - len(tokenized[0].input_ids)
+        + len([y for y in tokenized[0].labels if y != -100])
+    )
+    assert signal.present is not None
+    assert signal.present.tolist() == [True] * len(ids) + [False] * closing
+    assert signal.token_ids[: len(ids), 0].tolist() == list(ids)  # chosen is the top-1 here
+    top = signal.logprobs[: len(ids), 0]
+    torch.testing.assert_close(top, torch.full_like(top, -0.1), atol=0.01, rtol=0)
+
+
+def test_an_unmappable_token_stops_the_run_or_falls_back_to_text(
+    fake: tuple[Script, str], tiny_tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script, url = fake
+    monkeypatch.setenv("LMDISTILL_TEST_KEY", script.key)
+    n = len(tiny_tokenizer("Hi", add_special_tokens=False)["input_ids"])
+    script.default = (200, answer(tiny_tokenizer, "Hi", strings=["\u00bfH?"] + ["i"] * (n - 1)))
+    with pytest.raises(UnmappableTokenError, match=r"prompt 'p0'.*on_unmappable=text_only"):
+        served_generate(
+            ServedClient(spec(url, max_concurrency=1), backoff_s=0.01),
+            tiny_tokenizer,
+            prompts(1),
+            tmp_path / "a.jsonl",
+            GenerateConfig(),
+            spec(url),
+            teacher_id="fake",
+        )
+    assert not read_finished(tmp_path / "a.jsonl")  # nothing half-written
+    lenient = spec(url, on_unmappable="text_only")
+    client = ServedClient(lenient, backoff_s=0.01)
+    answered, _ = served_generate(
+        client,
+        tiny_tokenizer,
+        prompts(2),
+        tmp_path / "b.jsonl",
+        GenerateConfig(),
+        lenient,
+        teacher_id="fake",
+    )
+    assert client.stats.text_only_rows == 2
+    assert all(e.response == "Hi" and e.response_ids is None for e in answered)
