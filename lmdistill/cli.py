@@ -163,11 +163,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from lmdistill.teachers.setup import cache_dir, open_teacher
 
     config = load_config(args.config, args.overrides)
-    if config.teacher.kind == "cache":
-        raise ConfigError(
-            "teacher.kind: 'cache' reads a cache; to write one, set teacher.kind to 'local' "
-            "or 'served'"
-        )
     setup = open_teacher(config, write_local_cache=True)
     print(json.dumps({"cache": str(cache_dir(config)), **setup.report}, indent=2))
     return 0

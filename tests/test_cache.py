@@ -208,14 +208,24 @@ def test_a_run_from_the_cache_trains_without_the_teacher(
     assert metrics["data"]["train_examples"] == 32
 
 
-def test_a_missing_or_foreign_cache_is_a_clear_error(tmp_path: Path) -> None:
+def test_a_cache_teacher_writes_a_missing_cache_once_and_refuses_a_foreign_one(
+    tmp_path: Path,
+) -> None:
     from conftest import tiny_run_config
 
     from lmdistill.teachers.setup import open_teacher
 
-    with pytest.raises(CacheError, match=r"no manifest\.json; run `lmdistill cache` first"):
-        open_teacher(tiny_run_config(tmp_path, "teacher.kind=cache"))
-    open_teacher(tiny_run_config(tmp_path), write_local_cache=True)
+    cached = tiny_run_config(tmp_path, "teacher.kind=cache")
+    setup = open_teacher(cached)  # no cache yet: the local teacher writes it first
+    manifest = tmp_path / "run" / "teacher_cache" / "train" / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    again = open_teacher(cached)
+    assert manifest.stat().st_mtime_ns == stamp  # read, not rewritten
+    assert [e.response for e in again.examples["train"]] == [
+        e.response for e in setup.examples["train"]
+    ]
+    with pytest.raises(CacheError, match="prompts_hash: cache"):
+        open_teacher(tiny_run_config(tmp_path, "teacher.kind=cache", "data.max_train_examples=31"))
     with pytest.raises(CacheError, match="max_length: cache 384 != run 200"):
         open_teacher(tiny_run_config(tmp_path, "teacher.kind=cache", "data.max_length=200"))
     with pytest.raises(CacheError, match=r"temperature: cache 1\.0 != run 2\.0"):

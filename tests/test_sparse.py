@@ -412,11 +412,14 @@ def test_fused_with_a_signal_matches_naive(
     assert got[1]["kd"] > 0
 
 
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl"])  # autograd, closed form
 @pytest.mark.parametrize("tail", TAILS)
-def test_fused_with_a_full_vocabulary_signal_matches_the_dense_teacher(tail: Any) -> None:
+def test_fused_with_a_full_vocabulary_signal_matches_the_dense_teacher(
+    tail: Any, divergence: str
+) -> None:
     problem = _problem(23, seed=1)
     signal = topk_signal(_teacher_logits(problem), VOCAB, tail=tail, temperature=1.5)
-    common = {"divergence": "reverse_kl", "alpha": 0.2, "temperature": 1.5, "chunk_size": 5}
+    common = {"divergence": divergence, "alpha": 0.2, "temperature": 1.5, "chunk_size": 5}
     got = _run("fused", problem, teacher_signal=signal, **common)
     dense = {"teacher_hidden": problem["teacher_hidden"]}
     want = _run("fused", problem, teacher_weight=problem["teacher_weight"], **dense, **common)
@@ -470,7 +473,7 @@ def test_fused_pure_ce_ignores_a_missing_teacher_and_accepts_a_signal() -> None:
 
 
 @pytest.mark.parametrize("tail", TAILS)
-@pytest.mark.parametrize("divergence", ["skew_forward_kl", "tvd", "ce"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "skew_forward_kl", "tvd", "ce"])
 def test_fused_with_a_signal_gradcheck_fp64(tail: Any, divergence: str) -> None:
     """Finite differences check the chunked backward with a signal, apart from naive_kd_loss."""
     gen = torch.Generator().manual_seed(4)
@@ -493,3 +496,28 @@ def test_fused_with_a_signal_gradcheck_fp64(tail: Any, divergence: str) -> None:
 
     inputs = (hidden.double().requires_grad_(), weight.double().requires_grad_())
     assert torch.autograd.gradcheck(loss, inputs)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])  # closed form, autograd
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_rows_without_a_signal_train_on_ce_alone(divergence: str, temperature: float) -> None:
+    problem = _problem(29, seed=5)
+    full = topk_signal(_teacher_logits(problem), 8, tail="bucket", temperature=temperature)
+    present = torch.arange(29) % 3 != 0
+    masked = SparseSignal(full.token_ids, full.logprobs, "bucket", temperature, present)
+    kwargs = {"divergence": divergence, "alpha": 0.25, "temperature": temperature}
+    got = _run("fused", problem, teacher_signal=masked, chunk_size=7, **kwargs)
+    _assert_same(got, _run("naive", problem, teacher_signal=masked, **kwargs))
+    # By hand: the KD rows as usual, the others plain CE.
+    keep = _run("fused", _subset(problem, present), teacher_signal=full.rows(present), **kwargs)
+    ce_rows = _run("fused", _subset(problem, ~present), alpha=1.0)
+    torch.testing.assert_close(got[0], keep[0] + ce_rows[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1]["kd"], keep[1]["kd"], rtol=1e-5, atol=1e-5)
+
+
+def _subset(problem: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
+    out = dict(problem)
+    out["student_hidden"] = problem["student_hidden"].detach()[rows].requires_grad_()
+    out["targets"] = problem["targets"][rows]
+    out["teacher_hidden"] = problem["teacher_hidden"][rows]
+    return out

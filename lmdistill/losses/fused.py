@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmdistill.losses.divergences import get_loss
+from lmdistill.losses.divergences import _kl, get_loss
 from lmdistill.losses.sparse import (
     SparseSignal,
+    _reduce_log_q,
     _sparse_token_divergence,
     check_signal,
     sparse_divergence,
@@ -179,6 +180,10 @@ def _closed_form_applies(teacher: Tensor | SparseSignal | None, spec: _KDSpec) -
     return teacher is None or (isinstance(teacher, Tensor) and spec.divergence == "forward_kl")
 
 
+def _sparse_closed_form_applies(signal: SparseSignal, spec: _KDSpec) -> bool:
+    return spec.divergence == "forward_kl" and signal.tail == "bucket"
+
+
 def _forward_kl_sums_and_grad(
     student_logits: Tensor,
     teacher_logits: Tensor | None,
@@ -212,6 +217,56 @@ def _forward_kl_sums_and_grad(
     return torch.stack([loss.sum(), ce.sum(), kd.sum()]), grad
 
 
+def _sparse_forward_kl_sums_and_grad(
+    student_logits: Tensor,
+    signal: SparseSignal,
+    targets: Tensor,
+    spec: _KDSpec,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Closed form for forward KL + CE against a bucket-mode sparse signal (the cache's and a
+    served teacher's), as fast as CE alone plus two (C, V) passes. On the k ids S and the tail
+    bucket t, with p_t = 1 - sum_S p and q_t = sum over ids outside S of q:
+
+        d/ds [T^2 KL_buckets(p || q_T)] = T * (q_T - p~),
+        p~_j = p_j for j in S, and q_T,j * p_t / q_t outside S
+
+    (the teacher's tail mass spread over the tail in the student's proportions). Rows with
+    ``present`` False train on CE alone."""
+    T, alpha = spec.temperature, spec.alpha
+    log_q1 = torch.log_softmax(student_logits, dim=-1)  # (C, V)
+    ce = -log_q1.gather(1, targets[:, None]).squeeze(1)  # (C,)
+    log_q = log_q1 if T == 1.0 else torch.log_softmax(student_logits / T, dim=-1)
+    ids = signal.token_ids
+    student_small, teacher_small = _reduce_log_q(log_q, signal)  # (C, k + 1) each
+    kd = _kl(teacher_small, student_small)  # (C,)
+    present = signal.present
+    if present is not None:
+        kd = torch.where(present, kd, torch.zeros_like(kd))
+    loss = signal.mix(ce, kd, alpha, T)
+    grad = None
+    if need_grad:
+        kd_weight = torch.full_like(ce, (1.0 - alpha) * T)  # (C,)
+        ce_weight = torch.full_like(ce, alpha)
+        if present is not None:
+            kd_weight = torch.where(present, kd_weight, torch.zeros_like(kd_weight))
+            ce_weight = torch.where(present, ce_weight, torch.ones_like(ce_weight))
+        # tail ratio r = p_t / q_t (0 where the teacher's tail is empty)
+        log_ratio = teacher_small[:, -1] - student_small[:, -1]
+        ratio = torch.where(torch.isneginf(teacher_small[:, -1]), 0.0, log_ratio.exp())
+        q = log_q.exp()  # (C, V)
+        grad = q * (kd_weight * (1.0 - ratio))[:, None]  # outside S: w * q * (1 - r)
+        inside = (q.gather(1, ids) - teacher_small[:, :-1].exp()) * kd_weight[:, None]
+        grad.scatter_(1, ids, inside)  # inside S: w * (q_j - p_j)
+        if T == 1.0:
+            grad.addcmul_(q, ce_weight[:, None])
+        else:
+            grad.addcmul_(log_q1.exp(), ce_weight[:, None])
+        rows = torch.arange(len(targets), device=grad.device)
+        grad[rows, targets] -= ce_weight
+    return torch.stack([loss.sum(), ce.sum(), kd.sum()]), grad
+
+
 def _chunk_sums_and_grad(
     student_logits: Tensor,
     teacher: Tensor | SparseSignal | None,
@@ -220,6 +275,8 @@ def _chunk_sums_and_grad(
     need_grad: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """Return ``[loss_sum, ce_sum, kd_sum]`` (3,) of one chunk and d loss_sum / d logits (C, V)."""
+    if isinstance(teacher, SparseSignal) and _sparse_closed_form_applies(teacher, spec):
+        return _sparse_forward_kl_sums_and_grad(student_logits, teacher, targets, spec, need_grad)
     if _closed_form_applies(teacher, spec):
         assert not isinstance(teacher, SparseSignal)
         return _forward_kl_sums_and_grad(student_logits, teacher, targets, spec, need_grad)

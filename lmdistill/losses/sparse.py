@@ -192,13 +192,20 @@ def _reduce(
         # logprobs * T_signal are the teacher logits up to a per-row constant: re-temper them.
         teacher_small = F.log_softmax(teacher * signal.temperature / temperature, dim=-1)
         return F.log_softmax(student.gather(-1, ids), dim=-1), teacher_small  # (N, k) each
-    log_q = F.log_softmax(student, dim=-1)  # (N, V)
+    return _reduce_log_q(F.log_softmax(student, dim=-1), signal)  # (N, k + 1) each
+
+
+def _reduce_log_q(log_q: Tensor, signal: SparseSignal) -> tuple[Tensor, Tensor]:
+    """Bucket mode from the student's (N, V) log-probs at the loss temperature: student and
+    teacher log-probs over the k ids and the tail, (N, k + 1) each (no autograd needed)."""
+    ids = signal.token_ids
+    teacher = signal.logprobs.detach().to(log_q.dtype)
     student_small = torch.cat([log_q.gather(-1, ids), _student_tail(log_q, ids)], dim=-1)
-    if ids.shape[1] == student_logits.shape[1]:  # ids cover the vocabulary: the tail is empty
+    if ids.shape[1] == log_q.shape[1]:
         teacher_tail = torch.full_like(teacher[:, :1], -math.inf)
     else:
-        teacher_tail = _log1mexp(torch.logsumexp(teacher, dim=-1, keepdim=True))  # (N, 1)
-    return student_small, torch.cat([teacher, teacher_tail], dim=-1)  # (N, k + 1) each
+        teacher_tail = _log1mexp(torch.logsumexp(teacher, dim=-1, keepdim=True))
+    return student_small, torch.cat([teacher, teacher_tail], dim=-1)
 
 
 def _sparse_token_divergence(

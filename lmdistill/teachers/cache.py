@@ -100,6 +100,7 @@ class CacheSpec:
     vocab_size: int
     max_length: int = 256
     shard_size: int | None = 256
+    prompts_hash: str | None = None  # the prompts (not responses) the cache answers
 
     def as_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, **self.__dict__}

@@ -11,7 +11,9 @@ Caches live in `cache.dir` (default OUTPUT_DIR/teacher_cache), one per split: tr
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,10 +75,17 @@ def open_teacher(config: RunConfig, *, write_local_cache: bool = False) -> RunTe
     """Load what `config.teacher` describes; generate and cache what the kind needs."""
     model, tokenizer = load_model(config.teacher)
     kind = config.teacher.kind
-    if kind == "cache":
-        return _from_cache(config, model, tokenizer)
     train, held_out = load_splits(config)
     examples = {"train": train, "eval": held_out}
+    if kind == "cache":
+        if not _cache_complete(config):
+            # Pay for the teacher once: write the cache with the local copy, then train from it.
+            writer = LocalTeacher(model, tokenizer, describe(config.teacher))
+            if config.generate.enabled:
+                examples, _ = _generate(config, writer, examples)
+            staged = RunTeacher(tokenizer, model, examples, {})
+            _write_local_caches(config, staged, prompts={"train": train, "eval": held_out})
+        return _from_cache(config, model, tokenizer, {"train": train, "eval": held_out})
     report: dict[str, Any] = {}
     if kind == "local":
         local = LocalTeacher(model, tokenizer, describe(config.teacher))
@@ -84,7 +93,8 @@ def open_teacher(config: RunConfig, *, write_local_cache: bool = False) -> RunTe
             examples, report["generate"] = _generate(config, local, examples)
         setup = RunTeacher(tokenizer, model, examples, {s: local for s in SPLITS}, report)
         if write_local_cache:
-            report["cache"] = _write_local_caches(config, setup)
+            prompts = {"train": train, "eval": held_out}
+            report["cache"] = _write_local_caches(config, setup, prompts)
         return setup
     served = ServedTeacher(config.teacher, tokenizer)
     if config.teacher.probe:
@@ -97,7 +107,8 @@ def open_teacher(config: RunConfig, *, write_local_cache: bool = False) -> RunTe
         )
     examples, report["generate"] = _generate(config, served, examples)
     report["served"] = served.client.stats.as_dict()
-    report["cache"] = _write_served_caches(config, tokenizer, served, examples)
+    prompts = {"train": train, "eval": held_out}
+    report["cache"] = _write_served_caches(config, tokenizer, served, examples, prompts)
     caches = {s: CachedTeacher(_open(config, tokenizer, s)) for s in SPLITS}
     return RunTeacher(tokenizer, model, examples, dict(caches), report)
 
@@ -176,7 +187,27 @@ def _spec(config: RunConfig, tokenizer: Any, **fields: Any) -> CacheSpec:
     return CacheSpec(**values)
 
 
-def _write_local_caches(config: RunConfig, setup: RunTeacher) -> dict[str, Any]:
+def prompts_hash(prompts: list[Example]) -> str:
+    """Which prompts a cache answers (ids and prompt turns, not responses): a cache read with
+    `teacher.kind: cache` must have been written for the prompts the config loads now."""
+    return data_hash([dataclasses.replace(p, response=None, response_ids=None) for p in prompts])
+
+
+def _cache_complete(config: RunConfig) -> bool:
+    for split in SPLITS:
+        manifest = cache_dir(config) / split / "manifest.json"
+        if not manifest.is_file():
+            return False
+        shards = json.loads(manifest.read_text())["shards"]
+        lines = (cache_dir(config) / split / "examples.jsonl").read_text().splitlines()
+        if sum(shard["examples"] for shard in shards) != len([line for line in lines if line]):
+            return False
+    return True
+
+
+def _write_local_caches(
+    config: RunConfig, setup: RunTeacher, prompts: dict[str, list[Example]]
+) -> dict[str, Any]:
     assert setup.model is not None
     out: dict[str, Any] = {}
     for split in SPLITS:
@@ -186,6 +217,7 @@ def _write_local_caches(config: RunConfig, setup: RunTeacher) -> dict[str, Any]:
             setup.tokenizer,
             teacher=describe(config.teacher),
             data_hash=data_hash(examples),
+            prompts_hash=prompts_hash(prompts[split]),
             k=config.cache.k,
             temperature=config.loss.temperature,
         )
@@ -202,7 +234,11 @@ def _write_local_caches(config: RunConfig, setup: RunTeacher) -> dict[str, Any]:
 
 
 def _write_served_caches(
-    config: RunConfig, tokenizer: Any, served: ServedTeacher, examples: dict[str, list[Example]]
+    config: RunConfig,
+    tokenizer: Any,
+    served: ServedTeacher,
+    examples: dict[str, list[Example]],
+    prompts: dict[str, list[Example]],
 ) -> dict[str, Any]:
     rows = read_finished(generation_path(config))
     out: dict[str, Any] = {}
@@ -214,6 +250,7 @@ def _write_served_caches(
             tokenizer,
             teacher=served.identity,
             data_hash=data_hash(kept),
+            prompts_hash=prompts_hash(prompts[split]),
             k=k,
             temperature=1.0,  # servers report log-probs at temperature 1
         )
@@ -256,14 +293,17 @@ def _summary(manifest: dict[str, Any], spec: CacheSpec) -> dict[str, Any]:
     }
 
 
-def _open(config: RunConfig, tokenizer: Any, split: str) -> TeacherCache:
-    """Open a split's cache as `teacher.kind: cache` reads it: any teacher, k and data, but
-    this tokenizer, chat template, max_length and (loss) temperature."""
+def _open(
+    config: RunConfig, tokenizer: Any, split: str, prompts: list[Example] | None = None
+) -> TeacherCache:
+    """Open a split's cache as `teacher.kind: cache` reads it: any teacher and k, but these
+    prompts (when given), this tokenizer, chat template, max_length and (loss) temperature."""
     spec = _spec(
         config,
         tokenizer,
         teacher=None,
         data_hash=None,
+        prompts_hash=None if prompts is None else prompts_hash(prompts),
         k=None,
         temperature=config.loss.temperature,
         shard_size=None,
@@ -271,8 +311,13 @@ def _open(config: RunConfig, tokenizer: Any, split: str) -> TeacherCache:
     return TeacherCache(cache_dir(config) / split, spec)
 
 
-def _from_cache(config: RunConfig, model: PreTrainedModel, tokenizer: Any) -> RunTeacher:
-    caches = {split: _open(config, tokenizer, split) for split in SPLITS}
+def _from_cache(
+    config: RunConfig,
+    model: PreTrainedModel,
+    tokenizer: Any,
+    prompts: dict[str, list[Example]],
+) -> RunTeacher:
+    caches = {split: _open(config, tokenizer, split, prompts[split]) for split in SPLITS}
     examples = {}
     for split, cache in caches.items():
         examples[split] = cache.examples()
@@ -283,8 +328,6 @@ def _from_cache(config: RunConfig, model: PreTrainedModel, tokenizer: Any) -> Ru
                 f"{cache.dir}: {cache.num_examples} of {len(examples[split])} examples are "
                 "cached; finish it with `lmdistill cache`"
             )
-    if config.data.max_train_examples is not None:
-        examples["train"] = examples["train"][: config.data.max_train_examples]
     report = {"cache": {s: {"teacher": c.teacher, **_counts(c)} for s, c in caches.items()}}
     signal: dict[str, Teacher] = {s: CachedTeacher(c) for s, c in caches.items()}
     return RunTeacher(tokenizer, model, examples, signal, report)
