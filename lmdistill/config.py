@@ -361,6 +361,13 @@ def _validate_teacher(config: RunConfig) -> None:
             config.generate.enabled,
             "true with teacher.kind=served (a server returns log-probs only for text it writes)",
         )
+        _check(
+            loss.temperature == 1.0,
+            "loss.temperature",
+            loss.temperature,
+            "1.0 with teacher.kind=served (servers report log-probs at temperature 1, and the "
+            "tail mass outside their top-k cannot be re-tempered)",
+        )
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,10 @@ def test_overrides_are_typed_and_nested() -> None:
         ("baseline=yes please", "baseline: expected true or false"),
         ("train=3", "train must be a mapping"),
         ("train.max_steps", "must look like key.path=value"),
+        ("teacher.kind=remote", "teacher.kind: 'remote' is not allowed; choose one of"),
+        ("teacher.kind=served", "teacher.base_url: None is not allowed; expected a value when"),
+        ("teacher.extra_body=3", "teacher.extra_body: expected a mapping, got 3"),
+        ("teacher.max_concurrency=0", "teacher.max_concurrency: 0 is not allowed"),
     ],
 )
 def test_bad_values_name_the_field_and_what_is_allowed(override: str, message: str) -> None:
@@ -98,3 +103,16 @@ def test_list_fields_are_typed_item_by_item() -> None:
         load_config(None, ["loss.layer_map=[2, x]"])
     with pytest.raises(ConfigError, match=r"loss\.layer_map: expected a list"):
         load_config(None, ["loss.layer_map=3"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("generate.enabled=false", "generate.enabled: False is not allowed; expected true with"),
+        ("loss.temperature=2", "loss.temperature: 2.0 is not allowed; expected 1.0 with"),
+        ("loss.hidden_weight=1", "feature losses need the teacher in memory"),
+    ],
+)
+def test_a_served_teacher_refuses_what_it_cannot_give(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(ROOT / "configs" / "served.yaml", [override])

@@ -142,6 +142,14 @@ def test_run_from_the_server_then_from_its_cache(
         if path.is_file() and path.suffix in (".json", ".jsonl", ".yaml", ".md"):
             assert KEY not in path.read_text(), path
 
+    # `lmdistill cache` on the finished run: every row and shard is there, nothing is redone.
+    capsys.readouterr()
+    assert main(["cache", *served_overrides(server, out, "teacher.probe=false")]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{") :])
+    assert summary["generate"]["generated"] == 0 and summary["served"]["requests"] == 0
+    assert summary["cache"]["eval"]["examples"] == 4
+
     # The same data and signal, with no server and no teacher in memory while training.
     again = tmp_path / "from-cache"
     cache = f"cache.dir={out / 'teacher_cache'}"

@@ -76,14 +76,15 @@ def render(metrics: dict[str, Any], config: dict[str, Any], has_eval: bool) -> s
     if metrics.get("cache"):
         for split, cache in metrics["cache"].items():
             lines.append("")
+            size = (
+                f", {cache['bytes_per_token']} bytes/token ({cache['bytes'] / 2**20:.1f} MiB)"
+                if "bytes_per_token" in cache
+                else ""
+            )
+            writer = f", written by `{cache['teacher']}`" if "teacher" in cache else ""
             lines.append(
                 f"Teacher-signal cache ({split}): {cache['examples']} examples, "
-                f"{cache['tokens']:,} tokens, k = {cache['k']}"
-                + (
-                    f", {cache['bytes_per_token']} bytes/token."
-                    if "bytes_per_token" in cache
-                    else f", written by `{cache.get('teacher')}`."
-                )
+                f"{cache['tokens']:,} tokens, k = {cache['k']}{size}{writer}."
             )
     if has_eval:
         lines += [

@@ -9,6 +9,7 @@ cache on disk). The trainer never asks which one it has.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from transformers import PreTrainedModel
 
 from lmdistill.config import GenerateConfig, LossConfig, TeacherConfig
 from lmdistill.data import IGNORE_INDEX, Example
+from lmdistill.io import atomic_write_text
 from lmdistill.kd.objective import teacher_outputs, uses_attention
 from lmdistill.losses import SparseSignal
 from lmdistill.teachers.cache import CacheError, TeacherCache
@@ -114,8 +116,6 @@ class CachedTeacher(Teacher):
         self, prompts: list[Example], out_path: Path, config: GenerateConfig
     ) -> tuple[list[Example], GenerationReport]:
         """The cached teacher-written responses for `prompts` (nothing is generated)."""
-        from lmdistill.io import atomic_write_text
-
         stored = {e.id: e for c in [self.cache, *self.others] for e in c.examples()}
         answered = []
         for prompt in prompts:
@@ -164,8 +164,6 @@ class ServedTeacher(Teacher):
 
 
 def json_row(example: Example, finish_reason: str) -> str:
-    import json
-
     row = {
         "id": example.id,
         "messages": list(example.messages),

@@ -63,13 +63,7 @@ def generate_responses(
         out_path.with_name("manifest.json"),
         {"teacher": teacher_id, "generate": dataclasses.asdict(config)},
     )
-    done = read_finished(out_path)
-    for prompt in prompts:
-        if prompt.id in done and done[prompt.id]["messages"] != list(prompt.messages):
-            raise ValueError(
-                f"{out_path}: row {prompt.id!r} was generated for a different prompt; "
-                "use another output file or delete it"
-            )
+    done = finished_rows(out_path, prompts)
     todo = [p for p in prompts if p.id not in done]
     # Similar lengths in one batch waste less compute on padding.
     todo.sort(key=lambda p: len(encode_prompt(p, tokenizer)))
@@ -106,6 +100,18 @@ def generate_responses(
         for p in prompts
     ]
     return answered, report
+
+
+def finished_rows(out_path: Path, prompts: list[Example]) -> dict[str, dict[str, Any]]:
+    """Rows already in `out_path`, each checked to answer the same prompt as now."""
+    done = read_finished(out_path)
+    for prompt in prompts:
+        if prompt.id in done and done[prompt.id]["messages"] != list(prompt.messages):
+            raise ValueError(
+                f"{out_path}: row {prompt.id!r} was generated for a different prompt; "
+                "use another output file or delete it"
+            )
+    return done
 
 
 def check_manifest(path: Path, manifest: dict[str, Any]) -> None:

@@ -35,7 +35,7 @@ from transformers import PreTrainedModel
 
 from lmdistill.config import GenerateConfig, TeacherConfig
 from lmdistill.data import IGNORE_INDEX, Example, TokenizedExample, encode_prompt
-from lmdistill.teachers.generate import GenerationReport, check_manifest, read_finished
+from lmdistill.teachers.generate import GenerationReport, check_manifest, finished_rows
 
 MAX_MISALIGNED = 0.25  # of greedy probe tokens that may differ from their row's top-1
 RETRYABLE = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -332,78 +332,30 @@ def served_generate(
             "generate": {**config.__dict__, "top_logprobs": spec.top_logprobs},
         },
     )
-    done = read_finished(out_path)
-    for prompt in prompts:
-        if prompt.id in done and done[prompt.id]["messages"] != list(prompt.messages):
-            raise ValueError(
-                f"{out_path}: row {prompt.id!r} was generated for a different prompt; "
-                "use another output file or delete it"
-            )
+    done = finished_rows(out_path, prompts)
     todo = [p for p in prompts if p.id not in done]
     mapper = TokenMapper(tokenizer)
-    started, new_tokens, at_limit = time.perf_counter(), 0, 0
+    started = time.perf_counter()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if todo:
         client.check_model()
 
-    def one(prompt: Example) -> dict[str, Any]:
-        seed = config.seed * 1_000_003 + _stable_hash(prompt.id)
-        choice = client.chat(
-            list(prompt.messages), config, top_logprobs=spec.top_logprobs, seed=seed
-        )
-        text = (choice.get("message") or {}).get("content") or ""
-        try:
-            signal: dict[str, Any] | None = row_signal(choice, mapper, client.stats)
-        except UnmappableTokenError as error:
-            if spec.on_unmappable == "error":
-                raise UnmappableTokenError(
-                    f"prompt {prompt.id!r}: {error}; set teacher.on_unmappable=text_only to "
-                    "train such rows on the text alone"
-                ) from None
-            client.stats.add(text_only_rows=1)
-            signal = None
-        finish = "length" if choice.get("finish_reason") == "length" else "stop"
-        return {
-            "id": prompt.id,
-            "messages": list(prompt.messages),
-            "response": text,
-            "finish_reason": finish,
-            "new_tokens": len(signal["chosen"]) if signal else len(tokenizer.encode(text)),
-            "signal": signal,
-        }
+    def answer(prompt: Example) -> dict[str, Any]:
+        return _answer_row(client, mapper, tokenizer, prompt, config, spec)
 
     with (
         out_path.open("a", encoding="utf-8") as sink,
         tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=desc, unit="prompt") as bar,
         ThreadPoolExecutor(max_workers=spec.max_concurrency) as pool,
     ):
-        pending: set[Future[dict[str, Any]]] = {pool.submit(one, p) for p in todo}
-        failure: BaseException | None = None
-        try:
-            while pending and failure is None:
-                # Each row is written the moment it arrives; the first failure stops the run
-                # (after the rows that did arrive are safely on disk).
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    if future.exception() is not None:
-                        failure = failure or future.exception()
-                        continue
-                    row = future.result()
-                    sink.write(json.dumps(row) + "\n")
-                    done[row["id"]] = row
-                    new_tokens += row["new_tokens"]
-                    at_limit += row["finish_reason"] == "length"
-                    bar.update(1)
-                sink.flush()
-                os.fsync(sink.fileno())
-                bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - started):.0f}")
-        finally:
-            for future in pending:
-                future.cancel()
-        if failure is not None:
-            raise failure
+        new = _write_as_completed([pool.submit(answer, p) for p in todo], sink, bar, started)
+    done.update(new)
     report = GenerationReport(
-        len(prompts), len(todo), at_limit, new_tokens, time.perf_counter() - started
+        len(prompts),
+        len(todo),
+        sum(row["finish_reason"] == "length" for row in new.values()),
+        sum(row["new_tokens"] for row in new.values()),
+        time.perf_counter() - started,
     )
     answered = [
         Example(
@@ -417,6 +369,69 @@ def served_generate(
         for p in prompts
     ]
     return answered, report
+
+
+def _answer_row(
+    client: ServedClient,
+    mapper: TokenMapper,
+    tokenizer: Any,
+    prompt: Example,
+    config: GenerateConfig,
+    spec: TeacherConfig,
+) -> dict[str, Any]:
+    """One request: the row `generate` writes, with the top-k signal (or None: text only)."""
+    seed = config.seed * 1_000_003 + _stable_hash(prompt.id)  # a resumed run samples alike
+    choice = client.chat(list(prompt.messages), config, top_logprobs=spec.top_logprobs, seed=seed)
+    text = (choice.get("message") or {}).get("content") or ""
+    try:
+        signal: dict[str, Any] | None = row_signal(choice, mapper, client.stats)
+    except UnmappableTokenError as error:
+        if spec.on_unmappable == "error":
+            raise UnmappableTokenError(
+                f"prompt {prompt.id!r}: {error}; set teacher.on_unmappable=text_only to "
+                "train such rows on the text alone"
+            ) from None
+        client.stats.add(text_only_rows=1)
+        signal = None
+    return {
+        "id": prompt.id,
+        "messages": list(prompt.messages),
+        "response": text,
+        "finish_reason": "length" if choice.get("finish_reason") == "length" else "stop",
+        "new_tokens": len(signal["chosen"]) if signal else len(tokenizer.encode(text)),
+        "signal": signal,
+    }
+
+
+def _write_as_completed(
+    futures: list[Future[dict[str, Any]]], sink: Any, bar: Any, started: float
+) -> dict[str, dict[str, Any]]:
+    """Append each row the moment its request finishes (fsync'd); the first failure stops
+    the run, after the rows that did arrive are safely on disk. Returns the rows written."""
+    written: dict[str, dict[str, Any]] = {}
+    pending = set(futures)
+    failure: BaseException | None = None
+    try:
+        while pending and failure is None:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                if future.exception() is not None:
+                    failure = failure or future.exception()
+                    continue
+                row = future.result()
+                sink.write(json.dumps(row) + "\n")
+                written[row["id"]] = row
+                bar.update(1)
+            sink.flush()
+            os.fsync(sink.fileno())
+            tokens = sum(row["new_tokens"] for row in written.values())
+            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
+    finally:
+        for future in pending:
+            future.cancel()
+    if failure is not None:
+        raise failure
+    return written
 
 
 def _stable_hash(text: str) -> int:

@@ -78,14 +78,22 @@ def open_teacher(config: RunConfig, *, write_local_cache: bool = False) -> RunTe
     train, held_out = load_splits(config)
     examples = {"train": train, "eval": held_out}
     if kind == "cache":
+        written: dict[str, Any] = {}
         if not _cache_complete(config):
             # Pay for the teacher once: write the cache with the local copy, then train from it.
             writer = LocalTeacher(model, tokenizer, describe(config.teacher))
             if config.generate.enabled:
-                examples, _ = _generate(config, writer, examples)
+                examples, written["generate"] = _generate(config, writer, examples)
             staged = RunTeacher(tokenizer, model, examples, {})
-            _write_local_caches(config, staged, prompts={"train": train, "eval": held_out})
-        return _from_cache(config, model, tokenizer, {"train": train, "eval": held_out})
+            prompts = {"train": train, "eval": held_out}
+            written["cache"] = _write_local_caches(config, staged, prompts)
+        setup = _from_cache(config, model, tokenizer, {"train": train, "eval": held_out})
+        if "cache" in written:  # what this call wrote, with its size
+            for split, summary in written["cache"].items():
+                setup.report["cache"][split].update(summary)
+        if "generate" in written:
+            setup.report["generate"] = written["generate"]
+        return setup
     report: dict[str, Any] = {}
     if kind == "local":
         local = LocalTeacher(model, tokenizer, describe(config.teacher))
