@@ -1,0 +1,177 @@
+"""A verifiable reasoning lab: GSM8K-style multi-step arithmetic word problems, generated.
+
+Every problem comes with an exact rationale in GSM8K's format (one step per line, calculator
+annotations `<<a*b=c>>`, `#### answer`), so answers and rationales can be checked exactly and
+a small model can learn the task on a laptop CPU. Knobs: the number of steps, operand size,
+which operations appear, and distractor sentences (numbers that play no part). Splits are
+deterministic functions of (seed, split, index); the test split never repeats a training
+question, and the out-of-distribution split has more steps than training.
+
+    Ana has 7 shells. Ana finds 5 more shells. Ben has 3 cards. Ana then has 3 times as
+    many shells. How many shells does Ana have now?
+
+    Ana has 7+5=<<7+5=12>>12 shells.
+    Ana has 12*3=<<12*3=36>>36 shells.
+    #### 36
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from lmdistill.data.formats import Example
+
+NAMES = ("Ana", "Ben", "Cal", "Dia", "Eve", "Finn", "Gus", "Hana")
+ITEMS = ("apples", "books", "coins", "eggs", "pens", "shells", "stamps", "cards")
+OPERATIONS = ("add", "subtract", "multiply", "divide")
+SPLITS = ("train", "test", "ood")
+
+
+@dataclass(frozen=True)
+class LabSpec:
+    """Difficulty knobs.
+
+    steps: operations per problem (the out-of-distribution split adds `ood_extra_steps`).
+    start_max / operand_max: largest starting amount and largest number added or removed.
+    factor_max: largest multiplier or divisor (2..factor_max).
+    value_max: no intermediate amount exceeds this (keeps products short).
+    operations: which of add, subtract, multiply, divide appear.
+    distractors: sentences about other people's things, with numbers that play no part.
+    """
+
+    steps: int = 2
+    start_max: int = 20
+    operand_max: int = 9
+    factor_max: int = 3
+    value_max: int = 99
+    operations: tuple[str, ...] = ("add", "subtract", "multiply")
+    distractors: int = 0
+    ood_extra_steps: int = 2
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.operations) - set(OPERATIONS))
+        if unknown or not self.operations:
+            raise ValueError(f"lab operations {unknown or '()'}: choose from {OPERATIONS}")
+        if self.steps < 1 or self.distractors < 0 or self.ood_extra_steps < 1:
+            raise ValueError("lab steps >= 1, distractors >= 0, ood_extra_steps >= 1")
+        if not (1 <= self.start_max <= self.value_max and self.factor_max >= 2):
+            raise ValueError("lab start_max in [1, value_max], factor_max >= 2")
+
+
+@dataclass(frozen=True)
+class LabProblem:
+    question: str
+    steps: tuple[str, ...]  # rationale lines, each with one calculator annotation
+    answer: int
+
+    @property
+    def rationale(self) -> str:
+        return "\n".join(self.steps)
+
+    @property
+    def solution(self) -> str:
+        """The GSM8K-format answer: rationale lines, then `#### answer`."""
+        return f"{self.rationale}\n#### {self.answer}"
+
+
+def make_problem(rng: random.Random, spec: LabSpec, steps: int) -> LabProblem:
+    name, other = rng.sample(NAMES, 2)
+    item, other_item = rng.sample(ITEMS, 2)
+    value = rng.randint(1, spec.start_max)
+    sentences = [f"{name} has {value} {item}."]
+    lines = []
+    for _ in range(steps):
+        sentence, line, value = _step(rng, spec, name, item, value)
+        sentences.append(sentence)
+        lines.append(line)
+    for _ in range(spec.distractors):
+        where = rng.randint(1, len(sentences))  # never before the opening sentence
+        sentences.insert(where, f"{other} has {rng.randint(1, spec.start_max)} {other_item}.")
+    question = " ".join(sentences) + f" How many {item} does {name} have now?"
+    return LabProblem(question, tuple(lines), value)
+
+
+def _step(
+    rng: random.Random, spec: LabSpec, name: str, item: str, value: int
+) -> tuple[str, str, int]:
+    """One operation that keeps the amount a whole number in [0, value_max]."""
+    choices = []
+    if "add" in spec.operations and value + 1 <= spec.value_max:
+        choices.append("add")
+    if "subtract" in spec.operations and value >= 1:
+        choices.append("subtract")
+    if "multiply" in spec.operations and value * 2 <= spec.value_max and value > 0:
+        choices.append("multiply")
+    divisors = [k for k in range(2, spec.factor_max + 1) if value and value % k == 0]
+    if "divide" in spec.operations and divisors:
+        choices.append("divide")
+    if not choices:  # e.g. only multiply allowed and the amount is at its cap
+        choices = ["subtract"] if value >= 1 else ["add"]
+    operation = rng.choice(choices)
+    if operation == "add":
+        b = rng.randint(1, min(spec.operand_max, spec.value_max - value))
+        new = value + b
+        return f"{name} finds {b} more {item}.", _line(name, f"{value}+{b}", new, item), new
+    if operation == "subtract":
+        b = rng.randint(1, min(spec.operand_max, value))
+        new = value - b
+        return f"{name} gives away {b} {item}.", _line(name, f"{value}-{b}", new, item), new
+    if operation == "multiply":
+        k = rng.randint(2, max(2, min(spec.factor_max, spec.value_max // value)))
+        new = value * k
+        sentence = f"{name} then has {k} times as many {item}."
+        return sentence, _line(name, f"{value}*{k}", new, item), new
+    k = rng.choice(divisors)
+    new = value // k
+    sentence = f"{name} shares the {item} equally among {k} friends and keeps one share."
+    return sentence, _line(name, f"{value}/{k}", new, item), new
+
+
+def _line(name: str, expression: str, value: int, item: str) -> str:
+    return f"{name} has {expression}=<<{expression}={value}>>{value} {item}."
+
+
+def lab_problems(split: str, n: int, *, seed: int, spec: LabSpec) -> list[LabProblem]:
+    """`n` problems of `split` ("train", "test" or "ood"), a pure function of the arguments.
+    Test problems never repeat a training question of the same seed and spec (up to the
+    first 100,000 training problems)."""
+    if split not in SPLITS:
+        raise ValueError(f"lab split {split!r}: choose one of {SPLITS}")
+    steps = spec.steps + (spec.ood_extra_steps if split == "ood" else 0)
+    rng = random.Random(f"lmdistill-lab:{seed}:{split}")
+    seen = set()
+    if split != "train":
+        train_rng = random.Random(f"lmdistill-lab:{seed}:train")
+        seen = {
+            make_problem(train_rng, spec, spec.steps).question for _ in range(min(n * 20, 100_000))
+        }
+    out: list[LabProblem] = []
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 50 * n + 1000:
+            raise ValueError(
+                f"lab: could not draw {n} distinct {split} problems; the spec allows too few"
+            )
+        problem = make_problem(rng, spec, steps)
+        if problem.question not in seen:
+            seen.add(problem.question)
+            out.append(problem)
+    return out
+
+
+def lab_examples(
+    split: str, n: int, *, seed: int = 0, spec: LabSpec | None = None
+) -> list[Example]:
+    """The problems as training/eval examples: question -> GSM8K-format solution."""
+    spec = spec or LabSpec()
+    return [
+        Example(
+            f"lab-{split}-{seed}-{i}",
+            ({"role": "user", "content": p.question},),
+            p.solution,
+            f"lab:{split}:{i}",
+        )
+        for i, p in enumerate(lab_problems(split, n, seed=seed, spec=spec))
+    ]
