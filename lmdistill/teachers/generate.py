@@ -89,17 +89,29 @@ def generate_responses(
     report = GenerationReport(
         len(prompts), len(todo), at_limit, new_tokens, time.perf_counter() - started
     )
-    answered = [
-        Example(
-            p.id,
-            p.messages,
-            done[p.id]["response"],
-            f"{out_path}:{p.id}",
-            response_complete=done[p.id]["finish_reason"] == "stop",
+    return answered_examples(prompts, done, out_path), report
+
+
+def answered_examples(
+    prompts: list[Example], done: dict[str, dict[str, Any]], out_path: Path
+) -> list[Example]:
+    """The prompts with the responses in `done`, in input order. A served row's generated
+    token ids (`signal.chosen`) come along: its log-probs belong to those tokens."""
+    answered = []
+    for p in prompts:
+        row = done[p.id]
+        signal = row.get("signal")
+        answered.append(
+            Example(
+                p.id,
+                p.messages,
+                row["response"],
+                f"{out_path}:{p.id}",
+                response_complete=row["finish_reason"] == "stop",
+                response_ids=tuple(signal["chosen"]) if signal else None,
+            )
         )
-        for p in prompts
-    ]
-    return answered, report
+    return answered
 
 
 def finished_rows(out_path: Path, prompts: list[Example]) -> dict[str, dict[str, Any]]:

@@ -35,7 +35,12 @@ from transformers import PreTrainedModel
 
 from lmdistill.config import GenerateConfig, TeacherConfig
 from lmdistill.data import IGNORE_INDEX, Example, TokenizedExample, encode_prompt
-from lmdistill.teachers.generate import GenerationReport, check_manifest, finished_rows
+from lmdistill.teachers.generate import (
+    GenerationReport,
+    answered_examples,
+    check_manifest,
+    finished_rows,
+)
 
 MAX_MISALIGNED = 0.25  # of greedy probe tokens that may differ from their row's top-1
 RETRYABLE = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -357,18 +362,7 @@ def served_generate(
         sum(row["new_tokens"] for row in new.values()),
         time.perf_counter() - started,
     )
-    answered = [
-        Example(
-            p.id,
-            p.messages,
-            done[p.id]["response"],
-            f"{out_path}:{p.id}",
-            response_complete=done[p.id]["finish_reason"] == "stop",
-            response_ids=tuple(done[p.id]["signal"]["chosen"]) if done[p.id]["signal"] else None,
-        )
-        for p in prompts
-    ]
-    return answered, report
+    return answered_examples(prompts, done, out_path), report
 
 
 def _answer_row(

@@ -104,6 +104,19 @@ def open_teacher(config: RunConfig, *, write_local_cache: bool = False) -> RunTe
             prompts = {"train": train, "eval": held_out}
             report["cache"] = _write_local_caches(config, setup, prompts)
         return setup
+    served = _probed(config, tokenizer, model, report)
+    examples, report["generate"] = _generate(config, served, examples)
+    report["served"] = served.client.stats.as_dict()
+    prompts = {"train": train, "eval": held_out}
+    report["cache"] = _write_served_caches(config, tokenizer, served, examples, prompts)
+    caches = {s: CachedTeacher(_open(config, tokenizer, s)) for s in SPLITS}
+    return RunTeacher(tokenizer, model, examples, dict(caches), report)
+
+
+def _probed(
+    config: RunConfig, tokenizer: Any, model: PreTrainedModel, report: dict[str, Any]
+) -> ServedTeacher:
+    """The served teacher, checked against the local copy first when `teacher.probe`."""
     served = ServedTeacher(config.teacher, tokenizer)
     if config.teacher.probe:
         report["probe"] = conformance_probe(
@@ -113,12 +126,7 @@ def open_teacher(config: RunConfig, *, write_local_cache: bool = False) -> RunTe
             top_logprobs=config.teacher.top_logprobs,
             tolerance=config.teacher.probe_tolerance,
         )
-    examples, report["generate"] = _generate(config, served, examples)
-    report["served"] = served.client.stats.as_dict()
-    prompts = {"train": train, "eval": held_out}
-    report["cache"] = _write_served_caches(config, tokenizer, served, examples, prompts)
-    caches = {s: CachedTeacher(_open(config, tokenizer, s)) for s in SPLITS}
-    return RunTeacher(tokenizer, model, examples, dict(caches), report)
+    return served
 
 
 def generating_teacher(config: RunConfig) -> tuple[Teacher, dict[str, Any]]:
@@ -131,15 +139,7 @@ def generating_teacher(config: RunConfig) -> tuple[Teacher, dict[str, Any]]:
     model, tokenizer = load_model(config.teacher)
     if config.teacher.kind == "local":
         return LocalTeacher(model, tokenizer, describe(config.teacher)), report
-    served = ServedTeacher(config.teacher, tokenizer)
-    if config.teacher.probe:
-        report["probe"] = conformance_probe(
-            served.client,
-            tokenizer,
-            model,
-            top_logprobs=config.teacher.top_logprobs,
-            tolerance=config.teacher.probe_tolerance,
-        )
+    served = _probed(config, tokenizer, model, report)
     return served, report
 
 
