@@ -207,12 +207,14 @@ def print_summary(config: RunConfig, metrics: dict) -> None:
     if "baseline" in metrics:
         rows.append(("CE-only", metrics["baseline"]["after"]))
     for name, values in rows:
-        if values:
+        if values and "kl" in values:
             print(
                 f"  {name:8s} KL(teacher||student) {values['kl']:.4f}   "
                 f"top-1 agreement {values['top1_agreement']:.3f}   "
                 f"ppl {values['student_ppl']:.2f}"
             )
+        for source, task in ((values or {}).get("tasks") or {}).items():
+            print(f"  {name:8s} {source}: exact match {task['exact_match']:.3f}")
     print(
         f"  wall time {metrics['wall_seconds'] / 60:.1f} min, "
         f"peak RSS {metrics['peak_rss_mb']:.0f} MB"

@@ -89,11 +89,13 @@ class StudentConfig:
     path: str | None = None
     gguf_file: str | None = None
     freeze_embeddings: bool = False
+    init_std: float | None = None  # shrunk_config: the weights' init std (default: teacher's)
 
 
 @dataclass
 class DataConfig:
-    """Training data: a `.jsonl`/`.json` file, `hf:NAME[:CONFIG]`, or `builtin:gsm8k-demo`.
+    """Training data: a `.jsonl`/`.json` file, `hf:NAME[:CONFIG]`, `builtin:gsm8k-demo`, or
+    `lab:SPLIT:N[:SEED][:key=value,...]` (generated reasoning problems with exact rationales).
 
     Rows hold `prompt`/`response`, chat `messages`, or GSM8K's `question`/`answer`.
     """
@@ -177,6 +179,12 @@ class EvalConfig:
     batch_size: int = 8
     num_samples: int = 3
     sample_max_new_tokens: int = 48
+    fidelity: bool = True  # KL / agreement / perplexity against the teacher's signal
+    # Task sets (data sources, e.g. lab:test:200) scored by exact match of the final answer
+    # (GSM8K format) on greedy answers, with rationale checks.
+    tasks: list[str] = field(default_factory=list)
+    task_max_new_tokens: int = 256
+    task_batch_size: int = 32
 
 
 @dataclass

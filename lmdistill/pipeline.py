@@ -20,8 +20,9 @@ from transformers import PreTrainedModel
 
 from lmdistill import __version__
 from lmdistill.config import RunConfig, config_hash, save_config, to_dict
-from lmdistill.data import Example, data_hash, tokenize_examples
+from lmdistill.data import Example, data_hash, load_examples, tokenize_examples
 from lmdistill.eval import fidelity
+from lmdistill.eval.task import task_accuracy
 from lmdistill.io import atomic_dir, atomic_write_json
 from lmdistill.kd.checkpoint import list_checkpoints
 from lmdistill.kd.train import TrainResult, train_student, use_cpu
@@ -85,15 +86,37 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         "vocab_size": vocab_size,
     }
 
-    def evaluate(model: PreTrainedModel) -> dict[str, float | None]:
-        return fidelity(
-            model,
-            setup.signal["eval"],
-            eval_set,
-            vocab_size=vocab_size,
-            pad_token_id=tokenizer.pad_token_id,
-            batch_size=config.eval.batch_size,
-        )
+    task_sets = {
+        source: load_examples(source, split=config.data.split, format=config.data.format)
+        for source in config.eval.tasks
+    }
+
+    def evaluate(model: PreTrainedModel) -> dict[str, Any]:
+        """Fidelity to the teacher on held-out responses, and accuracy on each task set."""
+        result: dict[str, Any] = {}
+        if config.eval.fidelity:
+            result = dict(
+                fidelity(
+                    model,
+                    setup.signal["eval"],
+                    eval_set,
+                    vocab_size=vocab_size,
+                    pad_token_id=tokenizer.pad_token_id,
+                    batch_size=config.eval.batch_size,
+                )
+            )
+        if task_sets:
+            result["tasks"] = {
+                source: task_accuracy(
+                    model,
+                    tokenizer,
+                    examples,
+                    max_new_tokens=config.eval.task_max_new_tokens,
+                    batch_size=config.eval.task_batch_size,
+                )
+                for source, examples in task_sets.items()
+            }
+        return result
 
     samples = eval_examples[: config.eval.num_samples]
     initial = copy.deepcopy(student) if config.baseline else None
@@ -157,7 +180,7 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     return metrics
 
 
-def summarise(result: TrainResult, after: dict[str, float | None] | None) -> dict[str, Any]:
+def summarise(result: TrainResult, after: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "after": after,
         "steps": result.state.step,

@@ -86,3 +86,18 @@ def test_a_tiny_space_is_reported_not_looped_forever() -> None:
     tiny = LabSpec(steps=1, start_max=1, operand_max=1, operations=("add",), value_max=2)
     with pytest.raises(ValueError, match="could not draw 100 distinct"):
         lab_problems("train", 100, seed=0, spec=tiny)  # only 8 names x 8 items exist
+
+
+def test_lab_problems_load_as_a_data_source() -> None:
+    from lmdistill.data import DataError, load_examples
+
+    examples = load_examples("lab:ood:3:5:steps=1,distractors=1")
+    assert [e.id for e in examples] == ["lab-ood-5-0", "lab-ood-5-1", "lab-ood-5-2"]
+    problems = lab_problems("ood", 3, seed=5, spec=LabSpec(steps=1, distractors=1))
+    assert [e.response for e in examples] == [p.solution for p in problems]
+    with pytest.raises(DataError, match="'color=3' is not a lab knob; choose from steps"):
+        load_examples("lab:train:3:color=3")
+    with pytest.raises(DataError, match="expected lab:SPLIT:N"):
+        load_examples("lab:train")
+    with pytest.raises(DataError, match="lab split 'dev'"):
+        load_examples("lab:dev:3")

@@ -62,6 +62,8 @@ def data_hash(examples: list[Example]) -> str:
 
 
 def _read_rows(source: str, split: str) -> list[tuple[str, Any]]:
+    if source.startswith("lab:"):
+        return _read_lab(source)
     if source.startswith("builtin:"):
         name = source.removeprefix("builtin:")
         if name not in BUILTIN:
@@ -101,6 +103,38 @@ def _read_json(name: str, text: str) -> list[tuple[str, Any]]:
     if not isinstance(data, list):
         raise DataError(f"{name}: a .json dataset must be a list of objects")
     return [(f"{name}[{i}]", row) for i, row in enumerate(data)]
+
+
+def _read_lab(source: str) -> list[tuple[str, Any]]:
+    """`lab:SPLIT:N[:SEED][:key=value,...]`: N generated lab problems (see `data/lab.py`),
+    e.g. `lab:train:4000`, `lab:ood:200:0:steps=3,distractors=1`."""
+    from lmdistill.data.lab import LabSpec, lab_problems
+
+    parts = source.split(":")
+    if len(parts) < 3 or not parts[2].isdigit():
+        raise DataError(f"{source}: expected lab:SPLIT:N[:SEED][:key=value,...]")
+    split, n = parts[1], int(parts[2])
+    seed = int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else 0
+    knobs: dict[str, Any] = {}
+    for item in ",".join(p for p in parts[3:] if not p.isdigit()).split(","):
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        if not eq or key not in LabSpec.__dataclass_fields__:
+            raise DataError(
+                f"{source}: {item!r} is not a lab knob; choose from "
+                f"{', '.join(LabSpec.__dataclass_fields__)}"
+            )
+        knobs[key] = tuple(value.split("+")) if key == "operations" else int(value)
+    try:
+        problems = lab_problems(split, n, seed=seed, spec=LabSpec(**knobs))
+    except ValueError as error:
+        raise DataError(f"{source}: {error}") from None
+    return [
+        (f"{source}[{i}]", {"id": f"lab-{split}-{seed}-{i}", "question": p.question,
+                            "answer": p.solution})
+        for i, p in enumerate(problems)
+    ]  # fmt: skip
 
 
 def _read_hf(spec: str, split: str) -> list[tuple[str, Any]]:

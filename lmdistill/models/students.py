@@ -95,6 +95,8 @@ def shrunk_from_teacher(teacher: PreTrainedModel, spec: StudentConfig) -> PreTra
         config.head_dim = head_dim
     if spec.intermediate_size is not None:
         config.intermediate_size = spec.intermediate_size
+    if spec.init_std is not None:
+        config.initializer_range = spec.init_std
     return AutoModelForCausalLM.from_config(config, dtype=teacher.dtype).eval()
 
 

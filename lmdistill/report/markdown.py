@@ -11,7 +11,7 @@ from lmdistill.report.plots import fidelity_bars, loss_curves
 
 def write_report(out: Path, metrics: dict[str, Any], config: dict[str, Any]) -> Path:
     loss_curves(metrics, out / "loss.png")
-    has_eval = bool(metrics["kd"]["after"])
+    has_eval = bool(metrics["kd"]["after"]) and "kl" in metrics["kd"]["after"]
     if has_eval:
         fidelity_bars(metrics, out / "fidelity.png")
     path = out / "report.md"
@@ -94,6 +94,8 @@ def render(metrics: dict[str, Any], config: dict[str, Any], has_eval: bool) -> s
             *fidelity_table(metrics),
         ]
         lines += ["", "![fidelity](fidelity.png)"]
+    if (metrics["kd"]["after"] or {}).get("tasks"):
+        lines += ["", "## Task accuracy (greedy answers)", "", *task_table(metrics)]
     lines += ["", "## Training", "", "![loss](loss.png)", ""]
     lines += [
         f"Wall time {metrics['wall_seconds'] / 60:.1f} min, peak memory "
@@ -138,6 +140,32 @@ def fidelity_table(metrics: dict[str, Any]) -> list[str]:
             "the end-of-turn tokens); KL is over the teacher's top-k ids plus one tail bucket.",
         ]
     return rows
+
+
+def task_table(metrics: dict[str, Any]) -> list[str]:
+    """Exact match and rationale checks per task set and model."""
+    arms = [
+        ("student before training", metrics.get("before")),
+        ("KD student", metrics["kd"]["after"]),
+    ]
+    if "baseline" in metrics:
+        arms.append(("CE-only student", metrics["baseline"]["after"]))
+    rows = [
+        "| task set | model | exact match ↑ | annotations right ↑ | answer = last step ↑ |",
+        "|---|---|---|---|---|",
+    ]
+    for name, values in arms:
+        for source, task in ((values or {}).get("tasks") or {}).items():
+            rows.append(
+                f"| `{source}` | {name} | {task['exact_match']:.3f} | "
+                f"{_fraction(task['annotation_accuracy'])} | "
+                f"{_fraction(task['answer_follows_last_step'])} |"
+            )
+    return rows
+
+
+def _fraction(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def quote(text: str) -> str:
