@@ -135,6 +135,18 @@ def _check_teacher(
         )
 
 
+def _check_weights(token_weights: Tensor | None, n: int) -> None:
+    if token_weights is None:
+        return
+    if token_weights.shape != (n,) or not token_weights.is_floating_point():
+        raise ValueError(
+            f"token_weights must be a float (N,) tensor with N={n}, got "
+            f"{token_weights.dtype} {tuple(token_weights.shape)}"
+        )
+    if n and not bool((torch.isfinite(token_weights) & (token_weights >= 0)).all()):
+        raise ValueError("token_weights must be finite and >= 0")
+
+
 def _check_tensors(
     spec: _KDSpec,
     student_hidden: Tensor,
@@ -184,14 +196,14 @@ def _sparse_closed_form_applies(signal: SparseSignal, spec: _KDSpec) -> bool:
     return spec.divergence == "forward_kl" and signal.tail == "bucket"
 
 
-def _forward_kl_sums_and_grad(
+def _forward_kl_losses_and_grad(
     student_logits: Tensor,
     teacher_logits: Tensor | None,
     targets: Tensor,
     spec: _KDSpec,
     need_grad: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """Closed form of ``_chunk_sums_and_grad`` for forward KL + CE, with fewer (C, V) passes
+) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor | None]:
+    """Closed form of ``_token_losses_and_grad`` for forward KL + CE, with fewer (C, V) passes
     and temporaries than autograd (the benchmark's time target rests on this):
 
         d/ds [alpha * CE]                       = alpha * (softmax(s) - onehot(y))
@@ -214,16 +226,16 @@ def _forward_kl_sums_and_grad(
         if grad is not None and alpha < 1:
             grad.add_(log_q.exp().sub_(p), alpha=(1.0 - alpha) * T)
     loss = alpha * ce + (1.0 - alpha) * T**2 * kd
-    return torch.stack([loss.sum(), ce.sum(), kd.sum()]), grad
+    return (loss, ce, kd), grad
 
 
-def _sparse_forward_kl_sums_and_grad(
+def _sparse_forward_kl_losses_and_grad(
     student_logits: Tensor,
     signal: SparseSignal,
     targets: Tensor,
     spec: _KDSpec,
     need_grad: bool,
-) -> tuple[Tensor, Tensor | None]:
+) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor | None]:
     """Closed form for forward KL + CE against a bucket-mode sparse signal (the cache's and a
     served teacher's), as fast as CE alone plus two (C, V) passes. On the k ids S and the tail
     bucket t, with p_t = 1 - sum_S p and q_t = sum over ids outside S of q:
@@ -264,7 +276,7 @@ def _sparse_forward_kl_sums_and_grad(
             grad.addcmul_(log_q1.exp(), ce_weight[:, None])
         rows = torch.arange(len(targets), device=grad.device)
         grad[rows, targets] -= ce_weight
-    return torch.stack([loss.sum(), ce.sum(), kd.sum()]), grad
+    return (loss, ce, kd), grad
 
 
 def _chunk_sums_and_grad(
@@ -273,19 +285,38 @@ def _chunk_sums_and_grad(
     targets: Tensor,
     spec: _KDSpec,
     need_grad: bool,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Return ``[loss_sum, ce_sum, kd_sum]`` (3,) of one chunk and d loss_sum / d logits (C, V)."""
+    """Return ``[loss_sum, ce_sum, kd_sum]`` (3,) of one chunk and d loss_sum / d logits (C, V).
+
+    ``weights`` (C,) scale each token's loss; a token's logits feed only its own loss, so
+    scaling the rows of the unweighted gradient is exact."""
+    per_token, grad = _token_losses_and_grad(student_logits, teacher, targets, spec, need_grad)
+    if weights is not None:
+        per_token = (per_token[0] * weights, per_token[1] * weights, per_token[2] * weights)
+        if grad is not None:
+            grad.mul_(weights[:, None].to(grad.dtype))
+    return torch.stack([part.sum() for part in per_token]), grad
+
+
+def _token_losses_and_grad(
+    student_logits: Tensor,
+    teacher: Tensor | SparseSignal | None,
+    targets: Tensor,
+    spec: _KDSpec,
+    need_grad: bool,
+) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor | None]:
+    """Per-token ``(loss, ce, kd)`` (C,) each, and d sum(loss) / d logits (C, V)."""
     if isinstance(teacher, SparseSignal) and _sparse_closed_form_applies(teacher, spec):
-        return _sparse_forward_kl_sums_and_grad(student_logits, teacher, targets, spec, need_grad)
+        return _sparse_forward_kl_losses_and_grad(student_logits, teacher, targets, spec, need_grad)
     if _closed_form_applies(teacher, spec):
         assert not isinstance(teacher, SparseSignal)
-        return _forward_kl_sums_and_grad(student_logits, teacher, targets, spec, need_grad)
+        return _forward_kl_losses_and_grad(student_logits, teacher, targets, spec, need_grad)
     with torch.enable_grad():
         student_logits = student_logits.detach().requires_grad_(need_grad)
         loss, ce, kd = _token_losses(student_logits, teacher, targets, spec)
-        loss_sum = loss.sum()
-        grad = torch.autograd.grad(loss_sum, student_logits)[0] if need_grad else None
-    return torch.stack([loss_sum.detach(), ce.sum().detach(), kd.sum().detach()]), grad
+        grad = torch.autograd.grad(loss.sum(), student_logits)[0] if need_grad else None
+    return (loss.detach(), ce.detach(), kd.detach()), grad
 
 
 def _chunked_forward(
@@ -297,6 +328,7 @@ def _chunked_forward(
     teacher_signal: SparseSignal | None,
     spec: _KDSpec,
     needs_grad: tuple[bool, bool],
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Loop over row chunks; return sums (3,), grad_hidden (N, H) and grad_weight (V, H)."""
     w = _upcast(student_weight[: spec.vocab_size])  # (V_s, H) -> (V, H), padding rows dropped
@@ -313,8 +345,9 @@ def _chunked_forward(
         elif teacher_hidden is not None and tw is not None:
             with torch.no_grad():
                 teacher = _upcast(teacher_hidden[rows]) @ tw.T  # (C, H_t) @ (H_t, V)
+        weights = None if token_weights is None else _upcast(token_weights[rows])
         chunk_sums, grad_logits = _chunk_sums_and_grad(
-            h @ w.T, teacher, targets[rows], spec, any(needs_grad)
+            h @ w.T, teacher, targets[rows], spec, any(needs_grad), weights
         )  # logits: (C, H) @ (H, V) -> (C, V)
         sums += chunk_sums
         if grad_hidden is not None and grad_logits is not None:
@@ -347,6 +380,7 @@ class _FusedKDFunction(torch.autograd.Function):
         teacher_signal: SparseSignal | None,
         spec: _KDSpec,
         needs_grad: tuple[bool, bool],
+        token_weights: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         sums, grad_hidden, grad_weight = _chunked_forward(
             student_hidden,
@@ -357,6 +391,7 @@ class _FusedKDFunction(torch.autograd.Function):
             teacher_signal,
             spec,
             needs_grad,
+            token_weights,
         )
         ctx.save_for_backward(grad_hidden, grad_weight)
         loss_sum, ce_sum, kd_sum = sums[0].clone(), sums[1].clone(), sums[2].clone()
@@ -372,7 +407,7 @@ class _FusedKDFunction(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def fused_kd_loss(
@@ -389,6 +424,7 @@ def fused_kd_loss(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     divergence_params: dict[str, Any] | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Sum over N tokens of ``alpha * CE + (1 - alpha) * T**2 * D(teacher || student)``, chunked.
 
@@ -408,6 +444,9 @@ def fused_kd_loss(
         temperature: T of the divergence; the KD term is multiplied by T**2.
         chunk_size: rows per chunk. Extra memory: a few chunk_size x vocab_size fp32 tensors,
             plus, for non-fp32 weights, fp32 copies of the projections and of its gradient.
+        token_weights: optional (N,) non-negative weights, one per token: the sums (loss, ce
+            and kd alike) become weighted sums (rationale vs label terms, KPOD weights, a
+            curriculum that masks steps with weight 0). No gradient flows into them.
 
     Returns:
         ``(loss_sum, {"ce": ce_sum, "kd": kd_sum})``: an fp32 scalar to divide by the global
@@ -419,6 +458,7 @@ def fused_kd_loss(
     # The fused path and its naive reference validate identically (the tests rely on it).
     tensors = (student_hidden, student_weight, targets, teacher_hidden, teacher_weight)
     _check_tensors(spec, *tensors, teacher_signal)
+    _check_weights(token_weights, targets.shape[0])
     grad_on = torch.is_grad_enabled()
     needs_grad = (
         grad_on and student_hidden.requires_grad,
@@ -433,6 +473,7 @@ def fused_kd_loss(
         teacher_signal,
         spec,
         needs_grad,
+        None if token_weights is None else token_weights.detach(),
     )
     return loss_sum, {"ce": ce_sum, "kd": kd_sum}
 
@@ -451,6 +492,7 @@ def naive_kd_loss(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     divergence_params: dict[str, Any] | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Reference for ``fused_kd_loss``: full (N, V) logits and plain autograd.
 
@@ -463,6 +505,7 @@ def naive_kd_loss(
     # The fused path and its naive reference validate identically (the tests rely on it).
     tensors = (student_hidden, student_weight, targets, teacher_hidden, teacher_weight)
     _check_tensors(spec, *tensors, teacher_signal)
+    _check_weights(token_weights, targets.shape[0])
     student_logits = _upcast(student_hidden) @ _upcast(student_weight[:vocab_size]).T  # (N, V)
     ce = F.cross_entropy(student_logits, targets, reduction="none")  # (N,)
     kd = torch.zeros_like(ce)
@@ -485,4 +528,7 @@ def naive_kd_loss(
         loss = teacher_signal.mix(ce, kd, alpha, temperature)
     else:
         loss = alpha * ce + (1.0 - alpha) * temperature**2 * kd
+    if token_weights is not None:
+        w = token_weights.detach().to(loss.dtype)
+        loss, ce, kd = loss * w, ce * w, kd * w
     return loss.sum(), {"ce": ce.sum().detach(), "kd": kd.sum().detach()}
