@@ -146,6 +146,20 @@ class LossConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What a reasoning student trains on (see `lmdistill/kd/rationale.py`): `cot` (rationale
+    then answer), `label_only`, `step_by_step` (multitask, L_label + rationale_weight *
+    L_rationale, answers without a rationale at inference) or `kpod` (calculations weighted
+    `keypoint_weight`). Responses must be GSM8K-formatted (`... #### answer`) unless `cot`."""
+
+    kind: str = "cot"
+    rationale_weight: float = 1.0
+    keypoint_weight: float = 2.0
+    label_prefix: str = "[label] "
+    rationale_prefix: str = "[rationale] "
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 100
     batch_size: int = 8
@@ -195,6 +209,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -336,11 +351,35 @@ def validate(config: RunConfig) -> None:
     _check(config.cache.k >= 1, "cache.k", config.cache.k, "an integer >= 1")
     _check(config.cache.shard_size >= 1, "cache.shard_size", config.cache.shard_size, ">= 1")
     _validate_teacher(config)
+    _validate_objective(config)
     gen = config.generate
     _check(gen.max_new_tokens >= 1, "generate.max_new_tokens", gen.max_new_tokens, ">= 1")
     _check(gen.temperature > 0, "generate.temperature", gen.temperature, "a number > 0")
     _check(0 < gen.top_p <= 1, "generate.top_p", gen.top_p, "a number in (0, 1]")
     _check(gen.batch_size >= 1, "generate.batch_size", gen.batch_size, "an integer >= 1")
+
+
+def _validate_objective(config: RunConfig) -> None:
+    from lmdistill.kd.rationale import OBJECTIVES
+
+    objective = config.objective
+    _check(
+        objective.kind in OBJECTIVES,
+        "objective.kind",
+        objective.kind,
+        f"one of {sorted(OBJECTIVES)}",
+    )
+    for name in ("rationale_weight", "keypoint_weight"):
+        value = getattr(objective, name)
+        _check(value >= 0, f"objective.{name}", value, "a number >= 0")
+    if objective.kind != "cot":
+        _check(
+            config.teacher.kind == "local",
+            "teacher.kind",
+            config.teacher.kind,
+            f"'local' with objective.kind={objective.kind} (a cached or served signal belongs "
+            "to the responses as the teacher wrote them)",
+        )
 
 
 def _validate_teacher(config: RunConfig) -> None:

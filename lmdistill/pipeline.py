@@ -25,6 +25,7 @@ from lmdistill.eval import fidelity
 from lmdistill.eval.task import task_accuracy
 from lmdistill.io import atomic_dir, atomic_write_json
 from lmdistill.kd.checkpoint import list_checkpoints
+from lmdistill.kd.rationale import apply_objective, eval_prompts
 from lmdistill.kd.train import TrainResult, train_student, use_cpu
 from lmdistill.models import build_student, describe, shared_vocab_size
 from lmdistill.report import write_report
@@ -60,6 +61,8 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     metrics: dict[str, Any] = {"lmdistill_version": __version__, "config_hash": chash}
     metrics.update(setup.report)
     train_examples, eval_examples = setup.examples["train"], setup.examples["eval"]
+    # The rationale objective decides what the student trains on and how it is asked.
+    train_examples = apply_objective(train_examples, config.objective)
 
     train_set, truncation = tokenize_examples(
         train_examples, tokenizer, config.data.max_length, config.data.on_truncation
@@ -87,7 +90,10 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     }
 
     task_sets = {
-        source: load_examples(source, split=config.data.split, format=config.data.format)
+        source: eval_prompts(
+            load_examples(source, split=config.data.split, format=config.data.format),
+            config.objective,
+        )
         for source in config.eval.tasks
     }
 
@@ -118,7 +124,7 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
             }
         return result
 
-    samples = eval_examples[: config.eval.num_samples]
+    samples = eval_prompts(eval_examples[: config.eval.num_samples], config.objective)
     initial = copy.deepcopy(student) if config.baseline else None
     if config.eval.enabled:
         metrics["before"] = evaluate(student)

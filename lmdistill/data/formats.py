@@ -38,6 +38,10 @@ class Example:
     # teacher's log-probs belong to the tokens it generated, which re-tokenising the text
     # does not always reproduce: e.g. "\n\n" generated as one token, re-tokenised as two).
     response_ids: tuple[int, ...] | None = None
+    # Loss weights over the response text: (start_char, weight) breakpoints, each weight
+    # holding until the next; tokens are weighted by the span their first character is in,
+    # and the template's closing tokens by the last span. None: every token weighs 1.
+    weight_spans: tuple[tuple[int, float], ...] | None = None
 
 
 def load_examples(source: str, *, split: str = "train", format: str = "auto") -> list[Example]:

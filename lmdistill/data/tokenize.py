@@ -24,6 +24,7 @@ class TokenizedExample:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX on prompt tokens: the loss sees the response only
     truncated: bool
+    weights: list[float] | None = None  # per position, like labels; None: all 1
 
 
 @dataclass
@@ -94,6 +95,7 @@ def tokenize_examples(
                 else example.response
             )
             response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+        weights = _response_weights(example, tokenizer, len(response_ids))
         room = max_length - len(prompt_ids)
         if room < 1:
             _on_truncation(on_truncation, example, f"prompt alone is {len(prompt_ids)} tokens")
@@ -107,7 +109,9 @@ def tokenize_examples(
             response_ids = response_ids[:room]
         input_ids = prompt_ids + response_ids
         labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
-        out.append(TokenizedExample(example.id, input_ids, labels, truncated))
+        if weights is not None:
+            weights = [0.0] * len(prompt_ids) + weights[: len(response_ids)]
+        out.append(TokenizedExample(example.id, input_ids, labels, truncated, weights))
     if not out:
         raise DataError(f"every example was longer than data.max_length={max_length}")
     if report.truncated or report.dropped:
@@ -117,6 +121,26 @@ def tokenize_examples(
             stacklevel=2,
         )
     return out, report
+
+
+def _response_weights(example: Example, tokenizer: Any, count: int) -> list[float] | None:
+    """Per-token weights of the response from `example.weight_spans` (character breakpoints),
+    through the tokenizer's offsets, so the tokens are exactly the ones training sees."""
+    if example.weight_spans is None:
+        return None
+    if example.response_ids is not None or example.response is None:
+        raise DataError(f"{example.source}: weight_spans need a text response (no token ids)")
+    spans = sorted(example.weight_spans)
+    encoded = tokenizer(example.response, add_special_tokens=False, return_offsets_mapping=True)
+    weights = []
+    for start, _end in encoded["offset_mapping"]:
+        weight = spans[0][1]
+        for begin, value in spans:
+            if begin <= start:
+                weight = value
+        weights.append(float(weight))
+    # The template's closing tokens (end of turn) follow the text: the last span's weight.
+    return weights + [float(spans[-1][1])] * (count - len(weights))
 
 
 def _on_truncation(mode: str, example: Example, detail: str) -> None:
@@ -133,12 +157,19 @@ def collate(batch: list[TokenizedExample], pad_token_id: int) -> dict[str, torch
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    weighted = any(item.weights is not None for item in batch)
+    weights = torch.ones((len(batch), width)) if weighted else None
     for row, item in enumerate(batch):
         n = len(item.input_ids)
         input_ids[row, :n] = torch.tensor(item.input_ids)
         labels[row, :n] = torch.tensor(item.labels)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if weights is not None and item.weights is not None:
+            weights[row, :n] = torch.tensor(item.weights)
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if weights is not None:
+        out["weights"] = weights  # (B, T) loss weight of each label position
+    return out
 
 
 def collate_prompts(prompts: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:

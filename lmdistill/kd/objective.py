@@ -65,6 +65,7 @@ class DecoderOutputs:
     mask: torch.Tensor  # (B, T) bool: the same positions, for the feature losses
     hidden_states: tuple[torch.Tensor, ...] | None
     attentions: tuple[torch.Tensor, ...] | None
+    weights: torch.Tensor | None = None  # (N,) loss weights of those tokens, when given
 
 
 def run_decoder(
@@ -72,6 +73,7 @@ def run_decoder(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
+    weights: torch.Tensor | None = None,
     *,
     hidden_states: bool = False,
     attentions: bool = False,
@@ -91,6 +93,7 @@ def run_decoder(
         mask=mask,
         hidden_states=out.hidden_states if hidden_states else None,
         attentions=out.attentions if attentions else None,
+        weights=None if weights is None else weights[:, 1:][mask[:, :-1]],  # (N,)
     )
 
 
@@ -99,6 +102,7 @@ def response_hidden(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Final hidden states at the positions that predict a response token, and those tokens."""
     out = run_decoder(model, input_ids, attention_mask, labels)
@@ -162,12 +166,14 @@ class KDObjective(nn.Module):
         teacher_hidden_states: tuple[torch.Tensor, ...] | None = None,
         teacher_attentions: tuple[torch.Tensor, ...] | None = None,
         teacher_signal: SparseSignal | None = None,
+        weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = run_decoder(
             self.student,
             input_ids,
             attention_mask,
             labels,
+            weights,
             hidden_states=self.hidden is not None,
             attentions=uses_attention(self.loss),
         )
@@ -184,6 +190,7 @@ class KDObjective(nn.Module):
             temperature=self.loss.temperature,
             chunk_size=self.loss.chunk_size,
             divergence_params=divergence_params(self.loss),
+            token_weights=out.weights,
         )
         parts = dict(parts)
         if self.hidden is not None:

@@ -1,0 +1,122 @@
+"""Rationale objectives: what a reasoning student trains on, token by token.
+
+Each objective turns (question, rationale, answer) examples, GSM8K-formatted
+(`steps...\\n#### answer`), into training examples with loss weights, and says how the student
+is prompted at evaluation:
+
+- `cot` (the default): the response as it is; on GSM8K-format data the whole rationale, then
+  the answer, in one output (chain-of-thought SFT / KD).
+- `label_only`: the answer alone (`#### 72`): the student must reason silently.
+- `step_by_step` (Hsieh et al. 2023, "Distilling step-by-step"): two tasks with prefixes on
+  the same question, `[label]` -> `#### answer` and `[rationale]` -> the rationale, trained
+  together as L = L_label + lambda * L_rationale (`rationale_weight`); at inference the
+  student gets the `[label]` prompt and answers without writing a rationale.
+- `kpod`: `cot` with keypoint tokens weighted up (after Feng et al. 2024, KPOD): here the
+  keypoints are the calculations, the `<<a*b=c>>` annotations and the numbers they produce,
+  weighted `keypoint_weight`, the connecting words 1. (KPOD learns its token mask; the lab's
+  rationales mark their calculations, so the rule is exact there.)
+
+`OBJECTIVES` maps names to functions; `@register_objective("name")` adds one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+
+from lmdistill.config import ObjectiveConfig
+from lmdistill.data import Example
+from lmdistill.eval.reasoning import ANSWER_MARK
+
+Objective = Callable[[list[Example], ObjectiveConfig], list[Example]]
+OBJECTIVES: dict[str, Objective] = {}
+_KEYPOINT = re.compile(r"-?\d[\d,.]*|<<[^<>]*>>")
+
+
+def register_objective(name: str) -> Callable[[Objective], Objective]:
+    def decorator(fn: Objective) -> Objective:
+        if name in OBJECTIVES:
+            raise ValueError(f"objective {name!r} is already registered")
+        OBJECTIVES[name] = fn
+        return fn
+
+    return decorator
+
+
+def apply_objective(examples: list[Example], config: ObjectiveConfig) -> list[Example]:
+    """The training examples `config.kind` makes of `examples`."""
+    if config.kind not in OBJECTIVES:
+        raise ValueError(f"unknown objective {config.kind!r}; choose one of {sorted(OBJECTIVES)}")
+    return OBJECTIVES[config.kind](examples, config)
+
+
+def eval_prompts(examples: list[Example], config: ObjectiveConfig) -> list[Example]:
+    """How the student is asked at evaluation: `step_by_step` adds the label prefix."""
+    if config.kind != "step_by_step":
+        return examples
+    return [_prefixed(e, config.label_prefix) for e in examples]
+
+
+def split_answer(example: Example) -> tuple[str, str]:
+    """(rationale, answer line) of a GSM8K-format response; an error names the example."""
+    text = example.response or ""
+    head, mark, tail = text.rpartition(ANSWER_MARK)
+    if not mark:
+        raise ValueError(
+            f"{example.source}: example {example.id!r} has no '{ANSWER_MARK} answer' line; "
+            "rationale objectives need GSM8K-format responses"
+        )
+    return head.rstrip("\n"), f"{ANSWER_MARK}{tail}".strip()
+
+
+@register_objective("cot")
+def chain_of_thought(examples: list[Example], config: ObjectiveConfig) -> list[Example]:
+    """The response as it is (the default, for any data): on GSM8K-format data that is the
+    rationale, then the answer."""
+    return examples
+
+
+@register_objective("label_only")
+def label_only(examples: list[Example], config: ObjectiveConfig) -> list[Example]:
+    return [dataclasses.replace(e, response=split_answer(e)[1]) for e in examples]
+
+
+@register_objective("step_by_step")
+def step_by_step(examples: list[Example], config: ObjectiveConfig) -> list[Example]:
+    out = []
+    for example in examples:
+        rationale, answer = split_answer(example)
+        out.append(
+            dataclasses.replace(
+                _prefixed(example, config.label_prefix), id=f"{example.id}:label", response=answer
+            )
+        )
+        out.append(
+            dataclasses.replace(
+                _prefixed(example, config.rationale_prefix),
+                id=f"{example.id}:rationale",
+                response=rationale,
+                weight_spans=((0, config.rationale_weight),),
+            )
+        )
+    return out
+
+
+@register_objective("kpod")
+def keypoint_weighted(examples: list[Example], config: ObjectiveConfig) -> list[Example]:
+    out = []
+    for example in examples:
+        split_answer(example)
+        text = example.response or ""
+        spans: list[tuple[int, float]] = [(0, 1.0)]
+        for match in _KEYPOINT.finditer(text):
+            spans += [(match.start(), config.keypoint_weight), (match.end(), 1.0)]
+        out.append(dataclasses.replace(example, weight_spans=tuple(spans)))
+    return out
+
+
+def _prefixed(example: Example, prefix: str) -> Example:
+    *history, last = example.messages
+    turn = {**last, "content": prefix + last["content"]}
+    return dataclasses.replace(example, messages=(*history, turn))

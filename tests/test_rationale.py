@@ -1,0 +1,101 @@
+"""Rationale objectives: which tokens each one trains on, with what weight, and how the
+student is prompted at evaluation (character-level tokenizer, so positions are exact)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from lmdistill.config import ObjectiveConfig, load_config
+from lmdistill.data import IGNORE_INDEX, Example, collate, load_examples, tokenize_examples
+from lmdistill.kd.rationale import OBJECTIVES, apply_objective, eval_prompts
+
+SOLUTION = "Ana has 7+5=<<7+5=12>>12 shells.\nAna has 12*3=<<12*3=36>>36 shells.\n#### 36"
+EXAMPLE = Example("q1", ({"role": "user", "content": "How many shells?"},), SOLUTION, "t")
+
+
+def trained_text(item: Any, tokenizer: Any) -> str:
+    """The response tokens that carry a loss, decoded (the template's end-of-turn token is
+    special, the newline after it is not)."""
+    ids = [y for y in item.labels if y != IGNORE_INDEX]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_cot_trains_on_the_rationale_and_the_answer(tiny_tokenizer: Any) -> None:
+    (item,), _ = tokenize_examples(
+        apply_objective([EXAMPLE], ObjectiveConfig(kind="cot")), tiny_tokenizer, 256
+    )
+    assert trained_text(item, tiny_tokenizer) == SOLUTION + "\n" and item.weights is None
+
+
+def test_label_only_trains_on_the_answer_line_alone(tiny_tokenizer: Any) -> None:
+    (example,) = apply_objective([EXAMPLE], ObjectiveConfig(kind="label_only"))
+    assert example.response == "#### 36" and example.messages == EXAMPLE.messages
+    (item,), _ = tokenize_examples([example], tiny_tokenizer, 256)
+    assert trained_text(item, tiny_tokenizer) == "#### 36\n"
+
+
+def test_step_by_step_makes_two_prefixed_tasks_weighted_lambda(tiny_tokenizer: Any) -> None:
+    config = ObjectiveConfig(kind="step_by_step", rationale_weight=0.5)
+    label, rationale = apply_objective([EXAMPLE], config)
+    assert label.messages[0]["content"] == "[label] How many shells?"
+    assert rationale.messages[0]["content"] == "[rationale] How many shells?"
+    assert label.response == "#### 36" and rationale.response == SOLUTION.rsplit("\n", 1)[0]
+    items, _ = tokenize_examples([label, rationale], tiny_tokenizer, 256)
+    assert items[0].weights is None
+    response = [w for w, y in zip(items[1].weights or [], items[1].labels, strict=True) if y >= 0]
+    assert response and set(response) == {0.5}  # every rationale token, the closing ones too
+    batch = collate(items, tiny_tokenizer.pad_token_id)
+    assert torch.equal(batch["weights"][0], torch.ones_like(batch["weights"][0]))
+    # At evaluation the student is asked for the label, without a rationale.
+    (asked,) = eval_prompts([EXAMPLE], config)
+    assert asked.messages[0]["content"] == "[label] How many shells?"
+    assert eval_prompts([EXAMPLE], ObjectiveConfig(kind="cot")) == [EXAMPLE]
+
+
+def test_kpod_weights_the_calculations(tiny_tokenizer: Any) -> None:
+    (example,) = apply_objective([EXAMPLE], ObjectiveConfig(kind="kpod", keypoint_weight=3.0))
+    (item,), _ = tokenize_examples([example], tiny_tokenizer, 256)
+    pairs = [(y, w) for y, w in zip(item.labels, item.weights or [], strict=True) if y >= 0]
+    heavy = tiny_tokenizer.decode([y for y, w in pairs if w == 3.0])
+    light = tiny_tokenizer.decode([y for y, w in pairs if w == 1.0], skip_special_tokens=True)
+    assert heavy == "75<<7+5=12>>12123<<12*3=36>>3636"  # numbers and annotations
+    assert light.startswith("Ana has ") and "shells." in light and "<<" not in light
+    assert {w for _, w in pairs} == {1.0, 3.0}
+
+
+def test_objectives_need_gsm8k_format_and_are_registered() -> None:
+    assert {"cot", "label_only", "step_by_step", "kpod"} <= set(OBJECTIVES)
+    bare = Example("q2", EXAMPLE.messages, "just text", "file.jsonl:3")
+    with pytest.raises(ValueError, match=r"file\.jsonl:3: example 'q2' has no '#### answer'"):
+        apply_objective([bare], ObjectiveConfig(kind="label_only"))
+    with pytest.raises(ValueError, match=r"objective\.kind: 'magic'"):
+        load_config(None, ["objective.kind=magic"])
+
+
+def test_lab_examples_go_through_every_objective(tiny_tokenizer: Any) -> None:
+    examples = load_examples("lab:train:8:0:steps=3")
+    for kind in ("cot", "label_only", "step_by_step", "kpod"):
+        made = apply_objective(examples, ObjectiveConfig(kind=kind))
+        items, report = tokenize_examples(made, tiny_tokenizer, 400)
+        assert report.truncated == 0 and len(items) == len(made)
+        answers = [trained_text(i, tiny_tokenizer) for i in items]
+        assert all(a.strip() for a in answers)
+
+
+def test_weights_reach_the_loss_aligned_with_their_tokens(
+    tiny_tokenizer: Any, tiny_teacher: Any
+) -> None:
+    from lmdistill.kd.objective import run_decoder
+
+    (example,) = apply_objective([EXAMPLE], ObjectiveConfig(kind="kpod", keypoint_weight=3.0))
+    items, _ = tokenize_examples([EXAMPLE, example], tiny_tokenizer, 256)
+    batch = collate(items, tiny_tokenizer.pad_token_id)
+    out = run_decoder(tiny_teacher, **batch)
+    assert out.weights is not None and out.weights.shape == out.targets.shape
+    n = len(out.targets) // 2
+    assert (out.weights[:n] == 1).all()  # the unweighted example
+    expected = [w for y, w in zip(items[1].labels, items[1].weights or [], strict=True) if y >= 0]
+    assert out.weights[n:].tolist() == expected
