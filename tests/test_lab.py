@@ -101,3 +101,10 @@ def test_lab_problems_load_as_a_data_source() -> None:
         load_examples("lab:train")
     with pytest.raises(DataError, match="lab split 'dev'"):
         load_examples("lab:dev:3")
+
+
+def test_mixed_lengths_in_training_and_longer_ones_out_of_distribution() -> None:
+    spec = LabSpec(steps=3, min_steps=1, ood_extra_steps=2)
+    train = {len(p.steps) for p in lab_problems("train", 300, seed=0, spec=spec)}
+    ood = {len(p.steps) for p in lab_problems("ood", 300, seed=0, spec=spec)}
+    assert train == {1, 2, 3} and ood == {4, 5}

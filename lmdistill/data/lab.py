@@ -32,7 +32,9 @@ SPLITS = ("train", "test", "ood")
 class LabSpec:
     """Difficulty knobs.
 
-    steps: operations per problem (the out-of-distribution split adds `ood_extra_steps`).
+    steps: operations per problem; with `min_steps`, train and test problems take between
+        min_steps and steps (uniformly), and the out-of-distribution split has
+        steps + 1 .. steps + ood_extra_steps, longer than anything in training.
     start_max / operand_max: largest starting amount and largest number added or removed.
     factor_max: largest multiplier or divisor (2..factor_max).
     value_max: no intermediate amount exceeds this (keeps products short).
@@ -41,6 +43,7 @@ class LabSpec:
     """
 
     steps: int = 2
+    min_steps: int | None = None
     start_max: int = 20
     operand_max: int = 9
     factor_max: int = 3
@@ -55,8 +58,17 @@ class LabSpec:
             raise ValueError(f"lab operations {unknown or '()'}: choose from {OPERATIONS}")
         if self.steps < 1 or self.distractors < 0 or self.ood_extra_steps < 1:
             raise ValueError("lab steps >= 1, distractors >= 0, ood_extra_steps >= 1")
+        if self.min_steps is not None and not 1 <= self.min_steps <= self.steps:
+            raise ValueError("lab min_steps in [1, steps]")
         if not (1 <= self.start_max <= self.value_max and self.factor_max >= 2):
             raise ValueError("lab start_max in [1, value_max], factor_max >= 2")
+
+    def draw_steps(self, rng: random.Random, split: str) -> int:
+        """Steps of one problem: fixed, or uniform in a range; OOD is always longer."""
+        if split == "ood":
+            longest = self.steps + self.ood_extra_steps
+            return rng.randint(self.steps + 1 if self.min_steps else longest, longest)
+        return rng.randint(self.min_steps or self.steps, self.steps)
 
 
 @dataclass(frozen=True)
@@ -138,13 +150,13 @@ def lab_problems(split: str, n: int, *, seed: int, spec: LabSpec) -> list[LabPro
     first 100,000 training problems)."""
     if split not in SPLITS:
         raise ValueError(f"lab split {split!r}: choose one of {SPLITS}")
-    steps = spec.steps + (spec.ood_extra_steps if split == "ood" else 0)
     rng = random.Random(f"lmdistill-lab:{seed}:{split}")
     seen = set()
     if split != "train":
         train_rng = random.Random(f"lmdistill-lab:{seed}:train")
         seen = {
-            make_problem(train_rng, spec, spec.steps).question for _ in range(min(n * 20, 100_000))
+            make_problem(train_rng, spec, spec.draw_steps(train_rng, "train")).question
+            for _ in range(min(n * 20, 100_000))
         }
     out: list[LabProblem] = []
     attempts = 0
@@ -154,7 +166,7 @@ def lab_problems(split: str, n: int, *, seed: int, spec: LabSpec) -> list[LabPro
             raise ValueError(
                 f"lab: could not draw {n} distinct {split} problems; the spec allows too few"
             )
-        problem = make_problem(rng, spec, steps)
+        problem = make_problem(rng, spec, spec.draw_steps(rng, split))
         if problem.question not in seen:
             seen.add(problem.question)
             out.append(problem)
