@@ -22,6 +22,7 @@ EPILOG = """examples:
   lmdistill run configs/tiny.yaml output_dir=out   # tiny random models, < 1 min
   lmdistill run configs/demo.yaml --resume         # continue a killed run
   lmdistill eval configs/demo.yaml --student lmdistill-demo/student
+  lmdistill sweep configs/tiny.yaml loss.temperature=1,2 --seeds 2   # a grid, one table
   torchrun --nproc_per_node 2 -m lmdistill run configs/tiny.yaml   # 2 processes
 
 `lmdistill COMMAND --help` explains each command.
@@ -94,6 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     _common(cache, resume=False)
     cache.set_defaults(handler=cmd_cache)
 
+    sweep = commands.add_parser(
+        "sweep",
+        help="run a grid of configs over several seeds; one table and plot of the results",
+        description="Overrides with comma-separated values are the grid's axes "
+        "(loss.temperature=1,2,4); the others apply to every run. Each run keeps its "
+        "artifacts under OUT/<cell>/seed-<s>/; a finished run is read back, not redone. "
+        "Writes OUT/sweep.md, sweep.json and sweep.png (mean +- std across seeds).",
+    )
+    _common(sweep, resume=False)
+    sweep.add_argument("--seeds", type=int, default=1, help="seeds per cell (train.seed)")
+    sweep.add_argument("--out", help="sweep directory (default: OUTPUT_DIR/sweep)")
+    sweep.set_defaults(handler=cmd_sweep)
+
     evaluate = commands.add_parser(
         "eval",
         help="measure a saved student's fidelity to the teacher on held-out data",
@@ -157,6 +171,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if isinstance(teacher, ServedTeacher):
         report["served"] = teacher.client.stats.as_dict()
     print(json.dumps({"output": str(out), "teacher": teacher.identity, **report}, indent=2))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from lmdistill.sweep import run_sweep
+
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds: {args.seeds} is not allowed; expected an integer >= 1")
+    summary = run_sweep(
+        args.config, args.overrides, seeds=args.seeds, out=Path(args.out) if args.out else None
+    )
+    print(f"\nwrote the sweep table for {len(summary['runs'])} runs")
     return 0
 
 

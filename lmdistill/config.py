@@ -94,8 +94,8 @@ class StudentConfig:
 
 @dataclass
 class DataConfig:
-    """Training data: a `.jsonl`/`.json` file, `hf:NAME[:CONFIG]`, `builtin:gsm8k-demo`, or
-    `lab:SPLIT:N[:SEED][:key=value,...]` (generated reasoning problems with exact rationales).
+    """Training data: a `.jsonl`/`.json` file, `hf:NAME[:CONFIG][@SPLIT]`, `builtin:gsm8k-demo`, or
+    `lab:SPLIT:N[:SEED][:key=value]...` (generated reasoning problems with exact rationales).
 
     Rows hold `prompt`/`response`, chat `messages`, or GSM8K's `question`/`answer`.
     """
@@ -174,6 +174,12 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Easy-to-hard curriculum over examples (difficulty = response length, i.e. rationale
+    # steps in the lab): step t draws from the easiest share of the data, growing linearly
+    # from `curriculum_start` to all of it at `curriculum_steps` (0: half of max_steps).
+    curriculum: Literal["none", "easy_to_hard"] = "none"
+    curriculum_start: float = 0.25
+    curriculum_steps: int = 0
 
 
 @dataclass
@@ -342,6 +348,13 @@ def validate(config: RunConfig) -> None:
     _check(0 <= train.min_lr_ratio <= 1, "train.min_lr_ratio", train.min_lr_ratio, "in [0, 1]")
     _check(train.max_grad_norm > 0, "train.max_grad_norm", train.max_grad_norm, "a number > 0")
     _check(train.checkpoint_every >= 0, "train.checkpoint_every", train.checkpoint_every, ">= 0")
+    _check(
+        0 < train.curriculum_start <= 1,
+        "train.curriculum_start",
+        train.curriculum_start,
+        "a fraction in (0, 1]",
+    )
+    _check(train.curriculum_steps >= 0, "train.curriculum_steps", train.curriculum_steps, ">= 0")
     _check(config.data.max_length >= 8, "data.max_length", config.data.max_length, "an int >= 8")
     _check(config.data.eval_size >= 0, "data.eval_size", config.data.eval_size, "an int >= 0")
     student = config.student

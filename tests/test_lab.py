@@ -91,7 +91,7 @@ def test_a_tiny_space_is_reported_not_looped_forever() -> None:
 def test_lab_problems_load_as_a_data_source() -> None:
     from lmdistill.data import DataError, load_examples
 
-    examples = load_examples("lab:ood:3:5:steps=1,distractors=1")
+    examples = load_examples("lab:ood:3:5:steps=1:distractors=1")
     assert [e.id for e in examples] == ["lab-ood-5-0", "lab-ood-5-1", "lab-ood-5-2"]
     problems = lab_problems("ood", 3, seed=5, spec=LabSpec(steps=1, distractors=1))
     assert [e.response for e in examples] == [p.solution for p in problems]

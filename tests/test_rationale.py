@@ -99,3 +99,19 @@ def test_weights_reach_the_loss_aligned_with_their_tokens(
     assert (out.weights[:n] == 1).all()  # the unweighted example
     expected = [w for y, w in zip(items[1].labels, items[1].weights or [], strict=True) if y >= 0]
     assert out.weights[n:].tolist() == expected
+
+
+def test_the_curriculum_starts_easy_and_ends_with_everything() -> None:
+    from lmdistill.config import TrainConfig
+    from lmdistill.kd.train import curriculum_indices
+
+    order = list(range(100))  # easiest first
+    train = TrainConfig(max_steps=40, curriculum="easy_to_hard", curriculum_start=0.2)
+    first = curriculum_indices(0, order, 16, train)
+    assert len(first) == 16 and len(set(first)) == 16 and max(first) < 20
+    assert max(curriculum_indices(10, order, 16, train)) < 60  # share 0.6 at half the ramp
+    late = set().union(*(curriculum_indices(s, order, 16, train) for s in range(20, 40)))
+    assert max(late) >= 90  # the hardest examples come in once the ramp ends
+    assert curriculum_indices(7, order, 16, train) == curriculum_indices(7, order, 16, train)
+    tiny_pool = curriculum_indices(0, order[:5], 12, train)  # pool smaller than the batch
+    assert len(tiny_pool) == 12 and set(tiny_pool) == {0}

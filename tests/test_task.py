@@ -37,3 +37,19 @@ def test_exact_match_and_rationale_checks_on_known_answers(monkeypatch: pytest.M
 def test_an_empty_task_set_is_an_error() -> None:
     with pytest.raises(ValueError, match="at least one example"):
         task.task_accuracy(None, None, [], max_new_tokens=8)  # type: ignore[arg-type]
+
+
+def test_expected_calibration_error_by_hand() -> None:
+    import torch
+
+    from lmdistill.eval.fidelity import Calibration
+
+    calibration = Calibration(bins=10)
+    # Two tokens at confidence 0.9 (one right), one at 0.55 (right).
+    logits = torch.log(torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.45, 0.55]]))
+    calibration.add(logits, torch.tensor([0, 1, 1]))
+    # bin 9: 2 tokens, acc 0.5, conf 0.9 -> 2 * 0.4; bin 5: 1 token, acc 1, conf 0.55 -> 0.45
+    assert calibration.ece() == pytest.approx((2 * 0.4 + 0.45) / 3)
+    perfect = Calibration()
+    perfect.add(torch.log(torch.tensor([[1.0, 1e-9]])), torch.tensor([0]))
+    assert perfect.ece() == pytest.approx(0.0, abs=1e-6)

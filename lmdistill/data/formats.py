@@ -110,26 +110,27 @@ def _read_json(name: str, text: str) -> list[tuple[str, Any]]:
 
 
 def _read_lab(source: str) -> list[tuple[str, Any]]:
-    """`lab:SPLIT:N[:SEED][:key=value,...]`: N generated lab problems (see `data/lab.py`),
-    e.g. `lab:train:4000`, `lab:ood:200:0:steps=3,distractors=1`."""
+    """`lab:SPLIT:N[:SEED][:key=value]...`: N generated lab problems (see `data/lab.py`), e.g.
+    `lab:train:4000`, `lab:ood:200:0:steps=3:min_steps=1:operations=add+multiply`."""
     from lmdistill.data.lab import LabSpec, lab_problems
 
     parts = source.split(":")
     if len(parts) < 3 or not parts[2].isdigit():
-        raise DataError(f"{source}: expected lab:SPLIT:N[:SEED][:key=value,...]")
-    split, n = parts[1], int(parts[2])
-    seed = int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else 0
+        raise DataError(f"{source}: expected lab:SPLIT:N[:SEED][:key=value]...")
+    split, n, rest = parts[1], int(parts[2]), parts[3:]
+    seed = int(rest.pop(0)) if rest and rest[0].isdigit() else 0
     knobs: dict[str, Any] = {}
-    for item in ",".join(p for p in parts[3:] if not p.isdigit()).split(","):
-        if not item:
-            continue
+    for item in rest:
         key, eq, value = item.partition("=")
         if not eq or key not in LabSpec.__dataclass_fields__:
             raise DataError(
                 f"{source}: {item!r} is not a lab knob; choose from "
                 f"{', '.join(LabSpec.__dataclass_fields__)}"
             )
-        knobs[key] = tuple(value.split("+")) if key == "operations" else int(value)
+        try:
+            knobs[key] = tuple(value.split("+")) if key == "operations" else int(value)
+        except ValueError:
+            raise DataError(f"{source}: lab knob {key} needs an integer, got {value!r}") from None
     try:
         problems = lab_problems(split, n, seed=seed, spec=LabSpec(**knobs))
     except ValueError as error:
@@ -148,6 +149,8 @@ def _read_hf(spec: str, split: str) -> list[tuple[str, Any]]:
         raise DataError(
             "hf: datasets need the `datasets` package: pip install 'lmdistill[hf]'"
         ) from None
+    spec, _, own_split = spec.partition("@")  # hf:NAME[:CONFIG][@SPLIT]
+    split = own_split or split
     name, _, config = spec.partition(":")
     dataset = datasets.load_dataset(name, config or None, split=split)
     return [(f"hf:{spec}[{split}][{i}]", dict(row)) for i, row in enumerate(dataset)]

@@ -30,7 +30,10 @@ def fidelity(
     batch_size: int = 8,
     chunk_size: int = 512,
 ) -> dict[str, float | None]:
-    """`{"kl", "top1_agreement", "student_ppl", "teacher_ppl", "tokens"}` over `eval_set`.
+    """`{"kl", "top1_agreement", "student_ppl", "teacher_ppl", "student_ece", "tokens"}`
+    over `eval_set`. `student_ece` is the expected calibration error of the student's
+    next-token predictions on the reference tokens (confidence = top probability, 10 bins):
+    an over-confident student is a failure signature of distillation.
 
     With a sparse teacher (cache, server) KL is the top-k + tail-bucket KL, agreement compares
     with the teacher's top-1 id, rows without a signal are left out (`signal_tokens` says how
@@ -43,6 +46,7 @@ def fidelity(
     sparse_seen = False
     s_weight = student.get_output_embeddings().weight[:vocab_size]
     kd_config = LossConfig()
+    calibration = Calibration()
     for start in range(0, len(eval_set), batch_size):
         indices = list(range(start, min(start + batch_size, len(eval_set))))
         batch = collate([eval_set[i] for i in indices], pad_token_id)
@@ -54,6 +58,7 @@ def fidelity(
             s_logits = (s_states[rows] @ s_weight.T).float()  # (n, V)
             y = targets[rows]
             s_ce = F.cross_entropy(s_logits, y, reduction="sum")
+            calibration.add(s_logits, y)
             if signal.sparse is not None:
                 sparse_seen = True
                 part = signal.sparse.rows(rows).to(s_logits.device)
@@ -88,6 +93,33 @@ def fidelity(
         "top1_agreement": agree,
         "student_ppl": math.exp(s_ce),
         "teacher_ppl": None if sparse_seen else math.exp(t_ce),
+        "student_ece": calibration.ece(),
         "tokens": tokens,
         "signal_tokens": scored,
     }
+
+
+class Calibration:
+    """Expected calibration error, accumulated chunk by chunk: sum over confidence bins of
+    (bin share) * |accuracy - mean confidence| (Guo et al. 2017)."""
+
+    def __init__(self, bins: int = 10) -> None:
+        self.bins = bins
+        self.count = torch.zeros(bins, dtype=torch.float64)
+        self.confidence = torch.zeros(bins, dtype=torch.float64)
+        self.correct = torch.zeros(bins, dtype=torch.float64)
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        confidence, predicted = torch.softmax(logits.float(), dim=-1).max(dim=-1)  # (n,)
+        which = (confidence * self.bins).long().clamp(max=self.bins - 1).cpu()
+        ones = torch.ones_like(which, dtype=torch.float64)
+        self.count.index_add_(0, which, ones)
+        self.confidence.index_add_(0, which, confidence.double().cpu())
+        self.correct.index_add_(0, which, (predicted == targets).double().cpu())
+
+    def ece(self) -> float:
+        total = float(self.count.sum())
+        if total == 0:
+            return float("nan")
+        gaps = (self.correct - self.confidence).abs()  # per bin: count * |acc - conf|
+        return float(gaps.sum() / total)

@@ -104,10 +104,18 @@ def train_student(
         disable=not accelerator.is_main_process,
         dynamic_ncols=True,
     )
+    difficulty_order = None
+    if train.curriculum == "easy_to_hard":
+        lengths = [sum(1 for y in item.labels if y != IGNORE_INDEX) for item in train_set]
+        difficulty_order = sorted(range(len(train_set)), key=lambda i: (lengths[i], i))
     started, tokens_at_start = time.perf_counter(), state.tokens
     objective.train()
     while state.step < last_step:
-        indices = step_indices(state.step, len(train_set), global_batch, train.seed)
+        indices = (
+            curriculum_indices(state.step, difficulty_order, global_batch, train)
+            if difficulty_order is not None
+            else step_indices(state.step, len(train_set), global_batch, train.seed)
+        )
         chunks = rank_slices(indices, train, accelerator.process_index, world)
         micro = [collate([train_set[i] for i in chunk], pad_token_id) for chunk in chunks]
         # Normalise by the *global* number of response tokens in this optimizer step, so that
@@ -206,6 +214,24 @@ def step_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:
 def _epoch_order(seed: int, epoch: int, n: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=generator).tolist()
+
+
+def curriculum_indices(
+    step: int, order: list[int], global_batch: int, train: TrainConfig
+) -> list[int]:
+    """Step `step` of an easy-to-hard curriculum: a seeded draw (without replacement while
+    the pool allows) from the easiest `share(step)` of the examples, `order` listing them
+    easiest first. A pure function of the step, so resumed and N-process runs agree."""
+    ramp = train.curriculum_steps or max(1, train.max_steps // 2)
+    share = train.curriculum_start + (1 - train.curriculum_start) * min(1.0, step / ramp)
+    pool = max(1, min(len(order), round(share * len(order))))
+    generator = torch.Generator().manual_seed(train.seed * 1_000_003 + step)
+    draws = [
+        int(i)
+        for _ in range(-(-global_batch // pool))
+        for i in torch.randperm(pool, generator=generator)
+    ]
+    return [order[j] for j in draws[:global_batch]]
 
 
 def rank_slices(indices: list[int], train: TrainConfig, rank: int, world: int) -> list[list[int]]:

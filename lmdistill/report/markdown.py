@@ -119,19 +119,20 @@ def fidelity_table(metrics: dict[str, Any]) -> list[str]:
     if "baseline" in metrics:
         arms.append(("CE-only student (same data, same steps)", metrics["baseline"]["after"]))
     rows = [
-        "| model | KL(teacher‖student) ↓ | top-1 agreement ↑ | perplexity on teacher text ↓ |",
-        "|---|---|---|---|",
+        "| model | KL(teacher‖student) ↓ | top-1 agreement ↑ | perplexity on teacher text ↓ "
+        "| calibration error (ECE) ↓ |",
+        "|---|---|---|---|---|",
     ]
     for name, values in arms:
         if values:
             rows.append(
                 f"| {name} | {values['kl']:.4f} | {values['top1_agreement']:.3f} | "
-                f"{values['student_ppl']:.2f} |"
+                f"{values['student_ppl']:.2f} | {_fraction(values.get('student_ece'))} |"
             )
     after = metrics["kd"]["after"]
     teacher_ppl = after["teacher_ppl"]
     shown = "n/a (top-k signal)" if teacher_ppl is None else f"{teacher_ppl:.2f}"
-    rows.append(f"| teacher (reference) | 0 | 1 | {shown} |")
+    rows.append(f"| teacher (reference) | 0 | 1 | {shown} | |")
     if after.get("signal_tokens", after["tokens"]) != after["tokens"]:
         rows += [
             "",

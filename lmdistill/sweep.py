@@ -1,0 +1,163 @@
+"""`lmdistill sweep CONFIG key=v1,v2 ... [--seeds N]`: a grid of runs, kept, then one table.
+
+Every cell of the grid (each combination of the listed values) runs once per seed
+(`train.seed` = 0..N-1) into `OUT/<key=value,...>/seed-<s>/`, with all of a normal run's
+artifacts. A cell whose `metrics.json` is already there (same resolved config) is read back,
+not run again, so a killed sweep picks up where it stopped. `OUT/sweep.md` and `sweep.json`
+hold mean +- std across seeds of every headline metric; `OUT/sweep.png` plots them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from lmdistill.config import ConfigError, RunConfig, config_hash, load_config
+from lmdistill.io import atomic_write_json, atomic_write_text
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """Fixed overrides and grid axes: `key=v1,v2` is an axis, `key=v` (or a YAML list
+    `key=[a, b]`) a fixed override."""
+    fixed, axes = [], []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and "," in value and not value.lstrip().startswith(("[", "{")):
+            values = [v.strip() for v in value.split(",")]
+            if any(not v for v in values):
+                raise ConfigError(f"sweep axis {item!r} has an empty value")
+            axes.append((key, values))
+        else:
+            fixed.append(item)
+    if not axes:
+        raise ConfigError("a sweep needs at least one axis, e.g. loss.temperature=1,2,4")
+    return fixed, axes
+
+
+def cells(axes: list[tuple[str, list[str]]]) -> list[list[str]]:
+    """Every combination of the axes' values, as override lists."""
+    keys = [key for key, _ in axes]
+    return [
+        [f"{k}={v}" for k, v in zip(keys, combo, strict=True)]
+        for combo in itertools.product(*(values for _, values in axes))
+    ]
+
+
+def run_sweep(
+    config_path: str, overrides: list[str], *, seeds: int, out: Path | None = None
+) -> dict[str, Any]:
+    from lmdistill.pipeline import run
+
+    fixed, axes = split_overrides(overrides)
+    base = load_config(config_path, fixed)
+    root = Path(out or Path(base.output_dir) / "sweep")
+    planned: list[tuple[str, int, RunConfig]] = []
+    for cell in cells(axes):  # every config is validated before anything runs
+        name = ",".join(cell)
+        for seed in range(seeds):
+            where = root / name / f"seed-{seed}"
+            config = load_config(
+                config_path, [*fixed, *cell, f"train.seed={seed}", f"output_dir={where}"]
+            )
+            planned.append((name, seed, config))
+    rows = []
+    for name, seed, config in planned:
+        print(f"sweep: {name} seed {seed} -> {config.output_dir}")
+        metrics = _finished(config)
+        if metrics is None:
+            resume = (Path(config.output_dir) / "checkpoints").is_dir()
+            metrics = run(config, resume=resume)
+        rows.append({"cell": name, "seed": seed, **headline(metrics)})
+    summary = {"axes": dict(axes), "seeds": seeds, "runs": rows, "table": aggregate(rows)}
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(root / "sweep.json", summary)
+    atomic_write_text(root / "sweep.md", render(summary))
+    plot(summary, root / "sweep.png")
+    return summary
+
+
+def _finished(config: RunConfig) -> dict[str, Any] | None:
+    path = Path(config.output_dir) / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    return dict(metrics) if metrics.get("config_hash") == config_hash(config) else None
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers a sweep compares: fidelity and task accuracy of each trained arm."""
+    out: dict[str, float] = {}
+    for arm, key in (("KD", "kd"), ("CE-only", "baseline")):
+        after = (metrics.get(key) or {}).get("after") or {}
+        for name in ("kl", "top1_agreement", "student_ppl"):
+            if isinstance(after.get(name), (int, float)):
+                out[f"{arm} {name}"] = float(after[name])
+        for source, task in (after.get("tasks") or {}).items():
+            out[f"{arm} exact match {source}"] = float(task["exact_match"])
+    return out
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and (sample) std across seeds of every metric, per cell."""
+    table = []
+    for cell in dict.fromkeys(r["cell"] for r in rows):
+        runs = [r for r in rows if r["cell"] == cell]
+        metrics = [k for k in runs[0] if k not in ("cell", "seed")]
+        entry: dict[str, Any] = {"cell": cell, "runs": len(runs)}
+        for metric in metrics:
+            values = [r[metric] for r in runs if metric in r]
+            mean = sum(values) / len(values)
+            var = (
+                sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+            )
+            entry[metric] = {"mean": mean, "std": math.sqrt(var)}
+        table.append(entry)
+    return table
+
+
+def render(summary: dict[str, Any]) -> str:
+    table = summary["table"]
+    metrics = [k for k in table[0] if k not in ("cell", "runs")] if table else []
+    lines = [
+        "# lmdistill sweep",
+        "",
+        f"Axes: {', '.join(f'`{k}` in {v}' for k, v in summary['axes'].items())}; "
+        f"{summary['seeds']} seed(s) each (train.seed = 0..{summary['seeds'] - 1}); "
+        "mean ± std across seeds.",
+        "",
+        "| cell | " + " | ".join(metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+    ]
+    for entry in table:
+        cells_text = [
+            f"{entry[m]['mean']:.4g} ± {entry[m]['std']:.2g}" if m in entry else "" for m in metrics
+        ]
+        lines.append(f"| `{entry['cell']}` | " + " | ".join(cells_text) + " |")
+    lines += ["", "![sweep](sweep.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = summary["table"]
+    metrics = [k for k in table[0] if k not in ("cell", "runs")] if table else []
+    if not metrics:
+        return
+    figure, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
+    names = [entry["cell"] for entry in table]
+    for axis, metric in zip(axes[0], metrics, strict=True):
+        means = [entry[metric]["mean"] if metric in entry else math.nan for entry in table]
+        stds = [entry[metric]["std"] if metric in entry else 0.0 for entry in table]
+        axis.bar(range(len(names)), means, yerr=stds, capsize=4, color="#4c72b0")
+        axis.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+        axis.set_title(metric, fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

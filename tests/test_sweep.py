@@ -1,0 +1,73 @@
+"""`lmdistill sweep`: a grid over seeds, kept, read back when finished, one table."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from lmdistill.config import ConfigError
+from lmdistill.sweep import aggregate, cells, split_overrides
+
+
+def test_axes_are_the_overrides_with_several_values() -> None:
+    fixed, axes = split_overrides(
+        ["loss.temperature=1,2", "train.max_steps=3", "loss.layer_map=[1, 2]", "a.b=x,y,z"]
+    )
+    assert fixed == ["train.max_steps=3", "loss.layer_map=[1, 2]"]
+    assert axes == [("loss.temperature", ["1", "2"]), ("a.b", ["x", "y", "z"])]
+    assert len(cells(axes)) == 6 and cells(axes)[0] == ["loss.temperature=1", "a.b=x"]
+    with pytest.raises(ConfigError, match="at least one axis"):
+        split_overrides(["train.max_steps=3"])
+    with pytest.raises(ConfigError, match="empty value"):
+        split_overrides(["loss.temperature=1,"])
+
+
+def test_mean_and_sample_std_across_seeds() -> None:
+    rows = [{"cell": "a", "seed": s, "KD kl": v} for s, v in enumerate([1.0, 2.0, 4.0])]
+    (entry,) = aggregate(rows)
+    assert entry["KD kl"]["mean"] == pytest.approx(7 / 3)
+    assert entry["KD kl"]["std"] == pytest.approx(statistics.stdev([1.0, 2.0, 4.0]))
+
+
+def test_a_tiny_sweep_runs_every_cell_and_seed_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lmdistill.cli import main
+
+    args = [
+        "sweep",
+        str(ROOT / "configs" / "tiny.yaml"),
+        "loss.temperature=1,2",
+        "data.max_train_examples=16",
+        "data.eval_size=4",
+        "generate.max_new_tokens=8",
+        "train.max_steps=2",
+        "train.batch_size=4",
+        "eval.num_samples=1",
+        "eval.sample_max_new_tokens=4",
+        "baseline=false",
+        "--seeds",
+        "2",
+        "--out",
+        str(tmp_path / "sw"),
+    ]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert [e["cell"] for e in summary["table"]] == ["loss.temperature=1", "loss.temperature=2"]
+    assert all(e["runs"] == 2 for e in summary["table"])
+    runs = {(r["cell"], r["seed"]): r["KD kl"] for r in summary["runs"]}
+    cell = summary["table"][1]["KD kl"]
+    two = [runs[("loss.temperature=2", s)] for s in (0, 1)]
+    assert cell["mean"] == pytest.approx(sum(two) / 2) and two[0] != two[1]  # seeds differ
+    metrics = tmp_path / "sw" / "loss.temperature=2" / "seed-1" / "metrics.json"
+    assert json.loads(metrics.read_text())["models"]["student_layers"] == 2
+    assert (tmp_path / "sw" / "sweep.png").stat().st_size > 0
+    assert "| `loss.temperature=1` |" in (tmp_path / "sw" / "sweep.md").read_text()
+    # Started again, the finished runs are read back, not redone.
+    stamp = metrics.stat().st_mtime_ns
+    assert main(args) == 0
+    assert metrics.stat().st_mtime_ns == stamp
