@@ -116,3 +116,10 @@ def test_list_fields_are_typed_item_by_item() -> None:
 def test_a_served_teacher_refuses_what_it_cannot_give(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(ROOT / "configs" / "served.yaml", [override])
+
+
+def test_exponent_floats_without_a_dot_are_numbers() -> None:
+    # YAML 1.1 reads 4e-3 as a string; a learning rate written that way must still work.
+    assert load_config(None, ["train.lr=4e-3"]).train.lr == 4e-3
+    with pytest.raises(ConfigError, match=r"train\.lr: expected a number, got 'fast'"):
+        load_config(None, ["train.lr=fast"])
