@@ -240,7 +240,9 @@ def print_summary(config: RunConfig, metrics: dict) -> None:
                 f"ppl {values['student_ppl']:.2f}"
             )
         for source, task in ((values or {}).get("tasks") or {}).items():
-            print(f"  {name:8s} {source}: exact match {task['exact_match']:.3f}")
+            kind = "exact match" if "exact_match" in task else "accuracy"
+            score = task.get("exact_match", task.get("accuracy"))
+            print(f"  {name:8s} {source}: {kind} {score:.3f}")
     print(
         f"  wall time {metrics['wall_seconds'] / 60:.1f} min, "
         f"peak RSS {metrics['peak_rss_mb']:.0f} MB"

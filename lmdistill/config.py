@@ -201,7 +201,8 @@ class EvalConfig:
     sample_max_new_tokens: int = 48
     fidelity: bool = True  # KL / agreement / perplexity against the teacher's signal
     # Task sets (data sources, e.g. lab:test:200) scored by exact match of the final answer
-    # (GSM8K format) on greedy answers, with rationale checks.
+    # (GSM8K format) on greedy answers, with rationale checks; `mc:FILE.jsonl` is multiple
+    # choice by log-likelihood (question, choices, answer).
     tasks: list[str] = field(default_factory=list)
     task_max_new_tokens: int = 256
     task_batch_size: int = 32

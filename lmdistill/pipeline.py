@@ -22,6 +22,7 @@ from lmdistill import __version__
 from lmdistill.config import RunConfig, config_hash, save_config, to_dict
 from lmdistill.data import Example, data_hash, load_examples, tokenize_examples
 from lmdistill.eval import fidelity
+from lmdistill.eval.choice import load_choice_questions, multiple_choice
 from lmdistill.eval.task import task_accuracy
 from lmdistill.io import atomic_dir, atomic_write_json
 from lmdistill.kd.checkpoint import list_checkpoints
@@ -95,6 +96,12 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
             config.objective,
         )
         for source in config.eval.tasks
+        if not source.startswith("mc:")
+    }
+    choice_sets = {
+        source: load_choice_questions(source.removeprefix("mc:"))
+        for source in config.eval.tasks
+        if source.startswith("mc:")
     }
 
     def evaluate(model: PreTrainedModel) -> dict[str, Any]:
@@ -111,17 +118,23 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
                     batch_size=config.eval.batch_size,
                 )
             )
+        if choice_sets:
+            result.setdefault("tasks", {}).update(
+                {s: multiple_choice(model, tokenizer, q) for s, q in choice_sets.items()}
+            )
         if task_sets:
-            result["tasks"] = {
-                source: task_accuracy(
-                    model,
-                    tokenizer,
-                    examples,
-                    max_new_tokens=config.eval.task_max_new_tokens,
-                    batch_size=config.eval.task_batch_size,
-                )
-                for source, examples in task_sets.items()
-            }
+            result.setdefault("tasks", {}).update(
+                {
+                    source: task_accuracy(
+                        model,
+                        tokenizer,
+                        examples,
+                        max_new_tokens=config.eval.task_max_new_tokens,
+                        batch_size=config.eval.task_batch_size,
+                    )
+                    for source, examples in task_sets.items()
+                }
+            )
         return result
 
     samples = eval_prompts(eval_examples[: config.eval.num_samples], config.objective)

@@ -96,7 +96,10 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
             if isinstance(after.get(name), (int, float)):
                 out[f"{arm} {name}"] = float(after[name])
         for source, task in (after.get("tasks") or {}).items():
-            out[f"{arm} exact match {source}"] = float(task["exact_match"])
+            if "exact_match" in task:
+                out[f"{arm} exact match {source}"] = float(task["exact_match"])
+            else:
+                out[f"{arm} accuracy {source}"] = float(task["accuracy"])
     return out
 
 

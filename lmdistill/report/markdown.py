@@ -157,6 +157,12 @@ def task_table(metrics: dict[str, Any]) -> list[str]:
     ]
     for name, values in arms:
         for source, task in ((values or {}).get("tasks") or {}).items():
+            if "accuracy" in task:  # multiple choice by log-likelihood
+                rows.append(
+                    f"| `{source}` | {name} | {task['accuracy']:.3f} (per-token "
+                    f"{task['accuracy_norm']:.3f}) | | |"
+                )
+                continue
             rows.append(
                 f"| `{source}` | {name} | {task['exact_match']:.3f} | "
                 f"{_fraction(task['annotation_accuracy'])} | "
