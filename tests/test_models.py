@@ -196,3 +196,10 @@ def test_model_sources_resolve_without_loading(tmp_path: Path) -> None:
         "HuggingFaceTB/SmolLM2-135M",
         None,
     )
+
+
+def test_a_missing_local_model_directory_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"model directory not found: .*nope/student"):
+        load_model(ModelConfig(path=str(tmp_path / "nope" / "student")))
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        load_model(ModelConfig(path="outputs/lab/nope/student"))

@@ -53,5 +53,15 @@ def _resolve_source(spec: ModelConfig) -> tuple[str, str | None]:
         return str(path.parent), path.name
     if spec.gguf_file:
         return str(path), spec.gguf_file
+    if not path.exists() and _looks_local(spec.path):
+        raise FileNotFoundError(
+            f"model directory not found: {path} (not a Hub id either: those are NAME or "
+            "ORG/NAME); was the run that writes it done?"
+        )
     # A local directory, or a Hub id for users with a network.
     return str(path) if path.exists() else spec.path, None
+
+
+def _looks_local(name: str) -> bool:
+    """A path that cannot be a Hub id (those are NAME or ORG/NAME)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
