@@ -199,14 +199,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lmdistill.config import ModelConfig
     from lmdistill.data import tokenize_examples
     from lmdistill.eval import fidelity
-    from lmdistill.models import check_tokenizers, load_model
+    from lmdistill.models import check_tokenizers, load_model, shared_vocab_size
     from lmdistill.teachers.setup import open_teacher
 
     config = load_config(args.config, args.overrides)
     setup = open_teacher(config)
     student, student_tokenizer = load_model(ModelConfig(path=args.student))
     check_tokenizers(setup.tokenizer, student_tokenizer)
-    vocab_size = len(setup.tokenizer)
+    assert setup.model is not None  # every kind loads teacher.path (tokenizer and weights)
+    vocab_size = shared_vocab_size(setup.model, student, setup.tokenizer)
     eval_set, _ = tokenize_examples(
         setup.examples["eval"], setup.tokenizer, config.data.max_length, config.data.on_truncation
     )
