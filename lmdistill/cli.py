@@ -38,6 +38,16 @@ def main(argv: list[str] | None = None) -> int:
         # Input and config problems: one clear line, not a traceback.
         print(f"lmdistill {args.command}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Under torchrun, tear the process group down before exit: left to interpreter shutdown,
+    a gloo worker can abort in a C++ destructor after the work is done."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def build_parser() -> argparse.ArgumentParser:

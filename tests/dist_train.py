@@ -76,3 +76,8 @@ if __name__ == "__main__":
         torch.save(weights, args.out / "weights.pt")
         info = {"processes": state.num_processes, "type": str(state.distributed_type)}
         (args.out / "run.json").write_text(json.dumps({"history": history, **info}))
+    # Tear gloo down before exit: left to the interpreter's shutdown, a worker can abort in a
+    # C++ destructor ("terminate called without an active exception") after finishing.
+    state.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
