@@ -168,16 +168,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from lmdistill.data import write_examples
     from lmdistill.teachers.base import ServedTeacher
+    from lmdistill.teachers.consistency import expand_samples, filtering, select_rationales
     from lmdistill.teachers.setup import generating_teacher, load_splits
 
     config = load_config(args.config, args.overrides)
     out = Path(args.out or Path(config.output_dir) / "generate" / "teacher_responses.jsonl")
     teacher, report = generating_teacher(config)
     train, held_out = load_splits(config)
-    prompts = train + held_out
-    _, generation = teacher.generate(prompts, out, config.generate)
+    samples = expand_samples(train, config.generate.samples)
+    answered, generation = teacher.generate(samples + held_out, out, config.generate)
     report.update(generation.as_dict())
+    if filtering(config.generate):
+        kept, report["rationales"] = select_rationales(
+            train, answered[: len(samples)], config.generate
+        )
+        kept_path = out.with_name(out.stem + ".kept.jsonl")
+        write_examples(kept_path, kept)
+        report["kept_output"] = str(kept_path)
     if isinstance(teacher, ServedTeacher):
         report["served"] = teacher.client.stats.as_dict()
     print(json.dumps({"output": str(out), "teacher": teacher.identity, **report}, indent=2))

@@ -121,6 +121,16 @@ class GenerateConfig:
     top_p: float = 1.0
     batch_size: int = 16
     seed: int = 0
+    # Rationale data (lmdistill/teachers/consistency.py): `samples` responses per training
+    # question (> 1 needs do_sample), then keep `all`, the `majority` answer's
+    # (self-consistency) or the `gold` answer's, at most `keep_per_prompt` per question,
+    # after format filters on length and on a `#### answer` line. Every drop is counted.
+    samples: int = 1
+    keep: Literal["all", "majority", "gold"] = "all"
+    keep_per_prompt: int = 1
+    min_chars: int = 0
+    max_chars: int | None = None
+    require_answer: bool = False
 
 
 @dataclass
@@ -376,6 +386,23 @@ def validate(config: RunConfig) -> None:
     _check(gen.temperature > 0, "generate.temperature", gen.temperature, "a number > 0")
     _check(0 < gen.top_p <= 1, "generate.top_p", gen.top_p, "a number in (0, 1]")
     _check(gen.batch_size >= 1, "generate.batch_size", gen.batch_size, "an integer >= 1")
+    _check(gen.samples >= 1, "generate.samples", gen.samples, "an integer >= 1")
+    if gen.samples > 1:
+        _check(gen.do_sample, "generate.do_sample", gen.do_sample, "true when generate.samples > 1")
+    _check(
+        1 <= gen.keep_per_prompt <= gen.samples,
+        "generate.keep_per_prompt",
+        gen.keep_per_prompt,
+        f"an integer in [1, generate.samples={gen.samples}]",
+    )
+    _check(gen.min_chars >= 0, "generate.min_chars", gen.min_chars, "an integer >= 0")
+    if gen.max_chars is not None:
+        _check(
+            gen.max_chars > gen.min_chars,
+            "generate.max_chars",
+            gen.max_chars,
+            f"null or an integer > generate.min_chars={gen.min_chars}",
+        )
 
 
 def _validate_objective(config: RunConfig) -> None:

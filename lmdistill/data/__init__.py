@@ -1,6 +1,6 @@
 """Data formats, tokenisation with response-only loss masks, and batching."""
 
-from lmdistill.data.formats import DataError, Example, data_hash, load_examples
+from lmdistill.data.formats import DataError, Example, data_hash, load_examples, write_examples
 from lmdistill.data.tokenize import (
     IGNORE_INDEX,
     TokenizedExample,
@@ -23,4 +23,5 @@ __all__ = [
     "encode_prompt",
     "load_examples",
     "tokenize_examples",
+    "write_examples",
 ]

@@ -55,6 +55,20 @@ def load_examples(source: str, *, split: str = "train", format: str = "auto") ->
     return examples
 
 
+def write_examples(path: Path, examples: list[Example]) -> None:
+    """Write examples as `messages` JSONL (ids kept) that `load_examples` reads back;
+    atomically, so a finished file is never half-written."""
+    from lmdistill.io import atomic_write_text
+
+    lines = []
+    for e in examples:
+        turns = list(e.messages)
+        if e.response is not None:
+            turns.append({"role": "assistant", "content": e.response})
+        lines.append(json.dumps({"id": e.id, "messages": turns}, ensure_ascii=False))
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
 def data_hash(examples: list[Example]) -> str:
     digest = hashlib.sha256()
     for example in examples:

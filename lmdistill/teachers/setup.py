@@ -40,6 +40,7 @@ from lmdistill.teachers.cache import (
     write_cache,
     write_rows,
 )
+from lmdistill.teachers.consistency import expand_samples, filtering, select_rationales
 from lmdistill.teachers.generate import read_finished
 from lmdistill.teachers.served import conformance_probe, rows_scorer
 
@@ -173,15 +174,19 @@ def _generate(
     every process then reads the finished file, so all train on the same responses."""
     state = PartialState()
     path = generation_path(config)
-    prompts = examples["train"] + examples["eval"]
+    train = expand_samples(examples["train"], config.generate.samples)
+    prompts = train + examples["eval"]
     report: dict[str, Any] = {}
     if state.is_main_process:
         _, gen = teacher.generate(prompts, path, config.generate)
         report = gen.as_dict()
     state.wait_for_everyone()
     answered, _ = teacher.generate(prompts, path, config.generate)
-    n = len(examples["train"])
-    return {"train": answered[:n], "eval": answered[n:]}, report
+    n = len(train)
+    kept = answered[:n]
+    if filtering(config.generate):
+        kept, report["rationales"] = select_rationales(examples["train"], kept, config.generate)
+    return {"train": kept, "eval": answered[n:]}, report
 
 
 def _spec(config: RunConfig, tokenizer: Any, **fields: Any) -> CacheSpec:
