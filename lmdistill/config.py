@@ -159,8 +159,8 @@ class LossConfig:
 class ObjectiveConfig:
     """What a reasoning student trains on (see `lmdistill/kd/rationale.py`): `cot` (rationale
     then answer), `label_only`, `step_by_step` (multitask, L_label + rationale_weight *
-    L_rationale, answers without a rationale at inference) or `kpod` (calculations weighted
-    `keypoint_weight`). Responses must be GSM8K-formatted (`... #### answer`) unless `cot`."""
+    L_rationale, answers without a rationale at inference), `kpod` (calculations weighted
+    `keypoint_weight`) or `step_by_step_kpod` (both). Responses must be GSM8K-formatted (`... #### answer`) unless `cot`."""
 
     kind: str = "cot"
     rationale_weight: float = 1.0
@@ -216,6 +216,11 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=list)
     task_max_new_tokens: int = 256
     task_batch_size: int = 32
+    # The teacher answers the task sets too (its accuracy, and the student's agreement with
+    # its answers and calculations); and `task_samples` sampled answers per question measure
+    # agreement across sampled rationales and majority-vote accuracy (0: off).
+    task_teacher: bool = True
+    task_samples: int = 0
 
 
 @dataclass
@@ -372,6 +377,7 @@ def validate(config: RunConfig) -> None:
     )
     _check(train.curriculum_steps >= 0, "train.curriculum_steps", train.curriculum_steps, ">= 0")
     _check(config.data.max_length >= 8, "data.max_length", config.data.max_length, "an int >= 8")
+    _check(config.eval.task_samples >= 0, "eval.task_samples", config.eval.task_samples, ">= 0")
     _check(config.data.eval_size >= 0, "data.eval_size", config.data.eval_size, "an int >= 0")
     student = config.student
     _check(student.num_layers >= 1, "student.num_layers", student.num_layers, "an integer >= 1")

@@ -23,7 +23,7 @@ from lmdistill.config import RunConfig, config_hash, save_config, to_dict
 from lmdistill.data import Example, data_hash, load_examples, tokenize_examples
 from lmdistill.eval import fidelity
 from lmdistill.eval.choice import load_choice_questions, multiple_choice
-from lmdistill.eval.task import task_accuracy
+from lmdistill.eval.task import greedy_answers, task_accuracy
 from lmdistill.io import atomic_dir, atomic_write_json
 from lmdistill.kd.checkpoint import list_checkpoints
 from lmdistill.kd.rationale import apply_objective, eval_prompts
@@ -90,14 +90,29 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         "vocab_size": vocab_size,
     }
 
-    task_sets = {
-        source: eval_prompts(
-            load_examples(source, split=config.data.split, format=config.data.format),
-            config.objective,
-        )
+    # The teacher is asked the task questions as they are; the student as its objective says.
+    questions = {
+        source: load_examples(source, split=config.data.split, format=config.data.format)
         for source in config.eval.tasks
         if not source.startswith("mc:")
     }
+    task_sets = {s: eval_prompts(q, config.objective) for s, q in questions.items()}
+    teacher_answers: dict[str, list[str]] = {}
+    if questions and config.eval.enabled and config.eval.task_teacher:
+        longest, batch = config.eval.task_max_new_tokens, config.eval.task_batch_size
+        teacher_tasks = {}
+        for source, examples in questions.items():
+            answers = greedy_answers(teacher_model, tokenizer, examples, longest, batch)
+            teacher_answers[source] = answers
+            teacher_tasks[source] = task_accuracy(
+                teacher_model,
+                tokenizer,
+                examples,
+                max_new_tokens=longest,
+                batch_size=batch,
+                answers=answers,
+            )
+        metrics["teacher"] = {"tasks": teacher_tasks}
     choice_sets = {
         source: load_choice_questions(source.removeprefix("mc:"))
         for source in config.eval.tasks
@@ -131,6 +146,8 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
                         examples,
                         max_new_tokens=config.eval.task_max_new_tokens,
                         batch_size=config.eval.task_batch_size,
+                        teacher_answers=teacher_answers.get(source),
+                        samples=config.eval.task_samples,
                     )
                     for source, examples in task_sets.items()
                 }

@@ -66,6 +66,20 @@ def test_kpod_weights_the_calculations(tiny_tokenizer: Any) -> None:
     assert {w for _, w in pairs} == {1.0, 3.0}
 
 
+def test_step_by_step_kpod_weights_the_rationale_tasks_calculations(tiny_tokenizer: Any) -> None:
+    config = ObjectiveConfig(kind="step_by_step_kpod", rationale_weight=0.5, keypoint_weight=4.0)
+    label, rationale = apply_objective([EXAMPLE], config)
+    assert label.response == "#### 36" and label.weight_spans is None
+    (asked,) = eval_prompts([EXAMPLE], config)
+    assert asked.messages[0]["content"] == "[label] How many shells?"
+    (item,), _ = tokenize_examples([rationale], tiny_tokenizer, 256)
+    pairs = [(y, w) for y, w in zip(item.labels, item.weights or [], strict=True) if y >= 0]
+    assert tiny_tokenizer.decode([y for y, w in pairs if w == 2.0]) == (
+        "75<<7+5=12>>12123<<12*3=36>>36"
+    )
+    assert {w for _, w in pairs} == {0.5, 2.0}
+
+
 def test_objectives_need_gsm8k_format_and_are_registered() -> None:
     assert {"cot", "label_only", "step_by_step", "kpod"} <= set(OBJECTIVES)
     bare = Example("q2", EXAMPLE.messages, "just text", "file.jsonl:3")

@@ -8,6 +8,7 @@ import pytest
 
 from lmdistill.data import load_examples
 from lmdistill.eval import task
+from lmdistill.eval.reasoning import final_answer, majority_answer, step_agreement
 
 
 def test_exact_match_and_rationale_checks_on_known_answers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -53,3 +54,52 @@ def test_expected_calibration_error_by_hand() -> None:
     perfect = Calibration()
     perfect.add(torch.log(torch.tensor([[1.0, 1e-9]])), torch.tensor([0]))
     assert perfect.ece() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_agreement_with_the_teacher_and_across_sampled_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    examples = load_examples("lab:test:3:0:steps=2:min_steps=2")
+    gold = [e.response or "" for e in examples]
+    teacher = [gold[0], gold[1], "x <<1+1=2>>2\n#### 2"]
+    student = [
+        gold[0],  # the teacher's answer and both its calculations
+        gold[1].splitlines()[0] + "\n#### 99999",  # one calculation of two, another answer
+        "#### 2",  # the teacher's (wrong) answer, none of its calculations
+    ]
+    drawn = [[gold[0], gold[0], "#### 1", "nothing"], ["#### 7"] * 4, ["#### 2"] * 4]
+
+    def fake_greedy(model: Any, tokenizer: Any, batch: list, max_new_tokens: int) -> list[str]:
+        return [student[examples.index(e)] for e in batch]
+
+    def fake_sampled(
+        model: Any, tokenizer: Any, prompts: list, max_new_tokens: int, **kwargs: Any
+    ) -> list[list[str]]:
+        assert kwargs["samples"] == 4
+        return [drawn[examples.index(e)] for e in prompts]
+
+    monkeypatch.setattr(task, "greedy_responses", fake_greedy)
+    monkeypatch.setattr(task, "sampled_responses", fake_sampled)
+    result = task.task_accuracy(
+        None,  # type: ignore[arg-type]
+        None,
+        examples,
+        max_new_tokens=8,
+        teacher_answers=teacher,
+        samples=4,
+    )
+    assert result["teacher_answer_agreement"] == pytest.approx(2 / 3)
+    assert result["teacher_step_agreement"] == pytest.approx((1 + 0.5 + 0) / 3)
+    # majorities: gold 0 (2 of 4), "7" (4 of 4), "2" (4 of 4)
+    assert result["sample_agreement"] == pytest.approx((0.5 + 1 + 1) / 3)
+    right = [True, final_answer(gold[1]) == "7", final_answer(gold[2]) == "2"]
+    assert result["majority_exact_match"] == pytest.approx(sum(right) / 3)
+
+
+def test_step_agreement_counts_repeated_calculations_once_each() -> None:
+    reference = "<<2+2=4>> <<4*3=12>> <<2+2=4>>"
+    assert step_agreement("<<2 + 2 = 4>>", reference) == pytest.approx(1 / 3)
+    assert step_agreement("<<2+2=4>><<2+2=4>><<4*3=12>><<9-1=8>>", reference) == 1.0
+    assert step_agreement("anything", "no calculations") is None
+    assert majority_answer(["#### 3", "#### 3", "#### 4", "none"]) == ("3", 0.5)
+    assert majority_answer(["none", "nothing"]) == (None, 0.0)

@@ -148,3 +148,33 @@ def rationale_quality(text: str) -> RationaleQuality:
         last = parse_number(found[-1].claimed)
         follows = last is not None and format_number(last) == answer
     return RationaleQuality(len(found), sum(readable), len(readable), follows)
+
+
+def step_agreement(text: str, reference: str) -> float | None:
+    """The fraction of `reference`'s calculations (annotation expression and result) that
+    `text` also writes, counted as multisets; None when the reference has none. Compares a
+    student's rationale with its teacher's without any ground truth."""
+    from collections import Counter
+
+    def steps(t: str) -> Counter[tuple[str, str]]:
+        return Counter(
+            (a.expression.replace(" ", ""), a.claimed.replace(" ", ""))
+            for a in calculator_annotations(t)
+        )
+
+    wanted = steps(reference)
+    if not wanted:
+        return None
+    return sum((steps(text) & wanted).values()) / sum(wanted.values())
+
+
+def majority_answer(texts: list[str]) -> tuple[str | None, float]:
+    """The most common final answer among sampled rationales and the fraction of samples that
+    give it (texts with no answer count against it); (None, 0.0) when none has one."""
+    from collections import Counter
+
+    counts = Counter(a for a in map(final_answer, texts) if a is not None)
+    if not counts:
+        return None, 0.0
+    answer, votes = counts.most_common(1)[0]
+    return answer, votes / len(texts)

@@ -8,8 +8,13 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from lmdistill.data import Example
-from lmdistill.eval.reasoning import final_answer, rationale_quality
-from lmdistill.teachers.generate import greedy_responses
+from lmdistill.eval.reasoning import (
+    final_answer,
+    majority_answer,
+    rationale_quality,
+    step_agreement,
+)
+from lmdistill.teachers.generate import greedy_responses, sampled_responses
 
 
 def task_accuracy(
@@ -20,17 +25,23 @@ def task_accuracy(
     max_new_tokens: int,
     batch_size: int = 32,
     keep: int = 3,
+    teacher_answers: list[str] | None = None,
+    samples: int = 0,
+    answers: list[str] | None = None,
 ) -> dict[str, Any]:
     """Exact match of the final answer (`####`, else the last number) against each example's
-    reference response, plus rationale checks over the model's own answers: the fraction of
-    calculator annotations that are arithmetically right and the fraction of answers that
-    equal the last step's result. `keep` answers are returned for the report."""
+    reference response, plus rationale checks over the model's own answers that need no
+    ground truth: the fraction of calculator annotations that are arithmetically right, the
+    fraction of answers that equal the last step's result; with `teacher_answers` (the
+    teacher's greedy answers to the same questions) how often the final answer agrees with
+    the teacher's and how many of the teacher's calculations it repeats; with `samples` > 0,
+    that many sampled answers per question: how often they agree with their majority answer
+    and the exact match of that majority (self-consistency). `keep` answers are returned for
+    the report; `answers` are the model's greedy answers when already computed."""
     if not examples:
         raise ValueError("task evaluation needs at least one example")
-    answers: list[str] = []
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        answers += greedy_responses(model, tokenizer, batch, max_new_tokens)
+    if answers is None:
+        answers = greedy_answers(model, tokenizer, examples, max_new_tokens, batch_size)
     correct = annotated = readable = right = follows = judged = 0
     for example, answer in zip(examples, answers, strict=True):
         gold = final_answer(example.response or "")
@@ -42,7 +53,7 @@ def task_accuracy(
         if quality.answer_follows is not None:
             judged += 1
             follows += quality.answer_follows
-    return {
+    result: dict[str, Any] = {
         "examples": len(examples),
         "exact_match": correct / len(examples),
         "annotations_per_answer": annotated / len(examples),
@@ -53,3 +64,46 @@ def task_accuracy(
             for e, a in zip(examples[:keep], answers[:keep], strict=True)
         ],
     }
+    if teacher_answers is not None:
+        result.update(_teacher_agreement(answers, teacher_answers))
+    if samples > 0:
+        drawn = sampled_responses(
+            model, tokenizer, examples, max_new_tokens, samples=samples, batch_size=batch_size
+        )
+        votes = [majority_answer(texts) for texts in drawn]
+        golds = [final_answer(e.response or "") for e in examples]
+        result["sampled_answers_per_question"] = samples
+        result["sample_agreement"] = sum(share for _, share in votes) / len(votes)
+        result["majority_exact_match"] = sum(
+            g is not None and a == g for (a, _), g in zip(votes, golds, strict=True)
+        ) / len(votes)
+    return result
+
+
+def _teacher_agreement(answers: list[str], teacher_answers: list[str]) -> dict[str, Any]:
+    if len(answers) != len(teacher_answers):
+        raise ValueError(f"{len(teacher_answers)} teacher answers for {len(answers)} questions")
+    same = sum(
+        final_answer(a) is not None and final_answer(a) == final_answer(t)
+        for a, t in zip(answers, teacher_answers, strict=True)
+    )
+    steps = [step_agreement(a, t) for a, t in zip(answers, teacher_answers, strict=True)]
+    judged = [s for s in steps if s is not None]
+    return {
+        "teacher_answer_agreement": same / len(answers),
+        "teacher_step_agreement": sum(judged) / len(judged) if judged else None,
+    }
+
+
+def greedy_answers(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    examples: list[Example],
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[str]:
+    answers: list[str] = []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        answers += greedy_responses(model, tokenizer, batch, max_new_tokens)
+    return answers

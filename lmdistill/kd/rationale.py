@@ -11,6 +11,8 @@ is prompted at evaluation:
   the same question, `[label]` -> `#### answer` and `[rationale]` -> the rationale, trained
   together as L = L_label + lambda * L_rationale (`rationale_weight`); at inference the
   student gets the `[label]` prompt and answers without writing a rationale.
+- `step_by_step_kpod`: `step_by_step` whose rationale task weights its keypoints as `kpod`
+  does (the survey's "step-by-step + KPOD" arm).
 - `kpod`: `cot` with keypoint tokens weighted up (after Feng et al. 2024, KPOD): here the
   keypoints are the calculations, the `<<a*b=c>>` annotations and the numbers they produce,
   weighted `keypoint_weight`, the connecting words 1. (KPOD learns its token mask; the lab's
@@ -53,7 +55,7 @@ def apply_objective(examples: list[Example], config: ObjectiveConfig) -> list[Ex
 
 def eval_prompts(examples: list[Example], config: ObjectiveConfig) -> list[Example]:
     """How the student is asked at evaluation: `step_by_step` adds the label prefix."""
-    if config.kind != "step_by_step":
+    if not config.kind.startswith("step_by_step"):
         return examples
     return [_prefixed(e, config.label_prefix) for e in examples]
 
@@ -84,9 +86,38 @@ def label_only(examples: list[Example], config: ObjectiveConfig) -> list[Example
 
 @register_objective("step_by_step")
 def step_by_step(examples: list[Example], config: ObjectiveConfig) -> list[Example]:
+    return _two_tasks(examples, config, keypoints=False)
+
+
+@register_objective("step_by_step_kpod")
+def step_by_step_keypoints(examples: list[Example], config: ObjectiveConfig) -> list[Example]:
+    return _two_tasks(examples, config, keypoints=True)
+
+
+@register_objective("kpod")
+def keypoint_weighted(examples: list[Example], config: ObjectiveConfig) -> list[Example]:
+    out = []
+    for example in examples:
+        split_answer(example)
+        spans = _keypoint_spans(example.response or "", config.keypoint_weight, 1.0)
+        out.append(dataclasses.replace(example, weight_spans=spans))
+    return out
+
+
+def _two_tasks(
+    examples: list[Example], config: ObjectiveConfig, *, keypoints: bool
+) -> list[Example]:
+    """`[label]` -> answer and `[rationale]` -> rationale (weighted `rationale_weight`, its
+    keypoints `rationale_weight * keypoint_weight` when `keypoints`)."""
     out = []
     for example in examples:
         rationale, answer = split_answer(example)
+        weight = config.rationale_weight
+        spans = (
+            _keypoint_spans(rationale, weight * config.keypoint_weight, weight)
+            if keypoints
+            else ((0, weight),)
+        )
         out.append(
             dataclasses.replace(
                 _prefixed(example, config.label_prefix), id=f"{example.id}:label", response=answer
@@ -97,23 +128,18 @@ def step_by_step(examples: list[Example], config: ObjectiveConfig) -> list[Examp
                 _prefixed(example, config.rationale_prefix),
                 id=f"{example.id}:rationale",
                 response=rationale,
-                weight_spans=((0, config.rationale_weight),),
+                weight_spans=spans,
             )
         )
     return out
 
 
-@register_objective("kpod")
-def keypoint_weighted(examples: list[Example], config: ObjectiveConfig) -> list[Example]:
-    out = []
-    for example in examples:
-        split_answer(example)
-        text = example.response or ""
-        spans: list[tuple[int, float]] = [(0, 1.0)]
-        for match in _KEYPOINT.finditer(text):
-            spans += [(match.start(), config.keypoint_weight), (match.end(), 1.0)]
-        out.append(dataclasses.replace(example, weight_spans=tuple(spans)))
-    return out
+def _keypoint_spans(text: str, heavy: float, light: float) -> tuple[tuple[int, float], ...]:
+    """Weight breakpoints: `heavy` on numbers and calculator annotations, `light` elsewhere."""
+    spans: list[tuple[int, float]] = [(0, light)]
+    for match in _KEYPOINT.finditer(text):
+        spans += [(match.start(), heavy), (match.end(), light)]
+    return tuple(spans)
 
 
 def _prefixed(example: Example, prefix: str) -> Example:

@@ -144,29 +144,47 @@ def fidelity_table(metrics: dict[str, Any]) -> list[str]:
 
 
 def task_table(metrics: dict[str, Any]) -> list[str]:
-    """Exact match and rationale checks per task set and model."""
+    """Exact match and rationale checks per task set and model; with the teacher's answers,
+    the share of its accuracy each student keeps and how often they agree with it."""
     arms = [
+        ("teacher", metrics.get("teacher")),
         ("student before training", metrics.get("before")),
         ("KD student", metrics["kd"]["after"]),
     ]
     if "baseline" in metrics:
         arms.append(("CE-only student", metrics["baseline"]["after"]))
+    teacher = (metrics.get("teacher") or {}).get("tasks") or {}
     rows = [
-        "| task set | model | exact match ↑ | annotations right ↑ | answer = last step ↑ |",
-        "|---|---|---|---|---|",
+        "| task set | model | exact match ↑ | of teacher's | annotations right ↑ "
+        "| answer = last step ↑ | agrees with teacher (answer / steps) | sampled answers agree "
+        "(majority exact match) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, values in arms:
         for source, task in ((values or {}).get("tasks") or {}).items():
             if "accuracy" in task:  # multiple choice by log-likelihood
                 rows.append(
                     f"| `{source}` | {name} | {task['accuracy']:.3f} (per-token "
-                    f"{task['accuracy_norm']:.3f}) | | |"
+                    f"{task['accuracy_norm']:.3f}) | | | | | |"
                 )
                 continue
+            reference = (teacher.get(source) or {}).get("exact_match")
+            kept = (
+                f"{task['exact_match'] / reference:.0%}" if reference and name != "teacher" else ""
+            )
+            agrees = ""
+            if "teacher_answer_agreement" in task:
+                agrees = (
+                    f"{task['teacher_answer_agreement']:.3f} / "
+                    f"{_fraction(task['teacher_step_agreement'])}"
+                )
+            sampled = ""
+            if "sample_agreement" in task:
+                sampled = f"{task['sample_agreement']:.3f} ({task['majority_exact_match']:.3f})"
             rows.append(
-                f"| `{source}` | {name} | {task['exact_match']:.3f} | "
+                f"| `{source}` | {name} | {task['exact_match']:.3f} | {kept} | "
                 f"{_fraction(task['annotation_accuracy'])} | "
-                f"{_fraction(task['answer_follows_last_step'])} |"
+                f"{_fraction(task['answer_follows_last_step'])} | {agrees} | {sampled} |"
             )
     return rows
 

@@ -150,6 +150,32 @@ def greedy_responses(
     return [row["response"] for row in rows]
 
 
+def sampled_responses(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    prompts: list[Example],
+    max_new_tokens: int,
+    *,
+    samples: int,
+    batch_size: int,
+    seed: int = 0,
+) -> list[list[str]]:
+    """`samples` answers to each prompt, sampled at temperature 1 (seeded per batch); for
+    agreement across sampled rationales. Nothing written."""
+    config = GenerateConfig(
+        max_new_tokens=max_new_tokens, do_sample=True, batch_size=batch_size, seed=seed
+    )
+    stops = stop_token_ids(model, tokenizer)
+    flat = [p for p in prompts for _ in range(samples)]
+    texts: list[str] = []
+    for start in range(0, len(flat), batch_size):
+        batch = flat[start : start + batch_size]
+        texts += [
+            r["response"] for r in _generate_batch(model, tokenizer, batch, config, stops, start)
+        ]
+    return [texts[i * samples : (i + 1) * samples] for i in range(len(prompts))]
+
+
 def read_finished(path: Path) -> dict[str, dict[str, Any]]:
     """Rows already generated. A torn final line (killed mid-write) is truncated away."""
     if not path.exists():
