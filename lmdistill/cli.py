@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sweep, resume=False)
     sweep.add_argument("--seeds", type=int, default=1, help="seeds per cell (train.seed)")
     sweep.add_argument("--out", help="sweep directory (default: OUTPUT_DIR/sweep)")
+    sweep.add_argument(
+        "--reference",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="one more cell outside the grid, e.g. loss.alpha=1.0 (CE only at the same steps); "
+        "the table shows each cell's difference from it",
+    )
     sweep.set_defaults(handler=cmd_sweep)
 
     evaluate = commands.add_parser(
@@ -199,7 +206,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ConfigError(f"--seeds: {args.seeds} is not allowed; expected an integer >= 1")
     summary = run_sweep(
-        args.config, args.overrides, seeds=args.seeds, out=Path(args.out) if args.out else None
+        args.config,
+        args.overrides,
+        seeds=args.seeds,
+        out=Path(args.out) if args.out else None,
+        reference=args.reference,
     )
     print(f"\nwrote the sweep table for {len(summary['runs'])} runs")
     return 0

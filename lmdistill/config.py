@@ -160,7 +160,8 @@ class ObjectiveConfig:
     """What a reasoning student trains on (see `lmdistill/kd/rationale.py`): `cot` (rationale
     then answer), `label_only`, `step_by_step` (multitask, L_label + rationale_weight *
     L_rationale, answers without a rationale at inference), `kpod` (calculations weighted
-    `keypoint_weight`) or `step_by_step_kpod` (both). Responses must be GSM8K-formatted (`... #### answer`) unless `cot`."""
+    `keypoint_weight`) or `step_by_step_kpod` (both). Responses must be GSM8K-formatted
+    (`... #### answer`) unless `cot`."""
 
     kind: str = "cot"
     rationale_weight: float = 1.0

@@ -5,6 +5,11 @@ Every cell of the grid (each combination of the listed values) runs once per see
 artifacts. A cell whose `metrics.json` is already there (same resolved config) is read back,
 not run again, so a killed sweep picks up where it stopped. `OUT/sweep.md` and `sweep.json`
 hold mean +- std across seeds of every headline metric; `OUT/sweep.png` plots them.
+
+`--reference key=v ...` adds one more cell, outside the grid (e.g. `loss.alpha=1.0`, the
+CE-only student at the same steps), and the table says how far each cell is from it. With a
+teacher that answers the task sets (`eval.task_teacher`), its accuracy heads the table and
+each cell's share of it is shown.
 """
 
 from __future__ import annotations
@@ -47,7 +52,12 @@ def cells(axes: list[tuple[str, list[str]]]) -> list[list[str]]:
 
 
 def run_sweep(
-    config_path: str, overrides: list[str], *, seeds: int, out: Path | None = None
+    config_path: str,
+    overrides: list[str],
+    *,
+    seeds: int,
+    out: Path | None = None,
+    reference: list[str] | None = None,
 ) -> dict[str, Any]:
     from lmdistill.pipeline import run
 
@@ -55,8 +65,14 @@ def run_sweep(
     base = load_config(config_path, fixed)
     root = Path(out or Path(base.output_dir) / "sweep")
     planned: list[tuple[str, int, RunConfig]] = []
-    for cell in cells(axes):  # every config is validated before anything runs
+    grid = cells(axes)
+    if reference:
+        if any("," in item and "=" in item for item in reference if "[" not in item):
+            raise ConfigError(f"--reference {reference}: one value per key, not an axis")
+        grid = [[REFERENCE, *reference], *grid]
+    for cell in grid:  # every config is validated before anything runs
         name = ",".join(cell)
+        cell = [c for c in cell if c != REFERENCE]
         for seed in range(seeds):
             where = root / name / f"seed-{seed}"
             config = load_config(
@@ -71,7 +87,13 @@ def run_sweep(
             resume = (Path(config.output_dir) / "checkpoints").is_dir()
             metrics = run(config, resume=resume)
         rows.append({"cell": name, "seed": seed, **headline(metrics)})
-    summary = {"axes": dict(axes), "seeds": seeds, "runs": rows, "table": aggregate(rows)}
+    summary = {
+        "axes": dict(axes),
+        "reference": reference,
+        "seeds": seeds,
+        "runs": rows,
+        "table": aggregate(rows),
+    }
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / "sweep.json", summary)
     atomic_write_text(root / "sweep.md", render(summary))
@@ -87,9 +109,23 @@ def _finished(config: RunConfig) -> dict[str, Any] | None:
     return dict(metrics) if metrics.get("config_hash") == config_hash(config) else None
 
 
+REFERENCE = "reference"
+
+
+def short_source(source: str) -> str:
+    """A task set's name for a table header: `lab:test:200:0:steps=3...` -> `lab:test`."""
+    if source.startswith("lab:"):
+        return ":".join(source.split(":")[:2])
+    return source.rsplit("/", 1)[-1]
+
+
 def headline(metrics: dict[str, Any]) -> dict[str, float]:
-    """The numbers a sweep compares: fidelity and task accuracy of each trained arm."""
+    """The numbers a sweep compares: fidelity and task accuracy of each trained arm (and the
+    teacher's task accuracy, the same in every cell)."""
     out: dict[str, float] = {}
+    for source, task in (((metrics.get("teacher") or {}).get("tasks")) or {}).items():
+        if "exact_match" in task:
+            out[f"teacher exact match {short_source(source)}"] = float(task["exact_match"])
     for arm, key in (("KD", "kd"), ("CE-only", "baseline")):
         after = (metrics.get(key) or {}).get("after") or {}
         for name in ("kl", "top1_agreement", "student_ppl"):
@@ -97,9 +133,9 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
                 out[f"{arm} {name}"] = float(after[name])
         for source, task in (after.get("tasks") or {}).items():
             if "exact_match" in task:
-                out[f"{arm} exact match {source}"] = float(task["exact_match"])
+                out[f"{arm} exact match {short_source(source)}"] = float(task["exact_match"])
             else:
-                out[f"{arm} accuracy {source}"] = float(task["accuracy"])
+                out[f"{arm} accuracy {short_source(source)}"] = float(task["accuracy"])
     return out
 
 
@@ -123,24 +159,68 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def render(summary: dict[str, Any]) -> str:
     table = summary["table"]
-    metrics = [k for k in table[0] if k not in ("cell", "runs")] if table else []
+    metrics = _compared(table)
+    teacher = {
+        k.removeprefix("teacher exact match "): v["mean"]
+        for k, v in (table[0].items() if table else [])
+        if k.startswith("teacher exact match ")
+    }
+    axes = ", ".join(f"`{k}` in {v}" for k, v in summary["axes"].items())
     lines = [
         "# lmdistill sweep",
         "",
-        f"Axes: {', '.join(f'`{k}` in {v}' for k, v in summary['axes'].items())}; "
-        f"{summary['seeds']} seed(s) each (train.seed = 0..{summary['seeds'] - 1}); "
-        "mean ± std across seeds.",
-        "",
-        "| cell | " + " | ".join(metrics) + " |",
-        "|---|" + "---|" * len(metrics),
+        f"Axes: {axes}; {summary['seeds']} seed(s) each (train.seed = 0..{summary['seeds'] - 1});"
+        " mean ± std across seeds.",
     ]
+    if summary.get("reference"):
+        lines.append(f"Reference cell: `{' '.join(summary['reference'])}`.")
+    if teacher:
+        lines.append(
+            "Teacher exact match: "
+            + ", ".join(f"{name} {value:.3f}" for name, value in teacher.items())
+            + "; `(x%)` is a cell's share of it."
+        )
+    lines += ["", "| cell | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
     for entry in table:
-        cells_text = [
-            f"{entry[m]['mean']:.4g} ± {entry[m]['std']:.2g}" if m in entry else "" for m in metrics
+        texts = []
+        for m in metrics:
+            if m not in entry:
+                texts.append("")
+                continue
+            text = f"{entry[m]['mean']:.4g} ± {entry[m]['std']:.2g}"
+            share = teacher.get(m.split(" exact match ")[-1]) if " exact match " in m else None
+            if share:
+                text += f" ({entry[m]['mean'] / share:.0%})"
+            texts.append(text)
+        lines.append(f"| `{entry['cell']}` | " + " | ".join(texts) + " |")
+    reference = next((e for e in table if e["cell"].startswith(REFERENCE)), None)
+    if reference is not None:
+        lines += [
+            "",
+            "Difference from the reference cell (mean):",
+            "",
+            "| cell | " + " | ".join(metrics) + " |",
+            "|---|" + "---|" * len(metrics),
         ]
-        lines.append(f"| `{entry['cell']}` | " + " | ".join(cells_text) + " |")
+        for entry in table:
+            if entry is reference:
+                continue
+            texts = [
+                f"{entry[m]['mean'] - reference[m]['mean']:+.4g}"
+                if m in entry and m in reference
+                else ""
+                for m in metrics
+            ]
+            lines.append(f"| `{entry['cell']}` | " + " | ".join(texts) + " |")
     lines += ["", "![sweep](sweep.png)", ""]
     return "\n".join(lines)
+
+
+def _compared(table: list[dict[str, Any]]) -> list[str]:
+    """The metrics that differ between cells (the teacher's accuracy heads the table)."""
+    if not table:
+        return []
+    return [k for k in table[0] if k not in ("cell", "runs") and not k.startswith("teacher ")]
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
@@ -150,7 +230,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     table = summary["table"]
-    metrics = [k for k in table[0] if k not in ("cell", "runs")] if table else []
+    metrics = _compared(table)
     if not metrics:
         return
     figure, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)

@@ -54,13 +54,24 @@ def test_a_tiny_sweep_runs_every_cell_and_seed_once(
         "2",
         "--out",
         str(tmp_path / "sw"),
+        "--reference",
+        "loss.alpha=1.0",
     ]
     assert main(args) == 0
     summary = json.loads((tmp_path / "sw" / "sweep.json").read_text())
-    assert [e["cell"] for e in summary["table"]] == ["loss.temperature=1", "loss.temperature=2"]
+    assert [e["cell"] for e in summary["table"]] == [
+        "reference,loss.alpha=1.0",
+        "loss.temperature=1",
+        "loss.temperature=2",
+    ]
     assert all(e["runs"] == 2 for e in summary["table"])
+    reference = tmp_path / "sw" / "reference,loss.alpha=1.0" / "seed-0" / "metrics.json"
+    assert json.loads(reference.read_text())["kd"]["steps"] == 2
+    report = (tmp_path / "sw" / "sweep.md").read_text()
+    kl = [e["KD kl"]["mean"] for e in summary["table"]]
+    assert f"| `loss.temperature=2` | {kl[2] - kl[0]:+.4g} |" in report  # vs the reference
     runs = {(r["cell"], r["seed"]): r["KD kl"] for r in summary["runs"]}
-    cell = summary["table"][1]["KD kl"]
+    cell = summary["table"][2]["KD kl"]
     two = [runs[("loss.temperature=2", s)] for s in (0, 1)]
     assert cell["mean"] == pytest.approx(sum(two) / 2) and two[0] != two[1]  # seeds differ
     metrics = tmp_path / "sw" / "loss.temperature=2" / "seed-1" / "metrics.json"
