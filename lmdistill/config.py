@@ -188,7 +188,10 @@ class TrainConfig:
     # Easy-to-hard curriculum over examples (difficulty = response length, i.e. rationale
     # steps in the lab): step t draws from the easiest share of the data, growing linearly
     # from `curriculum_start` to all of it at `curriculum_steps` (0: half of max_steps).
-    curriculum: Literal["none", "easy_to_hard"] = "none"
+    # `progressive_steps` (KPOD's schedule, objectives kpod / step_by_step_kpod): within each
+    # rationale only the last line trains at first; the earlier lines join, last to first,
+    # until all train at `curriculum_steps` (0: half of max_steps).
+    curriculum: Literal["none", "easy_to_hard", "progressive_steps"] = "none"
     curriculum_start: float = 0.25
     curriculum_steps: int = 0
 
@@ -222,6 +225,9 @@ class EvalConfig:
     # agreement across sampled rationales and majority-vote accuracy (0: off).
     task_teacher: bool = True
     task_samples: int = 0
+    # Where the teacher's task answers are kept (default OUTPUT_DIR/teacher_answers); point
+    # the runs of a sweep at one directory and the teacher answers once.
+    teacher_answers_dir: str | None = None
 
 
 @dataclass
@@ -425,6 +431,14 @@ def _validate_objective(config: RunConfig) -> None:
     for name in ("rationale_weight", "keypoint_weight"):
         value = getattr(objective, name)
         _check(value >= 0, f"objective.{name}", value, "a number >= 0")
+    if config.train.curriculum == "progressive_steps":
+        _check(
+            objective.kind in ("kpod", "step_by_step_kpod"),
+            "train.curriculum",
+            config.train.curriculum,
+            "'progressive_steps' only with objective.kind kpod or step_by_step_kpod (they mark "
+            "the rationale's steps)",
+        )
     if objective.kind != "cot":
         _check(
             config.teacher.kind == "local",

@@ -101,8 +101,16 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     if questions and config.eval.enabled and config.eval.task_teacher:
         longest, batch = config.eval.task_max_new_tokens, config.eval.task_batch_size
         teacher_tasks = {}
+        answers_dir = Path(config.eval.teacher_answers_dir or out / "teacher_answers")
         for source, examples in questions.items():
-            answers = greedy_answers(teacher_model, tokenizer, examples, longest, batch)
+            answers = _teacher_answers(
+                teacher_model,
+                tokenizer,
+                examples,
+                answers_dir,
+                key={"teacher": describe(config.teacher), "source": source, "max": longest},
+                batch_size=batch,
+            )
             teacher_answers[source] = answers
             teacher_tasks[source] = task_accuracy(
                 teacher_model,
@@ -214,6 +222,39 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         write_report(out, metrics, to_dict(config))
     state.wait_for_everyone()
     return metrics
+
+
+def _teacher_answers(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    examples: list[Example],
+    directory: Path,
+    *,
+    key: dict[str, Any],
+    batch_size: int,
+) -> list[str]:
+    """The teacher's greedy answers to a task set, stored under `directory` so that the runs
+    of a sweep (which share `eval.teacher_answers_dir`) ask the teacher once. The file is
+    named by the teacher, its weights, the task set and the answer length: a retrained
+    teacher is asked again."""
+    import hashlib
+    import json
+
+    with torch.no_grad():
+        weights = [
+            (float(p.double().sum()), float(p.double().square().sum())) for p in model.parameters()
+        ]
+    identity = json.dumps({**key, "weights": weights, "questions": [e.id for e in examples]})
+    path = directory / f"{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if len(stored["answers"]) == len(examples):
+            return list(stored["answers"])
+    answers = greedy_answers(model, tokenizer, examples, key["max"], batch_size)
+    if PartialState().is_main_process:
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {**key, "answers": answers})
+    return answers
 
 
 def summarise(result: TrainResult, after: dict[str, Any] | None) -> dict[str, Any]:

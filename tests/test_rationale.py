@@ -129,3 +129,67 @@ def test_the_curriculum_starts_easy_and_ends_with_everything() -> None:
     assert curriculum_indices(7, order, 16, train) == curriculum_indices(7, order, 16, train)
     tiny_pool = curriculum_indices(0, order[:5], 12, train)  # pool smaller than the batch
     assert len(tiny_pool) == 12 and set(tiny_pool) == {0}
+
+
+def test_progressive_steps_train_the_last_line_first_then_earlier_ones(
+    tiny_tokenizer: Any, tmp_path: Any
+) -> None:
+    from conftest import tiny_run_config
+
+    from lmdistill.config import ConfigError, TrainConfig, validate
+    from lmdistill.kd.train import gate_steps, visible_steps
+
+    (example,) = apply_objective([EXAMPLE], ObjectiveConfig(kind="kpod", keypoint_weight=3.0))
+    (item,), _ = tokenize_examples([example], tiny_tokenizer, 256)
+    by_rank: dict[int, list[int]] = {}
+    for y, r in zip(item.labels, item.ranks or [], strict=True):
+        if y >= 0:
+            by_rank.setdefault(r, []).append(y)
+    lines = SOLUTION.split("\n")
+    # Each line (with its newline) has its rank from the end; the answer line and the
+    # template's closing tokens rank 0.
+    assert tiny_tokenizer.decode(by_rank[2]) == lines[0] + "\n"
+    assert tiny_tokenizer.decode(by_rank[1]) == lines[1] + "\n"
+    assert tiny_tokenizer.decode(by_rank[0], skip_special_tokens=True) == lines[2] + "\n"
+
+    train = TrainConfig(max_steps=40, curriculum="progressive_steps", curriculum_steps=20)
+    assert [visible_steps(s, 2, train) for s in (0, 9, 10, 19, 20, 39)] == [0, 0, 1, 1, 2, 2]
+    batch = collate([item], tiny_tokenizer.pad_token_id, ranks=True)
+    assert "ranks" not in collate([item], tiny_tokenizer.pad_token_id)  # only when asked
+    gated = gate_steps(batch, 0)
+    assert "ranks" not in gated  # the model never sees them
+    response = batch["labels"][0] >= 0
+    kept = gated["weights"][0][response]
+    expected = [
+        w if r == 0 else 0.0
+        for w, r, y in zip(item.weights or [], item.ranks or [], item.labels, strict=True)
+        if y >= 0
+    ]
+    assert kept.tolist() == expected and 0 < sum(w > 0 for w in expected) < len(expected)
+    assert torch.equal(gate_steps(batch, 2)["weights"], batch["weights"])  # all lines
+
+    with pytest.raises(ConfigError, match=r"train\.curriculum"):
+        validate(tiny_run_config(tmp_path, "train.curriculum=progressive_steps"))
+
+
+def test_a_progressive_kpod_run_trains_end_to_end(tmp_path: Any) -> None:
+    from conftest import tiny_run_config
+
+    from lmdistill.pipeline import run
+
+    config = tiny_run_config(
+        tmp_path,
+        "data.train=lab:train:24",
+        "data.eval=lab:test:4",
+        "objective.kind=step_by_step_kpod",
+        "train.curriculum=progressive_steps",
+        "train.curriculum_steps=2",
+        "train.max_steps=4",
+        "baseline=false",
+        "generate.enabled=false",
+        "eval.fidelity=false",
+    )
+    metrics = run(config)
+    assert metrics["kd"]["steps"] == 4
+    losses = [h["loss"] for h in metrics["kd"]["history"]]
+    assert all(loss == loss and loss > 0 for loss in losses)  # finite, not NaN

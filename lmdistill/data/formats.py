@@ -42,6 +42,10 @@ class Example:
     # holding until the next; tokens are weighted by the span their first character is in,
     # and the template's closing tokens by the last span. None: every token weighs 1.
     weight_spans: tuple[tuple[int, float], ...] | None = None
+    # Rationale steps counted from the end, as (start_char, rank) breakpoints like
+    # weight_spans: the last line is rank 0. The `progressive_steps` curriculum trains the
+    # last steps first (KPOD). None: no step structure.
+    step_spans: tuple[tuple[int, int], ...] | None = None
 
 
 def load_examples(source: str, *, split: str = "train", format: str = "auto") -> list[Example]:

@@ -25,6 +25,7 @@ class TokenizedExample:
     labels: list[int]  # IGNORE_INDEX on prompt tokens: the loss sees the response only
     truncated: bool
     weights: list[float] | None = None  # per position, like labels; None: all 1
+    ranks: list[int] | None = None  # per position: the step's rank from the end; -1 prompt
 
 
 @dataclass
@@ -95,7 +96,8 @@ def tokenize_examples(
                 else example.response
             )
             response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
-        weights = _response_weights(example, tokenizer, len(response_ids))
+        weights = _span_values(example, example.weight_spans, tokenizer, len(response_ids))
+        ranks = _span_values(example, example.step_spans, tokenizer, len(response_ids))
         room = max_length - len(prompt_ids)
         if room < 1:
             _on_truncation(on_truncation, example, f"prompt alone is {len(prompt_ids)} tokens")
@@ -111,7 +113,10 @@ def tokenize_examples(
         labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
         if weights is not None:
             weights = [0.0] * len(prompt_ids) + weights[: len(response_ids)]
-        out.append(TokenizedExample(example.id, input_ids, labels, truncated, weights))
+        step_ranks = None
+        if ranks is not None:
+            step_ranks = [-1] * len(prompt_ids) + [int(r) for r in ranks[: len(response_ids)]]
+        out.append(TokenizedExample(example.id, input_ids, labels, truncated, weights, step_ranks))
     if not out:
         raise DataError(f"every example was longer than data.max_length={max_length}")
     if report.truncated or report.dropped:
@@ -123,24 +128,26 @@ def tokenize_examples(
     return out, report
 
 
-def _response_weights(example: Example, tokenizer: Any, count: int) -> list[float] | None:
-    """Per-token weights of the response from `example.weight_spans` (character breakpoints),
-    through the tokenizer's offsets, so the tokens are exactly the ones training sees."""
-    if example.weight_spans is None:
+def _span_values(
+    example: Example, breakpoints: Any, tokenizer: Any, count: int
+) -> list[float] | None:
+    """Per-token values of the response from (start_char, value) breakpoints (weight_spans,
+    step_spans), through the tokenizer's offsets, so the tokens are exactly the ones training
+    sees. The template's closing tokens (end of turn) take the last span's value."""
+    if breakpoints is None:
         return None
     if example.response_ids is not None or example.response is None:
-        raise DataError(f"{example.source}: weight_spans need a text response (no token ids)")
-    spans = sorted(example.weight_spans)
+        raise DataError(f"{example.source}: token spans need a text response (no token ids)")
+    spans = sorted(breakpoints)
     encoded = tokenizer(example.response, add_special_tokens=False, return_offsets_mapping=True)
-    weights = []
+    values = []
     for start, _end in encoded["offset_mapping"]:
-        weight = spans[0][1]
-        for begin, value in spans:
+        value = spans[0][1]
+        for begin, span_value in spans:
             if begin <= start:
-                weight = value
-        weights.append(float(weight))
-    # The template's closing tokens (end of turn) follow the text: the last span's weight.
-    return weights + [float(spans[-1][1])] * (count - len(weights))
+                value = span_value
+        values.append(float(value))
+    return values + [float(spans[-1][1])] * (count - len(values))
 
 
 def _on_truncation(mode: str, example: Example, detail: str) -> None:
@@ -151,14 +158,19 @@ def _on_truncation(mode: str, example: Example, detail: str) -> None:
         )
 
 
-def collate(batch: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: `input_ids`, `attention_mask`, `labels` of shape (B, T)."""
+def collate(
+    batch: list[TokenizedExample], pad_token_id: int, *, ranks: bool = False
+) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: `input_ids`, `attention_mask`, `labels` of shape (B, T), `weights`
+    when any example has them, and with `ranks` the step ranks (for the curriculum)."""
     width = max(len(item.input_ids) for item in batch)
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
     weighted = any(item.weights is not None for item in batch)
     weights = torch.ones((len(batch), width)) if weighted else None
+    ranked = ranks and any(item.ranks is not None for item in batch)
+    step_ranks = torch.full((len(batch), width), -1, dtype=torch.long) if ranked else None
     for row, item in enumerate(batch):
         n = len(item.input_ids)
         input_ids[row, :n] = torch.tensor(item.input_ids)
@@ -166,9 +178,13 @@ def collate(batch: list[TokenizedExample], pad_token_id: int) -> dict[str, torch
         attention_mask[row, :n] = 1
         if weights is not None and item.weights is not None:
             weights[row, :n] = torch.tensor(item.weights)
+        if step_ranks is not None and item.ranks is not None:
+            step_ranks[row, :n] = torch.tensor(item.ranks)
     out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     if weights is not None:
         out["weights"] = weights  # (B, T) loss weight of each label position
+    if step_ranks is not None:
+        out["ranks"] = step_ranks  # (B, T) rationale step counted from the end; -1: no step
     return out
 
 

@@ -16,7 +16,10 @@ is prompted at evaluation:
 - `kpod`: `cot` with keypoint tokens weighted up (after Feng et al. 2024, KPOD): here the
   keypoints are the calculations, the `<<a*b=c>>` annotations and the numbers they produce,
   weighted `keypoint_weight`, the connecting words 1. (KPOD learns its token mask; the lab's
-  rationales mark their calculations, so the rule is exact there.)
+  rationales mark their calculations, so the rule is exact there.) Both KPOD objectives
+  mark each rationale line's rank from the end, which `train.curriculum: progressive_steps`
+  uses: KPOD's progressive schedule, the last steps first, earlier ones added over
+  `train.curriculum_steps`.
 
 `OBJECTIVES` maps names to functions; `@register_objective("name")` adds one.
 """
@@ -99,8 +102,9 @@ def keypoint_weighted(examples: list[Example], config: ObjectiveConfig) -> list[
     out = []
     for example in examples:
         split_answer(example)
-        spans = _keypoint_spans(example.response or "", config.keypoint_weight, 1.0)
-        out.append(dataclasses.replace(example, weight_spans=spans))
+        text = example.response or ""
+        spans = _keypoint_spans(text, config.keypoint_weight, 1.0)
+        out.append(dataclasses.replace(example, weight_spans=spans, step_spans=step_spans(text)))
     return out
 
 
@@ -129,9 +133,17 @@ def _two_tasks(
                 id=f"{example.id}:rationale",
                 response=rationale,
                 weight_spans=spans,
+                step_spans=step_spans(rationale) if keypoints else None,
             )
         )
     return out
+
+
+def step_spans(text: str) -> tuple[tuple[int, int], ...]:
+    """Each line's rank counted from the end (the last line, e.g. `#### answer`, is 0), as
+    (start_char, rank) breakpoints; the progressive curriculum reads them."""
+    starts = [0] + [i + 1 for i, c in enumerate(text) if c == "\n"]
+    return tuple((start, len(starts) - 1 - i) for i, start in enumerate(starts))
 
 
 def _keypoint_spans(text: str, heavy: float, light: float) -> tuple[tuple[int, float], ...]:

@@ -7,6 +7,7 @@ exactly the batches a single uninterrupted process would.
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -108,6 +109,7 @@ def train_student(
     if train.curriculum == "easy_to_hard":
         lengths = [sum(1 for y in item.labels if y != IGNORE_INDEX) for item in train_set]
         difficulty_order = sorted(range(len(train_set)), key=lambda i: (lengths[i], i))
+    deepest = max((max(item.ranks) for item in train_set if item.ranks), default=0)
     started, tokens_at_start = time.perf_counter(), state.tokens
     objective.train()
     while state.step < last_step:
@@ -117,7 +119,14 @@ def train_student(
             else step_indices(state.step, len(train_set), global_batch, train.seed)
         )
         chunks = rank_slices(indices, train, accelerator.process_index, world)
-        micro = [collate([train_set[i] for i in chunk], pad_token_id) for chunk in chunks]
+        progressive = train.curriculum == "progressive_steps"
+        micro = [
+            collate([train_set[i] for i in chunk], pad_token_id, ranks=progressive)
+            for chunk in chunks
+        ]
+        if progressive:
+            visible = visible_steps(state.step, deepest, train)
+            micro = [gate_steps(b, visible) for b in micro]
         # Normalise by the *global* number of response tokens in this optimizer step, so that
         # gradient accumulation and N processes give the gradient of one big batch.
         local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
@@ -214,6 +223,25 @@ def step_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:
 def _epoch_order(seed: int, epoch: int, n: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=generator).tolist()
+
+
+def visible_steps(step: int, deepest: int, train: TrainConfig) -> int:
+    """KPOD's progressive schedule: the deepest step rank (from the end) trained at `step`,
+    from 0 (the last line alone) to `deepest` (every line) at `curriculum_steps`."""
+    ramp = train.curriculum_steps or max(1, train.max_steps // 2)
+    return math.floor(deepest * min(1.0, step / ramp))
+
+
+def gate_steps(batch: dict[str, torch.Tensor], visible: int) -> dict[str, torch.Tensor]:
+    """Zero the loss weight of rationale lines ranked deeper than `visible` from the end
+    (and take the ranks out of the batch: the model does not read them)."""
+    batch = dict(batch)
+    ranks = batch.pop("ranks", None)
+    if ranks is None:
+        return batch
+    weights = batch.get("weights", torch.ones(ranks.shape))
+    batch["weights"] = weights * (ranks <= visible).to(weights.dtype)
+    return batch
 
 
 def curriculum_indices(
