@@ -79,6 +79,8 @@ def run_sweep(
                 config_path, [*fixed, *cell, f"train.seed={seed}", f"output_dir={where}"]
             )
             planned.append((name, seed, config))
+    # Seed-major: every cell's first seed finishes before any second seed starts.
+    planned.sort(key=lambda item: item[1])
     rows = []
     for name, seed, config in planned:
         print(f"sweep: {name} seed {seed} -> {config.output_dir}")
@@ -142,7 +144,7 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and (sample) std across seeds of every metric, per cell."""
     table = []
-    for cell in dict.fromkeys(r["cell"] for r in rows):
+    for cell in dict.fromkeys(r["cell"] for r in rows):  # in grid order
         runs = [r for r in rows if r["cell"] == cell]
         metrics = [k for k in runs[0] if k not in ("cell", "seed")]
         entry: dict[str, Any] = {"cell": cell, "runs": len(runs)}
