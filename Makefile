@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.13.0
 # from source the first time (a few minutes), then pip's cache has it.
 LLAMA_PIN ?= llama-cpp-python[server]==0.3.36
 
-.PHONY: demo test lint typecheck clean
+.PHONY: demo test lint typecheck clean lab lab-e1 lab-e2 e1-demo
 
 $(VENV)/.base: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,35 @@ $(VENV)/.dev: $(VENV)/.base
 
 demo: $(VENV)/.base
 	$(VENV)/bin/lmdistill demo
+
+# The reasoning lab (README, "Reasoning distillation"): each artifact is made once and reused;
+# make remakes it only when its config changes.
+LAB := outputs/lab
+LAB_TEACHER := $(LAB)/teacher/student/config.json
+LAB_RATIONALES := $(LAB)/rationales/generate/teacher_responses.kept.jsonl
+LMDISTILL := $(VENV)/bin/lmdistill
+
+$(LAB_TEACHER): configs/lab/teacher.yaml | $(VENV)/.base
+	$(LMDISTILL) run configs/lab/teacher.yaml
+
+$(LAB_RATIONALES): configs/lab/rationales.yaml $(LAB_TEACHER)
+	$(LMDISTILL) generate configs/lab/rationales.yaml
+
+lab: $(LAB_RATIONALES)
+	$(LMDISTILL) run configs/lab/student.yaml
+
+lab-e2: $(LAB_RATIONALES)
+	$(LMDISTILL) sweep configs/lab/student.yaml \
+	  objective.kind=cot,step_by_step,step_by_step_kpod \
+	  --seeds 3 --out $(LAB)/e2 --reference objective.kind=label_only
+
+lab-e1: $(LAB_RATIONALES)
+	$(LMDISTILL) sweep configs/lab/student.yaml loss.temperature=1,2,4,8 loss.alpha=0.5 \
+	  train.max_steps=300 --out $(LAB)/e1 --reference loss.alpha=1.0
+
+e1-demo: $(VENV)/.base
+	$(LMDISTILL) sweep configs/experiments/e1-demo.yaml loss.temperature=1,2,4,8 \
+	  --reference loss.alpha=1.0 --out outputs/e1-demo
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check lmdistill tests $(wildcard benchmarks)

@@ -177,15 +177,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from lmdistill.data import write_examples
     from lmdistill.teachers.base import ServedTeacher
-    from lmdistill.teachers.consistency import expand_samples, filtering, select_rationales
+    from lmdistill.teachers.consistency import (
+        as_asked,
+        expand_samples,
+        filtering,
+        select_rationales,
+        with_rationale_prompt,
+    )
     from lmdistill.teachers.setup import generating_teacher, load_splits
 
     config = load_config(args.config, args.overrides)
     out = Path(args.out or Path(config.output_dir) / "generate" / "teacher_responses.jsonl")
     teacher, report = generating_teacher(config)
     train, held_out = load_splits(config)
-    samples = expand_samples(train, config.generate.samples)
-    answered, generation = teacher.generate(samples + held_out, out, config.generate)
+    prompts = expand_samples(train, config.generate.samples) + held_out
+    asked = with_rationale_prompt(prompts, config.generate.rationale_prompt)
+    answered, generation = teacher.generate(asked, out, config.generate)
+    answered = as_asked(answered, prompts)
+    samples = prompts[: len(prompts) - len(held_out)]
     report.update(generation.as_dict())
     if filtering(config.generate):
         kept, report["rationales"] = select_rationales(

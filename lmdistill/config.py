@@ -125,6 +125,9 @@ class GenerateConfig:
     # question (> 1 needs do_sample), then keep `all`, the `majority` answer's
     # (self-consistency) or the `gold` answer's, at most `keep_per_prompt` per question,
     # after format filters on length and on a `#### answer` line. Every drop is counted.
+    # A rationale prompt (e.g. "Solve step by step; end with '#### <answer>'") given to the
+    # teacher as a system message while it writes; the student trains on the question alone.
+    rationale_prompt: str | None = None
     samples: int = 1
     keep: Literal["all", "majority", "gold"] = "all"
     keep_per_prompt: int = 1

@@ -119,6 +119,7 @@ class ScriptedTeacher:
         self, prompts: list[Example], out: Path, config: GenerateConfig
     ) -> tuple[list[Example], GenerationReport]:
         self.asked += [p.id for p in prompts]
+        self.messages = [p.messages for p in prompts]
         answered = [
             dataclasses.replace(p, response=f"work\n#### {int(p.id.rsplit('#s', 1)[-1]) % 2}")
             if "#s" in p.id
@@ -144,6 +145,7 @@ def test_generate_cli_samples_each_question_and_writes_the_kept_rationales(
         "generate.samples=3",
         "generate.keep=majority",
         "generate.keep_per_prompt=2",
+        "generate.rationale_prompt=Think step by step.",
     ]
     assert main(["generate", "configs/tiny.yaml", *overrides]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -156,6 +158,11 @@ def test_generate_cli_samples_each_question_and_writes_the_kept_rationales(
     kept = load_examples(report["kept_output"])
     assert [e.id.split("#s")[1] for e in kept] == ["0", "2"] * 6
     assert all(e.response == "work\n#### 0" for e in kept)
+    # The teacher was asked with the rationale prompt; the student's examples are without it.
+    assert all(
+        m[0] == {"role": "system", "content": "Think step by step."} for m in teacher.messages
+    )
+    assert all(e.messages[0]["role"] == "user" and len(e.messages) == 1 for e in kept)
 
 
 def test_filters_that_keep_nothing_are_an_error() -> None:

@@ -16,7 +16,8 @@ ones in sample order); a question with none left is dropped. Every drop is count
 in the report, so a filter that throws away most of the data is visible, not silent.
 
 Held-out questions are answered once (sample 0) and never filtered, so evaluation sees the
-same questions whatever the filters keep.
+same questions whatever the filters keep. `generate.rationale_prompt` is shown to the teacher
+only (as a system message); the kept examples carry the question as the student sees it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 from lmdistill.config import GenerateConfig
 from lmdistill.data import Example
-from lmdistill.eval.reasoning import ANSWER_MARK, final_answer, split_rationale
+from lmdistill.eval.reasoning import ANSWER_MARK, final_answer, majority_answer, split_rationale
 
 SAMPLE_MARK = "#s"
 
@@ -41,6 +42,28 @@ def filtering(config: GenerateConfig) -> bool:
         or config.max_chars is not None
         or config.require_answer
     )
+
+
+def with_rationale_prompt(prompts: list[Example], prompt: str | None) -> list[Example]:
+    """The prompts as the teacher sees them: `prompt` as (or added to) the system message."""
+    if not prompt:
+        return list(prompts)
+    out = []
+    for p in prompts:
+        turns = list(p.messages)
+        if turns and turns[0]["role"] == "system":
+            turns[0] = {**turns[0], "content": f"{turns[0]['content']}\n\n{prompt}"}
+        else:
+            turns.insert(0, {"role": "system", "content": prompt})
+        out.append(dataclasses.replace(p, messages=tuple(turns)))
+    return out
+
+
+def as_asked(answered: list[Example], prompts: list[Example]) -> list[Example]:
+    """The teacher's answers on the prompts the student sees (without the rationale prompt)."""
+    return [
+        dataclasses.replace(a, messages=p.messages) for a, p in zip(answered, prompts, strict=True)
+    ]
 
 
 def expand_samples(prompts: list[Example], samples: int) -> list[Example]:
@@ -65,7 +88,8 @@ def select_rationales(
         raise ValueError(f"expected {len(prompts)} x {n} answered samples, got {len(answered)}")
     dropped: Counter[str] = Counter()
     kept: list[Example] = []
-    agree = voted = gold_known = majority_right = prompts_kept = 0
+    agree = 0.0
+    voted = gold_known = majority_right = prompts_kept = 0
     for i, prompt in enumerate(prompts):
         group = answered[i * n : (i + 1) * n]
         answers = [final_answer(a.response or "") for a in group]
@@ -76,11 +100,10 @@ def select_rationales(
                 dropped[reason] += 1
             else:
                 passing.append((sample, answer))
-        counts = Counter(a for a in answers if a is not None)
-        majority = counts.most_common(1)[0][0] if counts else None
+        majority, share = majority_answer([a.response or "" for a in group])
         if majority is not None and n > 1:
             voted += 1
-            agree += counts[majority]
+            agree += share
         gold = final_answer(prompt.response or "") if _has_answer(prompt) else None
         if gold is not None and majority is not None:
             gold_known += 1
@@ -110,7 +133,7 @@ def select_rationales(
         "dropped": dict(sorted(dropped.items())),
         # Self-consistency statistics: how often a sample agrees with its question's majority
         # answer, and how often that majority answer is the reference answer.
-        "majority_agreement": agree / (voted * n) if voted else None,
+        "majority_agreement": agree / voted if voted else None,
         "majority_accuracy": majority_right / gold_known if gold_known else None,
     }
     return kept, report

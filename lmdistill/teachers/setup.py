@@ -40,7 +40,13 @@ from lmdistill.teachers.cache import (
     write_cache,
     write_rows,
 )
-from lmdistill.teachers.consistency import expand_samples, filtering, select_rationales
+from lmdistill.teachers.consistency import (
+    as_asked,
+    expand_samples,
+    filtering,
+    select_rationales,
+    with_rationale_prompt,
+)
 from lmdistill.teachers.generate import read_finished
 from lmdistill.teachers.served import conformance_probe, rows_scorer
 
@@ -176,12 +182,14 @@ def _generate(
     path = generation_path(config)
     train = expand_samples(examples["train"], config.generate.samples)
     prompts = train + examples["eval"]
+    asked = with_rationale_prompt(prompts, config.generate.rationale_prompt)
     report: dict[str, Any] = {}
     if state.is_main_process:
-        _, gen = teacher.generate(prompts, path, config.generate)
+        _, gen = teacher.generate(asked, path, config.generate)
         report = gen.as_dict()
     state.wait_for_everyone()
-    answered, _ = teacher.generate(prompts, path, config.generate)
+    answered, _ = teacher.generate(asked, path, config.generate)
+    answered = as_asked(answered, prompts)
     n = len(train)
     kept = answered[:n]
     if filtering(config.generate):
