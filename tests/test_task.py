@@ -103,3 +103,22 @@ def test_step_agreement_counts_repeated_calculations_once_each() -> None:
     assert step_agreement("anything", "no calculations") is None
     assert majority_answer(["#### 3", "#### 3", "#### 4", "none"]) == ("3", 0.5)
     assert majority_answer(["none", "nothing"]) == (None, 0.0)
+
+
+def test_teacher_calibration_from_a_sparse_signal_equals_the_dense_one() -> None:
+    """The teacher's ECE needs only its top-1 id and probability, which a top-k cache keeps."""
+    import torch
+
+    from lmdistill.eval.fidelity import Calibration
+    from lmdistill.losses import SparseSignal
+
+    torch.manual_seed(0)
+    logits = torch.randn(50, 7) * 3
+    targets = torch.randint(0, 7, (50,))
+    dense = Calibration()
+    dense.add(logits, targets)
+    logprobs, ids = torch.log_softmax(logits, -1).topk(3, dim=-1)
+    signal = SparseSignal(token_ids=ids, logprobs=logprobs)
+    sparse = Calibration()
+    sparse.add_predictions(signal.logprobs[:, 0].exp(), signal.token_ids[:, 0], targets)
+    assert sparse.ece() == pytest.approx(dense.ece(), abs=1e-6) and dense.ece() > 0  # fp32

@@ -30,10 +30,11 @@ def fidelity(
     batch_size: int = 8,
     chunk_size: int = 512,
 ) -> dict[str, float | None]:
-    """`{"kl", "top1_agreement", "student_ppl", "teacher_ppl", "student_ece", "tokens"}`
-    over `eval_set`. `student_ece` is the expected calibration error of the student's
-    next-token predictions on the reference tokens (confidence = top probability, 10 bins):
-    an over-confident student is a failure signature of distillation.
+    """`{"kl", "top1_agreement", "student_ppl", "teacher_ppl", "student_ece", "teacher_ece",
+    "tokens"}` over `eval_set`. `student_ece` is the expected calibration error of the
+    student's next-token predictions on the reference tokens (confidence = top probability,
+    10 bins), `teacher_ece` the teacher's on the same tokens: a student more over-confident
+    than its teacher is a failure signature of distillation.
 
     With a sparse teacher (cache, server) KL is the top-k + tail-bucket KL, agreement compares
     with the teacher's top-1 id, rows without a signal are left out (`signal_tokens` says how
@@ -46,7 +47,8 @@ def fidelity(
     sparse_seen = False
     s_weight = student.get_output_embeddings().weight[:vocab_size]
     kd_config = LossConfig()
-    calibration = Calibration()
+    calibration, teacher_calibration = Calibration(), Calibration()
+    teacher_calibrated = True
     for start in range(0, len(eval_set), batch_size):
         indices = list(range(start, min(start + batch_size, len(eval_set))))
         batch = collate([eval_set[i] for i in indices], pad_token_id)
@@ -68,6 +70,12 @@ def fidelity(
                     else torch.ones(len(y), dtype=torch.bool, device=y.device)
                 )
                 kl = sparse_divergence(s_logits, part, "forward_kl", temperature=1.0)
+                if part.temperature == 1.0:  # the teacher's own confidence: its top-1 prob
+                    teacher_calibration.add_predictions(
+                        part.logprobs[keep, 0].exp(), part.token_ids[keep, 0], y[keep]
+                    )
+                else:
+                    teacher_calibrated = False
                 agree = s_logits.argmax(-1) == part.token_ids[:, 0]
                 values = [kl[keep].sum(), agree[keep].sum(), s_ce, torch.zeros(())]
                 scored += int(keep.sum())
@@ -75,6 +83,7 @@ def fidelity(
                 assert signal.states is not None and signal.weight is not None
                 t_weight = signal.weight[:vocab_size]
                 t_logits = (signal.states[rows] @ t_weight.T).float().to(s_logits.device)
+                teacher_calibration.add(t_logits, y)
                 values = [
                     LOSSES["forward_kl"](s_logits, t_logits).sum(),
                     (s_logits.argmax(-1) == t_logits.argmax(-1)).sum(),
@@ -94,6 +103,7 @@ def fidelity(
         "student_ppl": math.exp(s_ce),
         "teacher_ppl": None if sparse_seen else math.exp(t_ce),
         "student_ece": calibration.ece(),
+        "teacher_ece": teacher_calibration.ece() if teacher_calibrated else None,
         "tokens": tokens,
         "signal_tokens": scored,
     }
@@ -111,6 +121,12 @@ class Calibration:
 
     def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         confidence, predicted = torch.softmax(logits.float(), dim=-1).max(dim=-1)  # (n,)
+        self.add_predictions(confidence, predicted, targets)
+
+    def add_predictions(
+        self, confidence: torch.Tensor, predicted: torch.Tensor, targets: torch.Tensor
+    ) -> None:
+        """Tokens by their top probability `confidence` and top-1 id `predicted`."""
         which = (confidence * self.bins).long().clamp(max=self.bins - 1).cpu()
         ones = torch.ones_like(which, dtype=torch.float64)
         self.count.index_add_(0, which, ones)

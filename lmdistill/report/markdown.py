@@ -132,7 +132,9 @@ def fidelity_table(metrics: dict[str, Any]) -> list[str]:
     after = metrics["kd"]["after"]
     teacher_ppl = after["teacher_ppl"]
     shown = "n/a (top-k signal)" if teacher_ppl is None else f"{teacher_ppl:.2f}"
-    rows.append(f"| teacher (reference) | 0 | 1 | {shown} | |")
+    rows.append(
+        f"| teacher (reference) | 0 | 1 | {shown} | {_fraction(after.get('teacher_ece'))} |"
+    )
     if after.get("signal_tokens", after["tokens"]) != after["tokens"]:
         rows += [
             "",
