@@ -112,6 +112,10 @@ def _finished(config: RunConfig) -> dict[str, Any] | None:
 
 
 REFERENCE = "reference"
+RATIONALE_METRICS = {
+    "annotation_accuracy": "annotations right",
+    "teacher_step_agreement": "steps as teacher's",
+}
 
 
 def short_source(source: str) -> str:
@@ -135,7 +139,12 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
                 out[f"{arm} {name}"] = float(after[name])
         for source, task in (after.get("tasks") or {}).items():
             if "exact_match" in task:
-                out[f"{arm} exact match {short_source(source)}"] = float(task["exact_match"])
+                name = short_source(source)
+                out[f"{arm} exact match {name}"] = float(task["exact_match"])
+                # Rationale quality without ground truth (absent when none is written).
+                for key, label in RATIONALE_METRICS.items():
+                    if isinstance(task.get(key), (int, float)):
+                        out[f"{arm} {label} {name}"] = float(task[key])
             else:
                 out[f"{arm} accuracy {short_source(source)}"] = float(task["accuracy"])
     return out
@@ -164,7 +173,8 @@ def render(summary: dict[str, Any]) -> str:
     metrics = _compared(table)
     teacher = {
         k.removeprefix("teacher exact match "): v["mean"]
-        for k, v in (table[0].items() if table else [])
+        for entry in table
+        for k, v in entry.items()
         if k.startswith("teacher exact match ")
     }
     axes = ", ".join(f"`{k}` in {v}" for k, v in summary["axes"].items())
@@ -220,9 +230,8 @@ def render(summary: dict[str, Any]) -> str:
 
 def _compared(table: list[dict[str, Any]]) -> list[str]:
     """The metrics that differ between cells (the teacher's accuracy heads the table)."""
-    if not table:
-        return []
-    return [k for k in table[0] if k not in ("cell", "runs") and not k.startswith("teacher ")]
+    keys = dict.fromkeys(k for entry in table for k in entry)  # a cell may lack some
+    return [k for k in keys if k not in ("cell", "runs") and not k.startswith("teacher ")]
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
@@ -232,7 +241,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     table = summary["table"]
-    metrics = _compared(table)
+    compared = _compared(table)
+    # Task accuracy when there is any (the rest is in the table), else everything.
+    metrics = [m for m in compared if " exact match " in m or " accuracy " in m] or compared
     if not metrics:
         return
     figure, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
