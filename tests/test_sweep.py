@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 from lmdistill.config import ConfigError
-from lmdistill.sweep import aggregate, cells, split_overrides
+from lmdistill.sweep import aggregate, cells, headline, render, split_overrides
 
 
 def test_axes_are_the_overrides_with_several_values() -> None:
@@ -31,6 +31,34 @@ def test_mean_and_sample_std_across_seeds() -> None:
     (entry,) = aggregate(rows)
     assert entry["KD kl"]["mean"] == pytest.approx(7 / 3)
     assert entry["KD kl"]["std"] == pytest.approx(statistics.stdev([1.0, 2.0, 4.0]))
+
+
+def test_task_table_shares_of_the_teacher_and_columns_a_reference_lacks() -> None:
+    def metrics(em: float, annotations: float | None) -> dict:
+        task = {"exact_match": em, "annotation_accuracy": annotations}
+        return {
+            "teacher": {"tasks": {"lab:test:200:0:steps=3": {"exact_match": 0.8}}},
+            "kd": {"after": {"tasks": {"lab:test:200:0:steps=3": task}}},
+        }
+
+    rows = [
+        {"cell": "reference,objective.kind=label_only", "seed": 0, **headline(metrics(0.2, None))},
+        {"cell": "objective.kind=cot", "seed": 0, **headline(metrics(0.6, 0.9))},
+        {"cell": "objective.kind=cot", "seed": 1, **headline(metrics(0.7, 0.95))},
+    ]
+    summary = {
+        "axes": {"objective.kind": ["cot"]},
+        "reference": ["objective.kind=label_only"],
+        "seeds": 2,
+        "runs": rows,
+        "table": aggregate(rows),
+    }
+    text = render(summary)
+    assert "Teacher exact match: lab:test 0.800" in text
+    header = "| cell | KD exact match lab:test | KD annotations right lab:test |"
+    assert header in text  # the label-only reference writes no annotations; cot does
+    assert "| `objective.kind=cot` | 0.65 ± 0.071 (81%) | 0.925 ± 0.035 |" in text
+    assert "| `objective.kind=cot` | +0.45 |  |" in text  # vs the reference, where it has one
 
 
 def test_a_tiny_sweep_runs_every_cell_and_seed_once(
