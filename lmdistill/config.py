@@ -130,7 +130,7 @@ class GenerateConfig:
     rationale_prompt: str | None = None
     samples: int = 1
     keep: Literal["all", "majority", "gold"] = "all"
-    keep_per_prompt: int = 1
+    keep_per_prompt: int | None = None  # None: every sample that is kept
     min_chars: int = 0
     max_chars: int | None = None
     require_answer: bool = False
@@ -405,12 +405,20 @@ def validate(config: RunConfig) -> None:
     _check(gen.samples >= 1, "generate.samples", gen.samples, "an integer >= 1")
     if gen.samples > 1:
         _check(gen.do_sample, "generate.do_sample", gen.do_sample, "true when generate.samples > 1")
-    _check(
-        1 <= gen.keep_per_prompt <= gen.samples,
-        "generate.keep_per_prompt",
-        gen.keep_per_prompt,
-        f"an integer in [1, generate.samples={gen.samples}]",
-    )
+    if gen.keep_per_prompt is not None:
+        _check(
+            1 <= gen.keep_per_prompt <= gen.samples,
+            "generate.keep_per_prompt",
+            gen.keep_per_prompt,
+            f"null or an integer in [1, generate.samples={gen.samples}]",
+        )
+    if gen.keep == "majority":
+        _check(
+            gen.samples > 1,
+            "generate.samples",
+            gen.samples,
+            "> 1 with generate.keep=majority (one sample is its own majority)",
+        )
     _check(gen.min_chars >= 0, "generate.min_chars", gen.min_chars, "an integer >= 0")
     if gen.max_chars is not None:
         _check(

@@ -51,9 +51,8 @@ def test_majority_keeps_the_samples_that_agree_with_the_most_common_answer() -> 
     assert [e.id for e in kept] == ["q0#s0", "q0#s2", "q1#s0", "q1#s1", "q2#s0"]
     assert report["dropped"] == {"disagrees": 2, "no_answer": 1, "truncated": 1}
     assert report["prompts_kept"] == 3 and report["kept"] == 5
-    # 2 of 3 samples agree with their majority in each question (q2: the truncated "3" still
-    # votes; the sample with no answer counts as disagreeing).
-    assert report["majority_agreement"] == pytest.approx(6 / 9)
+    # Only well-formed samples vote: 2 of 3 agree in q0 and q1, q2's one passing sample alone.
+    assert report["majority_agreement"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
     assert report["majority_accuracy"] == 0.5  # q0's majority is right, q1's is not
 
 
@@ -89,6 +88,7 @@ def test_config_rejects_samples_without_sampling_and_bad_filters(tmp_path: Path)
         "generate.samples=0": "generate.samples",
         "generate.keep=vote": "generate.keep",
         "generate.keep_per_prompt=2": "generate.keep_per_prompt",
+        "generate.keep=majority": "generate.samples",
         "generate.max_chars=0": "generate.max_chars",
     }
     for override, field in bad.items():
@@ -170,3 +170,14 @@ def test_filters_that_keep_nothing_are_an_error() -> None:
     prompts = [_question(0, None)]
     with pytest.raises(ValueError, match=r"kept none of 1 training questions.*no_answer"):
         select_rationales(prompts, _answered(prompts, [["no mark"]]), config)
+
+
+def test_truncated_or_unformatted_samples_do_not_vote() -> None:
+    prompts = [_question(0, None)]
+    # Two cut-off loops repeating 9 (their last number would read as the answer) and one
+    # well-formed rationale answering 4.
+    answered = _answered(prompts, [["9 9 9 9~", "so 9, 9~", "a\n#### 4"]])
+    config = GenerateConfig(do_sample=True, samples=3, keep="majority")
+    kept, report = select_rationales(prompts, answered, config)
+    assert [e.response for e in kept] == ["a\n#### 4"]
+    assert report["dropped"] == {"truncated": 2} and report["majority_agreement"] == 1.0

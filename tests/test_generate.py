@@ -102,3 +102,25 @@ def test_a_row_written_for_another_prompt_is_refused(
         generate_responses(tiny_teacher, tiny_tokenizer, edited, path, config, teacher_id="t")
     with pytest.raises(ValueError, match="generated with a different teacher"):
         generate_responses(tiny_teacher, tiny_tokenizer, prompts, path, config, teacher_id="u")
+
+
+def test_filters_may_change_but_new_weights_at_the_same_path_may_not(
+    tmp_path: Path, tiny_teacher: Any, tiny_tokenizer: Any
+) -> None:
+    prompts = load_examples("builtin:gsm8k-demo")[:3]
+    path = tmp_path / "out.jsonl"
+    config = GenerateConfig(max_new_tokens=4, batch_size=3)
+    generate_responses(tiny_teacher, tiny_tokenizer, prompts, path, config, teacher_id="t")
+    # Filters only pick among finished rows: nothing is regenerated.
+    filtered = dataclasses.replace(config, keep="gold", min_chars=2, require_answer=True)
+    _, report = generate_responses(
+        tiny_teacher, tiny_tokenizer, prompts, path, filtered, teacher_id="t"
+    )
+    assert report.generated == 0
+    # The same path retrained: the old rows are not silently reused.
+    import torch
+
+    with torch.no_grad():
+        next(tiny_teacher.parameters()).add_(0.01)
+    with pytest.raises(ValueError, match="different weights"):
+        generate_responses(tiny_teacher, tiny_tokenizer, prompts, path, config, teacher_id="t")

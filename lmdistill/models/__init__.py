@@ -1,6 +1,6 @@
 """Load teachers and students; build students from teachers; check tokenizers agree."""
 
-from lmdistill.models.loading import describe, load_model
+from lmdistill.models.loading import describe, load_model, weights_fingerprint
 from lmdistill.models.registry import RegistryError, resolve_alias
 from lmdistill.models.students import (
     TokenizerMismatchError,
@@ -20,4 +20,5 @@ __all__ = [
     "load_model",
     "resolve_alias",
     "shared_vocab_size",
+    "weights_fingerprint",
 ]

@@ -21,6 +21,20 @@ def describe(spec: ModelConfig) -> str:
     return spec.path if spec.gguf_file is None else f"{spec.path}::{spec.gguf_file}"
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short digest of a model's weights (sums and sums of squares per tensor, in float64):
+    a retrained model at the same path is told apart from the old one."""
+    import hashlib
+    import json
+
+    with torch.no_grad():
+        moments = [
+            (round(float(p.double().sum()), 6), round(float(p.double().square().sum()), 6))
+            for p in model.parameters()
+        ]
+    return hashlib.sha256(json.dumps(moments).encode()).hexdigest()[:16]
+
+
 def load_model(spec: ModelConfig) -> tuple[PreTrainedModel, Any]:
     """Return `(model, tokenizer)` for `spec`, in eval mode, in `spec.dtype`."""
     dtype = DTYPES[spec.dtype]

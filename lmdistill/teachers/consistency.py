@@ -5,15 +5,15 @@ With `generate.samples: n` the teacher answers every training question n times (
 
 - `all`: every sample that passes the format filters;
 - `majority` (self-consistency, Wang et al. 2023): the samples whose final answer agrees with
-  the most common answer among the question's samples;
+  the most common answer among the question's well-formed samples;
 - `gold`: the samples whose final answer equals the question's reference answer (questions
   without one fall back to `majority`).
 
 Format filters apply first: `min_chars` / `max_chars` on the response, `require_answer` (a
 GSM8K-style `#### answer` line), and a response cut at `max_new_tokens` is never kept when
 anything is filtered. At most `keep_per_prompt` samples are kept per question (the first
-ones in sample order); a question with none left is dropped. Every drop is counted by reason
-in the report, so a filter that throws away most of the data is visible, not silent.
+ones in sample order; default all); a question with none left is dropped. Every drop is
+counted by reason in the report, so a filter that throws away most of the data is visible.
 
 Held-out questions are answered once (sample 0) and never filtered, so evaluation sees the
 same questions whatever the filters keep. `generate.rationale_prompt` is shown to the teacher
@@ -100,7 +100,9 @@ def select_rationales(
                 dropped[reason] += 1
             else:
                 passing.append((sample, answer))
-        majority, share = majority_answer([a.response or "" for a in group])
+        # Only well-formed samples vote: a truncated loop repeating one number must not
+        # outvote them.
+        majority, share = majority_answer([s.response or "" for s, _ in passing])
         if majority is not None and n > 1:
             voted += 1
             agree += share
@@ -113,7 +115,7 @@ def select_rationales(
         for sample, answer in passing:
             if config.keep != "all" and answer != target:
                 dropped["disagrees"] += 1
-            elif len(chosen) < config.keep_per_prompt:
+            elif config.keep_per_prompt is None or len(chosen) < config.keep_per_prompt:
                 chosen.append(sample)
             else:
                 dropped["over_keep_per_prompt"] += 1

@@ -40,6 +40,7 @@ from lmdistill.teachers.generate import (
     answered_examples,
     check_manifest,
     finished_rows,
+    generation_settings,
 )
 
 MAX_MISALIGNED = 0.25  # of greedy probe tokens that may differ from their row's top-1
@@ -334,7 +335,7 @@ def served_generate(
         out_path.with_name("manifest.json"),
         {
             "teacher": teacher_id,
-            "generate": {**config.__dict__, "top_logprobs": spec.top_logprobs},
+            "generate": generation_settings(config, top_logprobs=spec.top_logprobs),
         },
     )
     done = finished_rows(out_path, prompts)
