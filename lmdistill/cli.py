@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="one more cell outside the grid, e.g. loss.alpha=1.0 (CE only at the same steps); "
         "the table shows each cell's difference from it",
     )
+    sweep.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the table from the runs already on disk; run nothing",
+    )
     sweep.set_defaults(handler=cmd_sweep)
 
     evaluate = commands.add_parser(
@@ -188,6 +193,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     out = Path(args.out or Path(config.output_dir) / "generate" / "teacher_responses.jsonl")
+    if config.teacher.kind == "cache" and (
+        filtering(config.generate) or config.generate.rationale_prompt
+    ):
+        raise ConfigError(
+            "teacher.kind: 'cache' holds the responses it was written with; sampling, "
+            "filtering or a rationale prompt need teacher.kind 'local' or 'served'"
+        )
     teacher, report = generating_teacher(config)
     train, held_out = load_splits(config)
     prompts = expand_samples(train, config.generate.samples) + held_out
@@ -220,6 +232,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         out=Path(args.out) if args.out else None,
         reference=args.reference,
+        report_only=args.report_only,
     )
     print(f"\nwrote the sweep table for {len(summary['runs'])} runs")
     return 0

@@ -28,9 +28,10 @@ from lmdistill.io import atomic_dir, atomic_write_json
 from lmdistill.kd.checkpoint import list_checkpoints
 from lmdistill.kd.rationale import apply_objective, eval_prompts
 from lmdistill.kd.train import TrainResult, train_student, use_cpu
-from lmdistill.models import build_student, describe, shared_vocab_size
+from lmdistill.models import build_student, describe, shared_vocab_size, weights_fingerprint
 from lmdistill.report import write_report
 from lmdistill.teachers import greedy_responses
+from lmdistill.teachers.consistency import with_rationale_prompt
 from lmdistill.teachers.setup import open_teacher
 
 
@@ -103,12 +104,19 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         teacher_tasks = {}
         answers_dir = Path(config.eval.teacher_answers_dir or out / "teacher_answers")
         for source, examples in questions.items():
+            # Asked as it was when it wrote the training rationales.
+            asked = with_rationale_prompt(examples, config.generate.rationale_prompt)
             answers = _teacher_answers(
                 teacher_model,
                 tokenizer,
-                examples,
+                asked,
                 answers_dir,
-                key={"teacher": describe(config.teacher), "source": source, "max": longest},
+                key={
+                    "teacher": describe(config.teacher),
+                    "source": source,
+                    "max": longest,
+                    "rationale_prompt": config.generate.rationale_prompt,
+                },
                 batch_size=batch,
             )
             teacher_answers[source] = answers
@@ -240,10 +248,7 @@ def _teacher_answers(
     import hashlib
     import json
 
-    with torch.no_grad():
-        weights = [
-            (float(p.double().sum()), float(p.double().square().sum())) for p in model.parameters()
-        ]
+    weights = weights_fingerprint(model)
     identity = json.dumps({**key, "weights": weights, "questions": [e.id for e in examples]})
     path = directory / f"{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
     if path.is_file():

@@ -9,7 +9,8 @@ hold mean +- std across seeds of every headline metric; `OUT/sweep.png` plots th
 `--reference key=v ...` adds one more cell, outside the grid (e.g. `loss.alpha=1.0`, the
 CE-only student at the same steps), and the table says how far each cell is from it. With a
 teacher that answers the task sets (`eval.task_teacher`), its accuracy heads the table and
-each cell's share of it is shown.
+each cell's share of it is shown. `--report-only` writes the table from the runs already on
+disk and runs nothing (runs made with an earlier config are included and named).
 """
 
 from __future__ import annotations
@@ -58,7 +59,10 @@ def run_sweep(
     seeds: int,
     out: Path | None = None,
     reference: list[str] | None = None,
+    report_only: bool = False,
 ) -> dict[str, Any]:
+    """Run (or, with `report_only`, only read back) every run of the grid, then write the
+    table, JSON and plot."""
     from lmdistill.pipeline import run
 
     fixed, axes = split_overrides(overrides)
@@ -82,15 +86,26 @@ def run_sweep(
     # Seed-major: every cell's first seed finishes before any second seed starts.
     planned.sort(key=lambda item: item[1])
     rows = []
+    notes = []
     for name, seed, config in planned:
         print(f"sweep: {name} seed {seed} -> {config.output_dir}")
         metrics = _finished(config)
-        if metrics is None:
+        if metrics is None and report_only:
+            path = Path(config.output_dir) / "metrics.json"
+            if not path.is_file():
+                notes.append(f"`{name}` seed {seed}: not run")
+                continue
+            metrics = json.loads(path.read_text())
+            notes.append(f"`{name}` seed {seed}: run with an earlier config (hash differs)")
+        elif metrics is None:
             resume = (Path(config.output_dir) / "checkpoints").is_dir()
             metrics = run(config, resume=resume)
         rows.append({"cell": name, "seed": seed, **headline(metrics)})
+    if not rows:
+        raise ConfigError(f"{root}: no finished runs to report")
     summary = {
         "axes": dict(axes),
+        "notes": notes,
         "reference": reference,
         "seeds": seeds,
         "runs": rows,
@@ -129,25 +144,45 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
     """The numbers a sweep compares: fidelity and task accuracy of each trained arm (and the
     teacher's task accuracy, the same in every cell)."""
     out: dict[str, float] = {}
-    for source, task in (((metrics.get("teacher") or {}).get("tasks")) or {}).items():
+    sources = [
+        source
+        for arm in ("teacher", "kd", "baseline")
+        for source in ((_arm(metrics, arm).get("tasks")) or {})
+    ]
+    names = _short_names(sources)
+    for source, task in ((_arm(metrics, "teacher").get("tasks")) or {}).items():
         if "exact_match" in task:
-            out[f"teacher exact match {short_source(source)}"] = float(task["exact_match"])
+            out[f"teacher exact match {names[source]}"] = float(task["exact_match"])
     for arm, key in (("KD", "kd"), ("CE-only", "baseline")):
-        after = (metrics.get(key) or {}).get("after") or {}
+        after = _arm(metrics, key)
         for name in ("kl", "top1_agreement", "student_ppl"):
             if isinstance(after.get(name), (int, float)):
                 out[f"{arm} {name}"] = float(after[name])
         for source, task in (after.get("tasks") or {}).items():
             if "exact_match" in task:
-                name = short_source(source)
+                name = names[source]
                 out[f"{arm} exact match {name}"] = float(task["exact_match"])
                 # Rationale quality without ground truth (absent when none is written).
                 for key, label in RATIONALE_METRICS.items():
                     if isinstance(task.get(key), (int, float)):
                         out[f"{arm} {label} {name}"] = float(task[key])
             else:
-                out[f"{arm} accuracy {short_source(source)}"] = float(task["accuracy"])
+                out[f"{arm} accuracy {names[source]}"] = float(task["accuracy"])
     return out
+
+
+def _arm(metrics: dict[str, Any], key: str) -> dict[str, Any]:
+    """An arm's evaluated metrics: the teacher's as they are, a student's after training."""
+    if key == "teacher":
+        return dict(metrics.get("teacher") or {})
+    return dict((metrics.get(key) or {}).get("after") or {})
+
+
+def _short_names(sources: list[str]) -> dict[str, str]:
+    """Short names for the task sets, the full source wherever two would collide."""
+    short = {s: short_source(s) for s in dict.fromkeys(sources)}
+    clashes = {n for n in short.values() if list(short.values()).count(n) > 1}
+    return {s: s if n in clashes else n for s, n in short.items()}
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -155,7 +190,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     table = []
     for cell in dict.fromkeys(r["cell"] for r in rows):  # in grid order
         runs = [r for r in rows if r["cell"] == cell]
-        metrics = [k for k in runs[0] if k not in ("cell", "seed")]
+        # Every metric any seed has; `n` says how many seeds it is averaged over.
+        metrics = dict.fromkeys(k for r in runs for k in r if k not in ("cell", "seed"))
         entry: dict[str, Any] = {"cell": cell, "runs": len(runs)}
         for metric in metrics:
             values = [r[metric] for r in runs if metric in r]
@@ -163,7 +199,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             var = (
                 sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
             )
-            entry[metric] = {"mean": mean, "std": math.sqrt(var)}
+            entry[metric] = {"mean": mean, "std": math.sqrt(var), "n": len(values)}
         table.append(entry)
     return table
 
@@ -186,6 +222,8 @@ def render(summary: dict[str, Any]) -> str:
     ]
     if summary.get("reference"):
         lines.append(f"Reference cell: `{' '.join(summary['reference'])}`.")
+    if summary.get("notes"):
+        lines.append("Read back with `--report-only`: " + "; ".join(summary["notes"]) + ".")
     if teacher:
         lines.append(
             "Teacher exact match: "
@@ -200,6 +238,8 @@ def render(summary: dict[str, Any]) -> str:
                 texts.append("")
                 continue
             text = f"{entry[m]['mean']:.4g} ± {entry[m]['std']:.2g}"
+            if entry[m].get("n", entry["runs"]) < entry["runs"]:
+                text += f" (n={entry[m]['n']})"
             share = teacher.get(m.split(" exact match ")[-1]) if " exact match " in m else None
             if share:
                 text += f" ({entry[m]['mean'] / share:.0%})"

@@ -193,3 +193,15 @@ def test_a_progressive_kpod_run_trains_end_to_end(tmp_path: Any) -> None:
     assert metrics["kd"]["steps"] == 4
     losses = [h["loss"] for h in metrics["kd"]["history"]]
     assert all(loss == loss and loss > 0 for loss in losses)  # finite, not NaN
+
+
+def test_step_ranks_skip_blank_lines_and_answers_come_from_the_first_mark() -> None:
+    from lmdistill.kd.rationale import split_answer, step_spans
+
+    # "A", blank, "B", trailing newline: the blank joins B (rank 0), A is one step earlier.
+    assert step_spans("A\n\nB\n") == ((0, 1), (2, 0), (3, 0), (5, 0))
+    assert step_spans("x\ny\n#### 3") == ((0, 2), (2, 1), (4, 0))
+    twice = Example("q", EXAMPLE.messages, "step\n#### 5\nmore\n#### 6")
+    assert split_answer(twice) == ("step", "#### 5")  # as final_answer reads it
+    (label,) = apply_objective([twice], ObjectiveConfig(kind="label_only"))
+    assert label.response == "#### 5"

@@ -110,3 +110,12 @@ def test_a_tiny_sweep_runs_every_cell_and_seed_once(
     stamp = metrics.stat().st_mtime_ns
     assert main(args) == 0
     assert metrics.stat().st_mtime_ns == stamp
+    # --report-only with a changed config and one more cell: nothing runs, the table says so.
+    assert args[2] == "loss.temperature=1,2"
+    changed = [*args[:2], "loss.temperature=1,2,3", "train.lr=0.5", *args[3:], "--report-only"]
+    assert main(changed) == 0
+    assert metrics.stat().st_mtime_ns == stamp
+    assert not (tmp_path / "sw" / "loss.temperature=3").exists()
+    text = (tmp_path / "sw" / "sweep.md").read_text()
+    assert "`loss.temperature=3` seed 0: not run" in text
+    assert "`loss.temperature=2` seed 1: run with an earlier config" in text

@@ -96,6 +96,22 @@ def test_agreement_with_the_teacher_and_across_sampled_answers(
     assert result["majority_exact_match"] == pytest.approx(sum(right) / 3)
 
 
+def test_a_student_that_writes_no_calculations_has_no_step_agreement(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    examples = load_examples("lab:test:2:0:steps=2:min_steps=2")
+    teacher = [e.response or "" for e in examples]
+    monkeypatch.setattr(task, "greedy_responses", lambda m, t, batch, n: ["#### 1" for _ in batch])
+    result = task.task_accuracy(
+        None,  # type: ignore[arg-type]
+        None,
+        examples,
+        max_new_tokens=8,
+        teacher_answers=teacher,
+    )
+    assert result["teacher_step_agreement"] is None  # label-only: nothing to compare
+
+
 def test_step_agreement_counts_repeated_calculations_once_each() -> None:
     reference = "<<2+2=4>> <<4*3=12>> <<2+2=4>>"
     assert step_agreement("<<2 + 2 = 4>>", reference) == pytest.approx(1 / 3)

@@ -9,6 +9,7 @@ from transformers import PreTrainedModel
 
 from lmdistill.data import Example
 from lmdistill.eval.reasoning import (
+    calculator_annotations,
     final_answer,
     majority_answer,
     rationale_quality,
@@ -89,9 +90,12 @@ def _teacher_agreement(answers: list[str], teacher_answers: list[str]) -> dict[s
     )
     steps = [step_agreement(a, t) for a, t in zip(answers, teacher_answers, strict=True)]
     judged = [s for s in steps if s is not None]
+    # A student that writes no calculations at all (label-only, step-by-step at inference)
+    # has no rationale to compare: None, not 0.
+    writes = any(calculator_annotations(a) for a in answers)
     return {
         "teacher_answer_agreement": same / len(answers),
-        "teacher_step_agreement": sum(judged) / len(judged) if judged else None,
+        "teacher_step_agreement": sum(judged) / len(judged) if judged and writes else None,
     }
 
 

@@ -66,13 +66,13 @@ def eval_prompts(examples: list[Example], config: ObjectiveConfig) -> list[Examp
 def split_answer(example: Example) -> tuple[str, str]:
     """(rationale, answer line) of a GSM8K-format response; an error names the example."""
     text = example.response or ""
-    head, mark, tail = text.rpartition(ANSWER_MARK)
+    head, mark, tail = text.partition(ANSWER_MARK)  # the first mark, as final_answer reads it
     if not mark:
         raise ValueError(
             f"{example.source}: example {example.id!r} has no '{ANSWER_MARK} answer' line; "
             "rationale objectives need GSM8K-format responses"
         )
-    return head.rstrip("\n"), f"{ANSWER_MARK}{tail}".strip()
+    return head.rstrip("\n"), f"{ANSWER_MARK}{tail.split(chr(10), 1)[0]}".strip()
 
 
 @register_objective("cot")
@@ -140,10 +140,16 @@ def _two_tasks(
 
 
 def step_spans(text: str) -> tuple[tuple[int, int], ...]:
-    """Each line's rank counted from the end (the last line, e.g. `#### answer`, is 0), as
-    (start_char, rank) breakpoints; the progressive curriculum reads them."""
-    starts = [0] + [i + 1 for i, c in enumerate(text) if c == "\n"]
-    return tuple((start, len(starts) - 1 - i) for i, start in enumerate(starts))
+    """Each non-empty line's rank counted from the end (the last one, e.g. `#### answer`, is
+    0), as (start_char, rank) breakpoints; a blank line takes the rank of the line after it
+    (a trailing one 0). The progressive curriculum reads them."""
+    lines = text.split("\n")
+    spans, start = [], 0
+    for i, line in enumerate(lines):
+        after = sum(1 for later in lines[i + 1 :] if later.strip())  # non-empty lines after
+        spans.append((start, after if line.strip() else max(after - 1, 0)))
+        start += len(line) + 1
+    return tuple(spans)
 
 
 def _keypoint_spans(text: str, heavy: float, light: float) -> tuple[tuple[int, float], ...]:

@@ -129,19 +129,22 @@ def train_student(
             micro = [gate_steps(b, visible) for b in micro]
         # Normalise by the *global* number of response tokens in this optimizer step, so that
         # gradient accumulation and N processes give the gradient of one big batch.
+        # The progressive curriculum normalises by the tokens it trains on this step (lines
+        # not yet visible carry weight 0), so the early steps are not scaled down.
         local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        global_tokens = int(
-            accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum")
-        )
+        local_trained = sum(trained_tokens(b) for b in micro) if progressive else 0
+        local = torch.tensor([local_tokens, local_trained], device=accelerator.device)
+        global_tokens, global_trained = (int(v) for v in accelerator.reduce(local, "sum"))
+        normaliser = global_trained if progressive else global_tokens
         sums = accumulate_gradients(
-            accelerator, objective, teacher, micro, chunks, loss, global_tokens
+            accelerator, objective, teacher, micro, chunks, loss, max(normaliser, 1)
         )
         grad_norm = accelerator.clip_grad_norm_(objective.parameters(), train.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        sums = accelerator.reduce(sums, "sum") / max(global_tokens, 1)
+        sums = accelerator.reduce(sums, "sum") / max(normaliser, 1)
         state.step += 1
         state.tokens += global_tokens
         elapsed = time.perf_counter() - started
@@ -230,6 +233,14 @@ def visible_steps(step: int, deepest: int, train: TrainConfig) -> int:
     from 0 (the last line alone) to `deepest` (every line) at `curriculum_steps`."""
     ramp = train.curriculum_steps or max(1, train.max_steps // 2)
     return math.floor(deepest * min(1.0, step / ramp))
+
+
+def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Response tokens with a loss weight above zero."""
+    trained = batch["labels"][:, 1:] != IGNORE_INDEX
+    if "weights" in batch:
+        trained &= batch["weights"][:, 1:] > 0
+    return int(trained.sum())
 
 
 def gate_steps(batch: dict[str, torch.Tensor], visible: int) -> dict[str, torch.Tensor]:
