@@ -96,7 +96,9 @@ def run_sweep(
                 notes.append(f"`{name}` seed {seed}: not run")
                 continue
             metrics = json.loads(path.read_text())
-            notes.append(f"`{name}` seed {seed}: run with an earlier config (hash differs)")
+            changed = _changed_fields(Path(config.output_dir) / "config.yaml", config)
+            if changed:
+                notes.append(f"`{name}` seed {seed}: run with {', '.join(changed)} different")
         elif metrics is None:
             resume = (Path(config.output_dir) / "checkpoints").is_dir()
             metrics = run(config, resume=resume)
@@ -116,6 +118,31 @@ def run_sweep(
     atomic_write_text(root / "sweep.md", render(summary))
     plot(summary, root / "sweep.png")
     return summary
+
+
+def _changed_fields(saved: Path, config: RunConfig) -> list[str]:
+    """The fields a finished run's saved config sets differently from `config` (fields added
+    to lmdistill since it ran are not differences: they did not exist)."""
+    import yaml
+
+    from lmdistill.config import to_dict
+
+    if not saved.is_file():
+        return ["an unknown config"]
+    old, new = yaml.safe_load(saved.read_text()), to_dict(config)
+    changed: list[str] = []
+
+    def walk(a: Any, b: Any, where: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in a.keys() & b.keys():
+                walk(a[key], b[key], f"{where}.{key}" if where else key)
+        elif a != b and where != "output_dir":
+            changed.append(f"{where} ({a!r} then, {b!r} now)")
+
+    walk(old, new, "")
+    # Settings of a stage that is off in both runs change nothing.
+    off = not (old.get("generate") or {}).get("enabled") and not new["generate"]["enabled"]
+    return sorted(c for c in changed if not (off and c.startswith("generate.")))
 
 
 def _finished(config: RunConfig) -> dict[str, Any] | None:

@@ -118,4 +118,4 @@ def test_a_tiny_sweep_runs_every_cell_and_seed_once(
     assert not (tmp_path / "sw" / "loss.temperature=3").exists()
     text = (tmp_path / "sw" / "sweep.md").read_text()
     assert "`loss.temperature=3` seed 0: not run" in text
-    assert "`loss.temperature=2` seed 1: run with an earlier config" in text
+    assert "`loss.temperature=2` seed 1: run with train.lr (0.003 then, 0.5 now) different" in text
