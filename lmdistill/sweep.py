@@ -285,7 +285,7 @@ def render(summary: dict[str, Any]) -> str:
             if entry is reference:
                 continue
             texts = [
-                f"{entry[m]['mean'] - reference[m]['mean']:+.4g}"
+                f"{round(entry[m]['mean'] - reference[m]['mean'], 9):+.4g}"
                 if m in entry and m in reference
                 else ""
                 for m in metrics
@@ -298,7 +298,10 @@ def render(summary: dict[str, Any]) -> str:
 def _compared(table: list[dict[str, Any]]) -> list[str]:
     """The metrics that differ between cells (the teacher's accuracy heads the table)."""
     keys = dict.fromkeys(k for entry in table for k in entry)  # a cell may lack some
-    return [k for k in keys if k not in ("cell", "runs") and not k.startswith("teacher ")]
+    shown = [k for k in keys if k not in ("cell", "runs") and not k.startswith("teacher ")]
+    # Accuracy first, then the rationale checks, each over the task sets in order.
+    order = [" exact match ", " accuracy ", *(f" {label} " for label in RATIONALE_METRICS.values())]
+    return sorted(shown, key=lambda k: next((i for i, o in enumerate(order) if o in k), -1))
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
@@ -321,6 +324,12 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         axis.bar(range(len(names)), means, yerr=stds, capsize=4, color="#4c72b0")
         axis.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
         axis.set_title(metric, fontsize=8)
+        if " exact match " in metric:  # the teacher's accuracy on the same task set
+            teacher = f"teacher exact match {metric.split(' exact match ')[-1]}"
+            levels = [entry[teacher]["mean"] for entry in table if teacher in entry]
+            if levels:
+                axis.axhline(levels[0], color="#c44e52", linestyle="--", label="teacher")
+                axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
