@@ -130,6 +130,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.set_defaults(handler=cmd_sweep)
 
+    choose = commands.add_parser(
+        "select",
+        help="score the training data, select a subset within a budget, write it (JSONL)",
+        description="Dataset distillation by selection (config section `select`): scores per "
+        "example (length, perplexity, IFD, teacher-student divergence, LESS gradients) and "
+        "features (sentence embeddings, hidden states, projected LoRA gradients) are computed "
+        "once and saved with a manifest; a selector (random, top, bottom, kcenter, herding, "
+        "deita, cluster) picks within select.budget; the subset keeps the original ids. "
+        "Writes SELECT_OUT/subset.jsonl, selection.json and select.md.",
+    )
+    _common(choose, resume=False)
+    choose.set_defaults(handler=cmd_select)
+
+    protocol = commands.add_parser(
+        "protocol",
+        help="the data-efficiency protocol: budgets x selection methods x KD, against random",
+        description="For each protocol.budgets fraction: random subsets over protocol.seeds, "
+        "each protocol.methods selection, the same with the protocol.kd overrides, and "
+        "condensed synthetic sets at the small budgets; plus the full data. Every student "
+        "trains with the config's train settings and is scored on eval.tasks[0]. Finished "
+        "arms are read back (a killed protocol resumes). Writes OUT/protocol.md, "
+        "protocol.json and protocol.png.",
+    )
+    _common(protocol, resume=False)
+    protocol.add_argument("--out", help="protocol directory (default: OUTPUT_DIR/protocol)")
+    protocol.add_argument(
+        "--report-only", action="store_true", help="write the table from finished arms only"
+    )
+    protocol.set_defaults(handler=cmd_protocol)
+
     evaluate = commands.add_parser(
         "eval",
         help="measure a saved student's fidelity to the teacher on held-out data",
@@ -235,6 +265,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         report_only=args.report_only,
     )
     print(f"\nwrote the sweep table for {len(summary['runs'])} runs")
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from lmdistill.dd.stage import run_select
+
+    config = load_config(args.config, args.overrides)
+    summary = run_select(config)
+    shown = {k: v for k, v in summary.items() if k != "ids"}
+    print(json.dumps(shown, indent=2))
+    return 0
+
+
+def cmd_protocol(args: argparse.Namespace) -> int:
+    from lmdistill.dd.protocol import run_protocol
+
+    run_protocol(
+        args.config,
+        args.overrides,
+        out=Path(args.out) if args.out else None,
+        report_only=args.report_only,
+    )
     return 0
 
 

@@ -221,6 +221,7 @@ class EvalConfig:
     # (GSM8K format) on greedy answers, with rationale checks; `mc:FILE.jsonl` is multiple
     # choice by log-likelihood (question, choices, answer).
     tasks: list[str] = field(default_factory=list)
+    before: bool = True  # also evaluate the untrained student
     task_max_new_tokens: int = 256
     task_batch_size: int = 32
     # The teacher answers the task sets too (its accuracy, and the student's agreement with
@@ -231,6 +232,86 @@ class EvalConfig:
     # Where the teacher's task answers are kept (default OUTPUT_DIR/teacher_answers); point
     # the runs of a sweep at one directory and the teacher answers once.
     teacher_answers_dir: str | None = None
+
+
+@dataclass
+class SelectConfig:
+    """`lmdistill select` (lmdistill/dd): score -> select -> materialise a subset of data.train.
+
+    `scorer` gives each example a number (length | perplexity | ifd | divergence | gradient),
+    `features` a vector (embedding | hidden | gradient); `selector` (random | top | bottom |
+    kcenter | herding | deita | cluster) picks within `budget` (a fraction of the examples,
+    a number of examples, or of tokens). `model` scores perplexity / IFD / hidden states /
+    gradients (the student as built, the teacher, or a model path: a small proxy), and is the
+    student side of `divergence`. `gradient` (LESS) needs `target`: the data the selection
+    should help (a data source, e.g. a held-out split).
+    """
+
+    scorer: str | None = None
+    features: str | None = None
+    model: str = "student"
+    embedding_model: str = "all-minilm-l6-v2"  # alias, or a sentence-embedding model dir
+    selector: str = "random"
+    budget: float = 0.1
+    budget_unit: Literal["fraction", "examples", "tokens"] = "fraction"
+    stratify: Literal["none", "length", "lines"] = "none"  # random: strata to keep in proportion
+    strata: int = 4  # stratify=length: quantile bins of response length
+    seed: int = 0
+    target: str | None = None
+    target_size: int = 64
+    lora_rank: int = 8
+    lora_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    grad_dim: int = 2048
+    threshold: float = 0.9  # deita: most cosine similarity to an example already picked
+    clusters: int = 10  # cluster: k-means clusters
+    batch_size: int = 8
+    out: str | None = None  # default OUTPUT_DIR/select
+    scores_dir: str | None = None  # score artifacts (default OUT/scores); shared across budgets
+
+
+@dataclass
+class CondenseConfig:
+    """Condensation by matching (lmdistill/dd/condense.py): learn a small synthetic set of soft
+    token sequences (distributions over the vocabulary, fed to the student as
+    `inputs_embeds`) with soft labels, so that a student trained on it behaves like one trained
+    on the real data. `method`: `dc` (layer-wise gradient matching), `dm` (distribution
+    matching of mean hidden states) or `mtt` (trajectory matching with TESLA's
+    constant-memory unrolling). The set starts from real examples chosen at random."""
+
+    method: Literal["dc", "dm", "mtt"] = "dm"
+    iterations: int = 200  # updates of the synthetic set
+    lr: float = 0.05  # Adam on the synthetic logits
+    real_batch: int = 32
+    inner_steps: int = 5  # dc: student updates on the synthetic set between matches
+    init_students: int = 4  # dc / dm: fresh random students the matching cycles through
+    soft_labels: Literal["tokens", "teacher"] = (
+        "tokens"  # initial labels: one-hot, or the teacher's
+    )
+    input_temperature: float = 1.0
+    # mtt: expert trajectories on real data, then unrolled student steps on the synthetic set
+    expert_steps: int = 60
+    expert_every: int = 10
+    unroll_steps: int = 10
+    match_span: int = 20  # expert steps the unroll should cover
+    student_lr: float = 1e-3  # the unrolled SGD's learning rate (learned, log-parametrised)
+
+
+@dataclass
+class ProtocolConfig:
+    """The data-efficiency protocol (`lmdistill protocol CONFIG`): for each budget (a fraction
+    of data.train), random subsets over `seeds`, each method in `methods` (name -> select.*
+    overrides), each again with the `kd` overrides, random with the same KD, and the
+    condensation methods at budgets up to `condense_max_budget`; every student trained with
+    the same `train` settings; plus the full data. Task accuracy on eval.tasks[0]."""
+
+    budgets: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.25])
+    seeds: int = 3
+    methods: dict[str, list[str]] = field(default_factory=dict)
+    kd: list[str] = field(default_factory=lambda: ["loss.alpha=0.5", "teacher.kind=cache"])
+    kd_methods: bool = True  # also train every method with KD (else random + KD only)
+    condense: list[str] = field(default_factory=list)  # dc | dm | mtt
+    condense_max_budget: float = 0.05
+    full_seeds: int = 1
 
 
 @dataclass
@@ -245,6 +326,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    condense: CondenseConfig = field(default_factory=CondenseConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     # Also train a CE-only student on the same data for the same steps, to compare against.
     baseline: bool = False
 
@@ -397,6 +481,8 @@ def validate(config: RunConfig) -> None:
     _check(config.cache.shard_size >= 1, "cache.shard_size", config.cache.shard_size, ">= 1")
     _validate_teacher(config)
     _validate_objective(config)
+    _validate_select(config.select)
+    _validate_protocol(config)
     gen = config.generate
     _check(gen.max_new_tokens >= 1, "generate.max_new_tokens", gen.max_new_tokens, ">= 1")
     _check(gen.temperature > 0, "generate.temperature", gen.temperature, "a number > 0")
@@ -427,6 +513,83 @@ def validate(config: RunConfig) -> None:
             gen.max_chars,
             f"null or an integer > generate.min_chars={gen.min_chars}",
         )
+
+
+def _validate_select(select: SelectConfig) -> None:
+    from lmdistill.dd.scores import FEATURES, SCORERS
+    from lmdistill.dd.select import NEEDS_FEATURES, NEEDS_SCORES, SELECTORS
+
+    if select.scorer is not None:
+        _check(select.scorer in SCORERS, "select.scorer", select.scorer, f"one of {SCORERS}")
+    if select.features is not None:
+        allowed = f"one of {FEATURES}"
+        _check(select.features in FEATURES, "select.features", select.features, allowed)
+    _check(select.selector in SELECTORS, "select.selector", select.selector, f"one of {SELECTORS}")
+    if select.selector in NEEDS_SCORES:
+        _check(
+            select.scorer is not None,
+            "select.scorer",
+            select.scorer,
+            f"a scorer with select.selector={select.selector}",
+        )
+    if select.selector in NEEDS_FEATURES:
+        _check(
+            select.features is not None,
+            "select.features",
+            select.features,
+            f"a feature kind with select.selector={select.selector}",
+        )
+    if select.scorer == "gradient":
+        _check(
+            bool(select.target), "select.target", select.target, "a data source (scorer=gradient)"
+        )
+    _check(select.budget > 0, "select.budget", select.budget, "a number > 0")
+    if select.budget_unit == "fraction":
+        _check(select.budget <= 1, "select.budget", select.budget, "a fraction in (0, 1]")
+    for name in ("strata", "lora_rank", "grad_dim", "clusters", "batch_size", "target_size"):
+        value = getattr(select, name)
+        _check(value >= 1, f"select.{name}", value, "an integer >= 1")
+    _check(-1 <= select.threshold <= 1, "select.threshold", select.threshold, "in [-1, 1]")
+    _check(bool(select.lora_modules), "select.lora_modules", select.lora_modules, "module names")
+
+
+def _validate_protocol(config: RunConfig) -> None:
+    protocol, condense = config.protocol, config.condense
+    for budget in protocol.budgets:
+        _check(0 < budget < 1, "protocol.budgets", protocol.budgets, "fractions in (0, 1)")
+    _check(protocol.seeds >= 1, "protocol.seeds", protocol.seeds, "an integer >= 1")
+    _check(protocol.full_seeds >= 1, "protocol.full_seeds", protocol.full_seeds, ">= 1")
+    for name, overrides in protocol.methods.items():
+        reserved = ("full", "random", "condensed")
+        _check(
+            isinstance(overrides, list) and not name.startswith(reserved) and "+" not in name,
+            f"protocol.methods.{name}",
+            overrides,
+            "a list of select.* overrides under a name not starting with full / random / "
+            "condensed and without '+'",
+        )
+        for item in overrides:
+            _check(
+                isinstance(item, str) and item.startswith("select."),
+                f"protocol.methods.{name}",
+                item,
+                "select.key=value overrides",
+            )
+    for method in protocol.condense:
+        allowed = "a list of dc / dm / mtt"
+        _check(method in ("dc", "dm", "mtt"), "protocol.condense", protocol.condense, allowed)
+    for name in ("iterations", "real_batch", "init_students", "expert_steps", "unroll_steps"):
+        value = getattr(condense, name)
+        _check(value >= 1, f"condense.{name}", value, "an integer >= 1")
+    _check(condense.lr > 0, "condense.lr", condense.lr, "a number > 0")
+    _check(condense.student_lr > 0, "condense.student_lr", condense.student_lr, "a number > 0")
+    _check(condense.expert_every >= 1, "condense.expert_every", condense.expert_every, ">= 1")
+    _check(
+        1 <= condense.match_span <= condense.expert_steps,
+        "condense.match_span",
+        condense.match_span,
+        f"an integer in [1, condense.expert_steps={condense.expert_steps}]",
+    )
 
 
 def _validate_objective(config: RunConfig) -> None:

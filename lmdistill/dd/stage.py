@@ -1,0 +1,376 @@
+"""`lmdistill select`: score -> select -> materialise.
+
+Writes under `select.out` (default OUTPUT_DIR/select):
+    scores/score-<scorer>[-<model>]/     values.npy + manifest.json (see lmdistill/dd/scores.py)
+    scores/features-<kind>[-<model>]/    features.npy + manifest.json
+    subset.jsonl                         the selected examples (messages JSONL, original ids)
+    selection.json                       what was selected, how, from what (ids, budget, tokens)
+    select.md                            a readable summary
+
+Scores are computed once per (scorer, model, data) and reused by every later selection, so a
+protocol over budgets and selectors pays for each scorer once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from lmdistill.config import ModelConfig, RunConfig
+from lmdistill.data import Example, data_hash, load_examples, tokenize_examples, write_examples
+from lmdistill.dd import gradients, scores
+from lmdistill.dd.select import Selection, select
+from lmdistill.io import atomic_write_json, atomic_write_text
+from lmdistill.models import (
+    build_student,
+    check_tokenizers,
+    describe,
+    load_model,
+    shared_vocab_size,
+    weights_fingerprint,
+)
+
+EMBEDDING_ALIASES = ("all-minilm-l6-v2",)
+MODEL_FREE = {"length"}
+
+
+@dataclass
+class Pool:
+    """The data a selection draws from, tokenised once."""
+
+    examples: list[Example]
+    items: list[Any]  # TokenizedExample, aligned with examples
+    costs: np.ndarray  # tokens per example
+    hash: str
+    dropped: int
+
+
+def select_dir(config: RunConfig) -> Path:
+    return Path(config.select.out or Path(config.output_dir) / "select")
+
+
+def scores_dir(config: RunConfig) -> Path:
+    return Path(config.select.scores_dir or select_dir(config) / "scores")
+
+
+class Models:
+    """The models a selection needs, loaded on first use."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self._teacher: tuple[PreTrainedModel, Any] | None = None
+        self._scorer: PreTrainedModel | None = None
+
+    @property
+    def teacher(self) -> tuple[PreTrainedModel, Any]:
+        if self._teacher is None:
+            self._teacher = load_model(self.config.teacher)
+        return self._teacher
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.teacher[1]
+
+    def scorer(self) -> PreTrainedModel:
+        """`select.model`: the student as the config builds it, the teacher, or a path."""
+        if self._scorer is None:
+            choice = self.config.select.model
+            teacher, tokenizer = self.teacher
+            if choice == "teacher":
+                self._scorer = teacher
+            elif choice == "student":
+                torch.manual_seed(self.config.train.seed)
+                self._scorer, _ = build_student(self.config.student, teacher, tokenizer)
+            else:
+                model, other = load_model(ModelConfig(path=choice))
+                check_tokenizers(tokenizer, other)
+                self._scorer = model
+            self._scorer.eval()
+        return self._scorer
+
+    def identity(self) -> str:
+        choice = self.config.select.model
+        name = describe(self.config.teacher) if choice == "teacher" else choice
+        if choice == "student":
+            name = f"student({self.config.student.init}, {self.config.student.num_layers} layers)"
+        return f"{name} weights={weights_fingerprint(self.scorer())}"
+
+
+def load_pool(config: RunConfig, tokenizer: Any) -> Pool:
+    data = config.data
+    examples = load_examples(data.train, split=data.split, format=data.format)
+    if data.max_train_examples is not None:
+        examples = examples[: data.max_train_examples]
+    missing = [e for e in examples if e.response is None]
+    if missing:
+        raise ValueError(
+            f"{missing[0].source}: {len(missing)} examples have no response; selection scores "
+            "prompt-response pairs (run `lmdistill generate` first for prompts only)"
+        )
+    items, report = tokenize_examples(examples, tokenizer, data.max_length, data.on_truncation)
+    kept = {item.id for item in items}
+    if report.dropped:  # their prompt alone fills max_length: not selectable
+        examples = [e for e in examples if e.id in kept]
+    costs = scores.total_tokens(items)
+    return Pool(examples, items, costs, data_hash(examples), report.dropped)
+
+
+def compute_scores(config: RunConfig, pool: Pool, models: Models) -> np.ndarray | None:
+    kind = config.select.scorer
+    if kind is None:
+        return None
+    sel = config.select
+    tokenizer = models.tokenizer
+    pad = tokenizer.pad_token_id
+    model_tag = "" if kind in MODEL_FREE else f"-{_tag(sel.model)}"
+    directory = scores_dir(config) / f"score-{kind}{model_tag}"
+    params: dict[str, Any] = {"max_length": config.data.max_length}
+    if kind == "gradient":
+        params.update(_gradient_params(sel), target=sel.target, target_size=sel.target_size)
+    identity = scores.Identity(
+        name=f"score:{kind}",
+        model="" if kind in MODEL_FREE else models.identity(),
+        data_hash=pool.hash,
+        examples=len(pool.examples),
+        params=params,
+    )
+    if kind == "divergence":
+        identity.params["teacher"] = (
+            f"{describe(config.teacher)} weights={weights_fingerprint(models.teacher[0])}"
+        )
+
+    def compute() -> np.ndarray:
+        if kind == "length":
+            return scores.response_tokens(pool.items).astype(np.float64)
+        if kind == "perplexity":
+            return np.exp(scores.response_nll(models.scorer(), pool.items, pad, sel.batch_size))
+        if kind == "ifd":
+            return scores.ifd_scores(
+                models.scorer(), pool.examples, tokenizer, config.data.max_length, sel.batch_size
+            )
+        if kind == "divergence":
+            teacher = models.teacher[0]
+            student = models.scorer()
+            vocab = shared_vocab_size(teacher, student, tokenizer)
+            return scores.divergence_scores(
+                teacher, student, pool.items, pad, vocab, sel.batch_size
+            )
+        features = compute_features(config, pool, models, "gradient")
+        return gradients.less_scores(features, _target_features(config, models))
+
+    return np.asarray(scores.saved_array(directory, identity, compute), dtype=np.float64)
+
+
+def _tag(model: str) -> str:
+    return model if model in ("student", "teacher") else Path(model).name or "model"
+
+
+def _gradient_params(sel: Any) -> dict[str, Any]:
+    return {
+        "lora_rank": sel.lora_rank,
+        "lora_modules": list(sel.lora_modules),
+        "grad_dim": sel.grad_dim,
+        "seed": sel.seed,
+    }
+
+
+def compute_features(
+    config: RunConfig,
+    pool: Pool,
+    models: Models,
+    kind: str,
+    *,
+    stop_after: int | None = None,
+) -> np.ndarray:
+    sel = config.select
+    pad = models.tokenizer.pad_token_id
+    if kind == "embedding":
+        model_name = sel.embedding_model
+        directory = scores_dir(config) / f"features-embedding-{_tag(model_name)}"
+        identity = scores.Identity(
+            "features:embedding", model_name, pool.hash, len(pool.examples), {}
+        )
+        return np.asarray(
+            scores.saved_array(
+                directory,
+                identity,
+                lambda: scores.sentence_embeddings(embedding_dir(model_name), pool.examples),
+            )
+        )
+    directory = scores_dir(config) / f"features-{kind}-{_tag(sel.model)}"
+    params: dict[str, Any] = {"max_length": config.data.max_length}
+    if kind == "gradient":
+        params.update(_gradient_params(sel))
+    identity = scores.Identity(
+        f"features:{kind}", models.identity(), pool.hash, len(pool.examples), params
+    )
+    if kind == "hidden":
+        return np.asarray(
+            scores.saved_array(
+                directory,
+                identity,
+                lambda: scores.hidden_features(models.scorer(), pool.items, pad, sel.batch_size),
+            )
+        )
+    if scores.check_manifest(directory, identity):
+        return np.load(directory / "features.npy", mmap_mode="r")
+    started = time.perf_counter()
+    features = gradients.gradient_features(
+        models.scorer(),
+        pool.items,
+        pad,
+        directory=directory,
+        identity=identity.as_dict(),
+        modules=list(sel.lora_modules),
+        rank=sel.lora_rank,
+        dim=sel.grad_dim,
+        seed=sel.seed,
+        batch_size=sel.batch_size,
+        stop_after=stop_after,
+    )
+    if features is None:
+        raise InterruptedError(f"stopped after {stop_after} batches (resumable)")
+    atomic_write_json(
+        directory / "manifest.json",
+        {**identity.as_dict(), "seconds": time.perf_counter() - started},
+    )
+    return features
+
+
+def _target_features(config: RunConfig, models: Models) -> np.ndarray:
+    sel = config.select
+    assert sel.target is not None
+    examples = load_examples(sel.target, split=config.data.split, format=config.data.format)
+    examples = [e for e in examples if e.response is not None][: sel.target_size]
+    if not examples:
+        raise ValueError(f"select.target: {sel.target} holds no examples with a response")
+    items, _ = tokenize_examples(examples, models.tokenizer, config.data.max_length, "warn")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        features = gradients.gradient_features(
+            models.scorer(),
+            items,
+            models.tokenizer.pad_token_id,
+            directory=Path(tmp),
+            identity={"target": sel.target},
+            modules=list(sel.lora_modules),
+            rank=sel.lora_rank,
+            dim=sel.grad_dim,
+            seed=sel.seed,
+            batch_size=sel.batch_size,
+        )
+        assert features is not None
+        return np.array(features)
+
+
+def embedding_dir(name: str) -> Path:
+    """A sentence-embedding model directory: the packaged all-MiniLM-L6-v2, or a path."""
+    if name in EMBEDDING_ALIASES:
+        from lmdistill.models.registry import resolve_directory
+
+        return resolve_directory(name)
+    return Path(name)
+
+
+def strata_labels(config: RunConfig, pool: Pool) -> np.ndarray | None:
+    sel = config.select
+    if sel.stratify == "none":
+        return None
+    if sel.stratify == "lines":
+        return np.array([len((e.response or "").strip().splitlines()) for e in pool.examples])
+    lengths = scores.response_tokens(pool.items)
+    edges = np.quantile(lengths, np.linspace(0, 1, sel.strata + 1)[1:-1])
+    return np.searchsorted(edges, lengths, side="right")
+
+
+def run_select(config: RunConfig, *, stop_after: int | None = None) -> dict[str, Any]:
+    """Score, select and write the subset; return the selection's summary."""
+    started = time.perf_counter()
+    sel = config.select
+    models = Models(config)
+    pool = load_pool(config, models.tokenizer)
+    score_values = compute_scores(config, pool, models)
+    features = None
+    if sel.features is not None:
+        features = compute_features(config, pool, models, sel.features, stop_after=stop_after)
+    selection = select(
+        sel.selector,
+        costs=pool.costs,
+        budget=sel.budget,
+        unit=sel.budget_unit,
+        seed=sel.seed,
+        scores=score_values,
+        features=features,
+        strata=strata_labels(config, pool),
+        threshold=sel.threshold,
+        clusters=sel.clusters,
+    )
+    return materialise(config, pool, selection, time.perf_counter() - started)
+
+
+def materialise(
+    config: RunConfig, pool: Pool, selection: Selection, seconds: float
+) -> dict[str, Any]:
+    out = select_dir(config)
+    sel = config.select
+    chosen = [pool.examples[i] for i in selection.indices]
+    write_examples(out / "subset.jsonl", chosen)
+    summary = {
+        "source": config.data.train,
+        "data_hash": pool.hash,
+        "pool_examples": len(pool.examples),
+        "pool_tokens": int(pool.costs.sum()),
+        "dropped_too_long": pool.dropped,
+        "scorer": sel.scorer,
+        "features": sel.features,
+        "model": sel.model if (sel.scorer or sel.features) else None,
+        "selector": sel.selector,
+        "budget": sel.budget,
+        "budget_unit": sel.budget_unit,
+        "seed": sel.seed,
+        "selected": len(selection.indices),
+        "selected_tokens": selection.tokens,
+        "fraction_examples": len(selection.indices) / len(pool.examples),
+        "fraction_tokens": selection.tokens / float(pool.costs.sum()),
+        "seconds": seconds,
+        "info": selection.info,
+        "subset": str(out / "subset.jsonl"),
+        "subset_hash": data_hash(chosen),
+        "ids": [e.id for e in chosen],
+    }
+    atomic_write_json(out / "selection.json", summary)
+    atomic_write_text(out / "select.md", render(summary))
+    return summary
+
+
+def render(summary: dict[str, Any]) -> str:
+    what = summary["selector"]
+    if summary["scorer"]:
+        what += f" by {summary['scorer']}"
+    if summary["features"]:
+        what += f" on {summary['features']} features"
+    lines = [
+        "# Data selection",
+        "",
+        f"- pool: `{summary['source']}` ({summary['pool_examples']} examples, "
+        f"{summary['pool_tokens']} tokens, data hash {summary['data_hash']})",
+        f"- method: {what}" + (f" (model: {summary['model']})" if summary["model"] else ""),
+        f"- budget: {summary['budget']} ({summary['budget_unit']})",
+        f"- selected: {summary['selected']} examples "
+        f"({100 * summary['fraction_examples']:.1f}%), {summary['selected_tokens']} tokens "
+        f"({100 * summary['fraction_tokens']:.1f}%)",
+        f"- time: {summary['seconds']:.1f} s",
+        f"- subset: `{summary['subset']}`",
+    ]
+    for key, value in summary["info"].items():
+        if key not in ("budget_kind", "budget_limit"):
+            lines.append(f"- {key.replace('_', ' ')}: {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
