@@ -143,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(choose, resume=False)
     choose.set_defaults(handler=cmd_select)
 
+    synth = commands.add_parser(
+        "synthesise",
+        help="have the teacher write new examples from a few seeds, filtered (JSONL)",
+        description="Self-instruct synthesis (config section `synthesise`): each request shows "
+        "the teacher a few seed examples and asks for a new problem and its solution; every "
+        "attempt is kept on disk (resumable), then filtered by format, a '#### answer' line, "
+        "exact verification (verify: lab), right calculations and near-duplicate removal, each "
+        "drop counted. Writes SYNTH_OUT/synthetic.jsonl, synthesis.json and synthesise.md.",
+    )
+    _common(synth, resume=False)
+    synth.set_defaults(handler=cmd_synthesise)
+
     protocol = commands.add_parser(
         "protocol",
         help="the data-efficiency protocol: budgets x selection methods x KD, against random",
@@ -275,6 +287,15 @@ def cmd_select(args: argparse.Namespace) -> int:
     summary = run_select(config)
     shown = {k: v for k, v in summary.items() if k != "ids"}
     print(json.dumps(shown, indent=2))
+    return 0
+
+
+def cmd_synthesise(args: argparse.Namespace) -> int:
+    from lmdistill.dd.synth import synthesise
+
+    config = load_config(args.config, args.overrides)
+    summary = synthesise(config)
+    print(json.dumps({k: v for k, v in summary.items() if k != "examples"}, indent=2))
     return 0
 
 

@@ -270,6 +270,30 @@ class SelectConfig:
 
 
 @dataclass
+class SynthesiseConfig:
+    """`lmdistill synthesise` (lmdistill/dd/synth.py): the teacher writes new examples from
+    `seeds` (a data source), `shots` seeds per request, `attempts` requests (sampled); kept
+    when well-formed, with a `#### answer`, with right calculations, verified (`lab`: the
+    exact answer of a lab problem; `calculations`: the answer is the last calculation's
+    result), and not a near-copy (word-trigram Jaccard >= dedup_threshold) of a seed or
+    of a kept example; at most `count` kept."""
+
+    seeds: str = "lab:train:16:0"
+    seed_count: int | None = None
+    shots: int = 3
+    attempts: int = 64
+    count: int = 64
+    verify: Literal["none", "lab", "calculations"] = "none"
+    dedup_threshold: float = 0.8
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 200
+    batch_size: int = 16
+    seed: int = 0
+    out: str | None = None  # default OUTPUT_DIR/synthesise
+
+
+@dataclass
 class CondenseConfig:
     """Condensation by matching (lmdistill/dd/condense.py): learn a small synthetic set of soft
     token sequences (distributions over the vocabulary, fed to the student as
@@ -327,6 +351,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    synthesise: SynthesiseConfig = field(default_factory=SynthesiseConfig)
     condense: CondenseConfig = field(default_factory=CondenseConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     # Also train a CE-only student on the same data for the same steps, to compare against.
@@ -483,6 +508,7 @@ def validate(config: RunConfig) -> None:
     _validate_objective(config)
     _validate_select(config.select)
     _validate_protocol(config)
+    _validate_synthesise(config.synthesise)
     gen = config.generate
     _check(gen.max_new_tokens >= 1, "generate.max_new_tokens", gen.max_new_tokens, ">= 1")
     _check(gen.temperature > 0, "generate.temperature", gen.temperature, "a number > 0")
@@ -551,6 +577,22 @@ def _validate_select(select: SelectConfig) -> None:
         _check(value >= 1, f"select.{name}", value, "an integer >= 1")
     _check(-1 <= select.threshold <= 1, "select.threshold", select.threshold, "in [-1, 1]")
     _check(bool(select.lora_modules), "select.lora_modules", select.lora_modules, "module names")
+
+
+def _validate_synthesise(spec: SynthesiseConfig) -> None:
+    for name in ("shots", "attempts", "count", "max_new_tokens", "batch_size"):
+        value = getattr(spec, name)
+        _check(value >= 1, f"synthesise.{name}", value, "an integer >= 1")
+    if spec.seed_count is not None:
+        _check(spec.seed_count >= 1, "synthesise.seed_count", spec.seed_count, "null or >= 1")
+    _check(
+        0 < spec.dedup_threshold <= 1,
+        "synthesise.dedup_threshold",
+        spec.dedup_threshold,
+        "in (0, 1] (1: drop exact copies only)",
+    )
+    _check(spec.temperature > 0, "synthesise.temperature", spec.temperature, "a number > 0")
+    _check(0 < spec.top_p <= 1, "synthesise.top_p", spec.top_p, "a number in (0, 1]")
 
 
 def _validate_protocol(config: RunConfig) -> None:

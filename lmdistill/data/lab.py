@@ -18,6 +18,7 @@ question, and the out-of-distribution split has more steps than training.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from lmdistill.data.formats import Example
@@ -187,3 +188,65 @@ def lab_examples(
         )
         for i, p in enumerate(lab_problems(split, n, seed=seed, spec=spec))
     ]
+
+
+_OPENING = re.compile(r"^(\w+) has (\d+) (\w+)$")
+_STEPS = (
+    (re.compile(r"^(\w+) finds (\d+) more (\w+)$"), lambda v, n: v + n),
+    (re.compile(r"^(\w+) gives away (\d+) (\w+)$"), lambda v, n: v - n),
+    (re.compile(r"^(\w+) then has (\d+) times as many (\w+)$"), lambda v, n: v * n),
+    (
+        re.compile(r"^(\w+) shares the (\w+) equally among (\d+) friends and keeps one share$"),
+        None,
+    ),
+)
+_QUESTION = re.compile(r"^How many (\w+) does (\w+) have now\?$")
+
+
+def solve_question(question: str) -> int | None:
+    """The exact answer to a question in the lab's grammar (any names, items and numbers),
+    or None when a sentence is outside it or an amount stops being a whole number >= 0.
+    Sentences about other people (distractors) are allowed and ignored."""
+    text = question.strip()
+    head, sep, tail = text.rpartition(". ")
+    if not sep:
+        return None
+    asked = _QUESTION.match(tail.strip())
+    if asked is None:
+        return None
+    item, name = asked.group(1), asked.group(2)
+    value: int | None = None
+    for sentence in (s.strip() for s in head.split(". ")):
+        sentence = sentence.removesuffix(".")
+        opening = _OPENING.match(sentence)
+        if opening:
+            if opening.group(1) == name and opening.group(3) == item:
+                if value is not None:
+                    return None  # a second opening for the same person and thing
+                value = int(opening.group(2))
+            continue  # a distractor
+        if value is None:
+            return None
+        for pattern, apply in _STEPS:
+            step = pattern.match(sentence)
+            if step is None:
+                continue
+            if step.group(1) != name:
+                return None
+            if apply is None:  # shares ... among k friends
+                if step.group(2) != item:
+                    return None
+                k = int(step.group(3))
+                if k == 0 or value % k:
+                    return None
+                value //= k
+            else:
+                if step.group(3) != item:
+                    return None
+                value = apply(value, int(step.group(2)))
+            break
+        else:
+            return None
+        if value < 0:
+            return None
+    return value
