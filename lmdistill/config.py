@@ -336,6 +336,9 @@ class ProtocolConfig:
     condense: list[str] = field(default_factory=list)  # dc | dm | mtt
     condense_max_budget: float = 0.05
     full_seeds: int = 1
+    # Also train a full-data student for this many steps (e.g. to convergence): the reference
+    # for "% of full" when set; the same-steps full-data student is reported beside it.
+    full_steps: int | None = None
 
 
 @dataclass
@@ -601,6 +604,8 @@ def _validate_protocol(config: RunConfig) -> None:
         _check(0 < budget < 1, "protocol.budgets", protocol.budgets, "fractions in (0, 1)")
     _check(protocol.seeds >= 1, "protocol.seeds", protocol.seeds, "an integer >= 1")
     _check(protocol.full_seeds >= 1, "protocol.full_seeds", protocol.full_seeds, ">= 1")
+    if protocol.full_steps is not None:
+        _check(protocol.full_steps >= 1, "protocol.full_steps", protocol.full_steps, "null or >= 1")
     for name, overrides in protocol.methods.items():
         reserved = ("full", "random", "condensed")
         _check(

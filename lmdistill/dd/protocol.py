@@ -53,6 +53,8 @@ def plan(config: RunConfig) -> list[Arm]:
     then condensation; the full-data students first of all."""
     p = config.protocol
     arms = [Arm(None, "full", s, False) for s in range(p.full_seeds)]
+    if p.full_steps is not None:
+        arms += [Arm(None, f"full@{p.full_steps}", s, False) for s in range(p.full_seeds)]
     for budget in p.budgets:
         arms += [Arm(budget, "random", s, False) for s in range(p.seeds)]
         arms += [Arm(budget, m, 0, False) for m in p.methods]
@@ -71,6 +73,8 @@ def arm_overrides(config: RunConfig, arm: Arm, out: Path) -> list[str]:
     p = config.protocol
     directory = arm.directory(out)
     extra = [f"output_dir={directory}", f"train.seed={arm.seed}", "eval.before=false"]
+    if arm.method.startswith("full@"):
+        extra.append(f"train.max_steps={arm.method.removeprefix('full@')}")
     extra += [f"select.out={directory / 'select'}", f"select.scores_dir={out / 'scores'}"]
     if arm.budget is not None:
         extra += [f"select.budget={arm.budget}", "select.budget_unit=fraction"]
@@ -161,6 +165,7 @@ def run_arm(config: RunConfig, arm: Arm) -> dict[str, Any]:
     after = metrics["kd"]["after"]["tasks"][task]
     record.update(
         accuracy=after["exact_match"],
+        steps=config.train.max_steps,
         train_seconds=metrics["kd"]["train_seconds"],
         condense_seconds=metrics.get("condense", {}).get("seconds", 0.0),
         train_examples=metrics.get("data", {}).get("train_examples"),
@@ -245,7 +250,10 @@ def _stats(values: list[float]) -> dict[str, Any]:
 
 def summarise(config: RunConfig, records: list[dict[str, Any]], arms: list[Arm]) -> dict[str, Any]:
     p = config.protocol
-    full = [r["accuracy"] for r in records if r["method"] == "full"]
+    same_steps = [r for r in records if r["method"] == "full"]
+    longer = [r for r in records if r["method"] == f"full@{p.full_steps}"]
+    reference = longer if p.full_steps is not None and longer else same_steps
+    full = [r["accuracy"] for r in reference]
     full_mean = statistics.fmean(full) if full else None
     names = []
     for arm in arms:
@@ -297,11 +305,12 @@ def summarise(config: RunConfig, records: list[dict[str, Any]], arms: list[Arm])
         "task": task_name(config),
         "budgets": p.budgets,
         "full": _stats(full) if full else None,
-        "full_train_seconds": statistics.fmean(
-            r["train_seconds"] for r in records if r["method"] == "full"
-        )
-        if full
+        "full_steps": reference[0].get("steps") if reference else None,
+        "full_train_seconds": statistics.fmean(r["train_seconds"] for r in reference)
+        if reference
         else None,
+        "full_same_steps": _stats([r["accuracy"] for r in same_steps]) if same_steps else None,
+        "train_steps": config.train.max_steps,
         "table": table,
         "decomposition": decomposition,
         "runs": records,
@@ -330,11 +339,17 @@ def render(summary: dict[str, Any]) -> str:
     ]
     full = summary["full"]
     if full:
+        steps = summary.get("full_steps") or summary.get("train_steps")
         lines.append(
-            f"Full data: **{full['mean']:.3f}**"
+            f"Full data ({steps} steps, the reference for `% of full`): **{full['mean']:.3f}**"
             + (f" ± {full['std']:.3f}" if full["n"] > 1 else "")
             + f" ({full['n']} seed(s), {summary['full_train_seconds']:.0f} s training)"
         )
+        same = summary.get("full_same_steps")
+        if same and steps != summary.get("train_steps"):
+            lines.append(
+                f"Full data at the subsets' {summary['train_steps']} steps: {same['mean']:.3f}"
+            )
         lines.append("")
     header = "| arm | " + " | ".join(f"{100 * b:g}%" for b in budgets) + " |"
     lines += [header, "|---|" + "---|" * len(budgets)]

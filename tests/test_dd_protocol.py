@@ -1,0 +1,83 @@
+"""The data-efficiency protocol: its plan, a whole run on tiny models, and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lmdistill.config import ConfigError, load_config
+from lmdistill.dd import protocol
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dd" / "tiny-protocol.yaml"
+
+
+def test_plan_covers_every_arm_once() -> None:
+    config = load_config(CONFIG, ["protocol.full_steps=12"])
+    arms = protocol.plan(config)
+    names = [(a.name, a.budget, a.seed) for a in arms]
+    assert len(names) == len(set(names))
+    assert names[:2] == [("full", None, 0), ("full@12", None, 0)]
+    for budget in (0.1, 0.25):
+        assert {s for n, b, s in names if n == "random" and b == budget} == {0, 1}
+        for name in ("longest", "kcenter-hidden", "random+KD", "longest+KD"):
+            assert (name, budget, 0) in names
+    # Condensation only at the small budget.
+    assert ("condensed-dm", 0.1, 0) in names and ("condensed-dm", 0.25, 0) not in names
+    kd = protocol.arm_overrides(config, protocol.Arm(0.1, "longest", 0, True), Path("/o"))
+    assert "loss.alpha=0.5" in kd and "select.scorer=length" in kd and "select.budget=0.1" in kd
+    plain = protocol.arm_overrides(config, protocol.Arm(0.1, "random", 1, False), Path("/o"))
+    assert "loss.alpha=1.0" in plain and "select.seed=1" in plain
+
+
+def test_protocol_config_errors_name_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"protocol\.budgets"):
+        load_config(CONFIG, ["protocol.budgets=[0.1,1.5]"])
+    with pytest.raises(ConfigError, match=r"protocol\.methods\.random-ish"):
+        load_config(CONFIG, ["protocol.methods={random-ish: [select.selector=top]}"])
+    with pytest.raises(ConfigError, match=r"protocol\.condense"):
+        load_config(CONFIG, ["protocol.condense=[gm]"])
+
+
+@pytest.mark.slow
+def test_tiny_protocol_runs_reports_and_resumes(tmp_path: Path, monkeypatch: Any) -> None:
+    out = tmp_path / "protocol"
+    summary = protocol.run_protocol(CONFIG, [f"output_dir={tmp_path}"], out=out)
+    assert summary["missing"] == []
+    rows = {row["arm"]: row["cells"] for row in summary["table"]}
+    assert set(rows) == {
+        "random",
+        "longest",
+        "kcenter-hidden",
+        "random+KD",
+        "longest+KD",
+        "kcenter-hidden+KD",
+        "condensed-dm",
+        "condensed-dm+KD",
+    }
+    assert rows["random"]["0.1"]["n"] == 2 and rows["random"]["0.1"]["examples"] == 20
+    assert set(rows["condensed-dm"]) == {"0.1"}
+    for runs in summary["runs"]:
+        assert 0.0 <= runs["accuracy"] <= 1.0 and runs["train_seconds"] > 0
+    # The KD arms trained from a teacher cache over their subset.
+    cache = out / "b0.1" / "random+KD" / "seed-0" / "teacher_cache"
+    assert cache.is_dir()
+    # The condensed set is on disk and has the budget's size.
+    import torch
+
+    syn = torch.load(out / "b0.1" / "condensed-dm" / "seed-0" / "synthetic.pt")
+    assert syn["x"].shape[0] == 20
+    md = (out / "protocol.md").read_text()
+    assert "| random |" in md and "Gain over random" in md and (out / "protocol.png").is_file()
+    saved = json.loads((out / "protocol.json").read_text())
+    assert saved["table"] == summary["table"]
+
+    # Started again, every arm is read back: nothing is trained.
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a finished arm was run again")
+
+    monkeypatch.setattr(protocol, "run_arm", refuse)
+    again = protocol.run_protocol(CONFIG, [f"output_dir={tmp_path}"], out=out)
+    assert again["table"] == summary["table"]
