@@ -42,6 +42,7 @@ def test_lab_solver_agrees_with_the_generator_and_refuses_other_text() -> None:
         (GOOD.replace("#### 7", "#### 8"), "lab", "wrong_answer"),
         (GOOD.replace("#### 7", "#### 8"), "calculations", "wrong_answer"),
         (GOOD.replace("=7>>", "=6>>"), "none", "wrong_calculation"),
+        (GOOD.replace("=7>>7", "=7>>8"), "none", "wrong_calculation"),  # states another value
         (GOOD.replace("finds 3 more", "borrows 3"), "lab", "unverifiable"),
         (GOOD.replace("\n#### 7", ""), "none", "no_answer"),
         ("The answer is 7.", "none", "format"),

@@ -33,7 +33,12 @@ from typing import Any
 from lmdistill.config import GenerateConfig, RunConfig
 from lmdistill.data import Example, data_hash, load_examples, write_examples
 from lmdistill.data.lab import solve_question
-from lmdistill.eval.reasoning import calculator_annotations, format_number, split_rationale
+from lmdistill.eval.reasoning import (
+    calculator_annotations,
+    format_number,
+    parse_number,
+    split_rationale,
+)
 from lmdistill.io import atomic_write_json, atomic_write_text
 
 INSTRUCTION = (
@@ -43,6 +48,7 @@ INSTRUCTION = (
     "'#### <answer>'>"
 )
 _NEXT_EXAMPLE = re.compile(r"\n\s*Example \d+:")
+_STATED = re.compile(r"<<[^<>=]+=([^<>]+)>>\$?([\d.,]*\d)?")
 _PARTS = re.compile(r"Problem:\s*(?P<problem>.+?)\s*Solution:\s*(?P<solution>.+)", re.S)
 
 
@@ -72,8 +78,14 @@ def jaccard(a: set[Any], b: set[Any]) -> float:
 
 
 def calculations_right(solution: str) -> bool:
-    """Every `<<expr=value>>` annotation evaluates (safely, +-*/ only) to its value."""
-    return all(a.is_correct() is True for a in calculator_annotations(solution))
+    """Every `<<expr=value>>` annotation evaluates (safely, +-*/ only) to its value, and the
+    text right after it (GSM8K writes `<<48/2=24>>24`) states that value when it is a number."""
+    if not all(a.is_correct() is True for a in calculator_annotations(solution)):
+        return False
+    for value, after in _STATED.findall(solution):
+        if after and parse_number(after) != parse_number(value):
+            return False
+    return True
 
 
 def check(text: str, verify: str) -> tuple[str | None, tuple[str, str] | None]:
