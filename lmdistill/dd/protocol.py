@@ -49,8 +49,8 @@ class Arm:
 
 
 def plan(config: RunConfig) -> list[Arm]:
-    """Every arm, most informative first: each budget's random seeds and methods, then KD,
-    then condensation; the full-data students first of all."""
+    """Every arm, most informative first: the full-data students, each budget's random seeds
+    and methods, the condensed sets, then the KD arms."""
     p = config.protocol
     arms = [Arm(None, "full", s, False) for s in range(p.full_seeds)]
     if p.full_steps is not None:
@@ -59,13 +59,13 @@ def plan(config: RunConfig) -> list[Arm]:
         arms += [Arm(budget, "random", s, False) for s in range(p.seeds)]
         arms += [Arm(budget, m, 0, False) for m in p.methods]
     for budget in p.budgets:
-        arms.append(Arm(budget, "random", 0, True))
-        if p.kd_methods:
-            arms += [Arm(budget, m, 0, True) for m in p.methods]
-    for budget in p.budgets:
         if budget <= p.condense_max_budget:
             for kind in p.condense:
                 arms += [Arm(budget, f"condensed-{kind}", 0, kd) for kd in (False, True)]
+    for budget in p.budgets:
+        arms.append(Arm(budget, "random", 0, True))
+        if p.kd_methods:
+            arms += [Arm(budget, m, 0, True) for m in p.methods]
     return arms
 
 
