@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.13.0
 # from source the first time (a few minutes), then pip's cache has it.
 LLAMA_PIN ?= llama-cpp-python[server]==0.3.36
 
-.PHONY: demo test lint typecheck clean lab lab-e1 lab-e2 e1-demo
+.PHONY: demo test lint typecheck clean lab lab-e1 lab-e2 lab-dd e1-demo
 
 $(VENV)/.base: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ lab-e2: $(LAB_RATIONALES)
 lab-e1: $(LAB_RATIONALES)
 	$(LMDISTILL) sweep configs/lab/student.yaml loss.temperature=1,2,4,8 loss.alpha=0.5 \
 	  train.max_steps=300 --out $(LAB)/e1 --reference loss.alpha=1.0
+
+# Dataset distillation on the lab (README, "Dataset distillation"): the data-efficiency
+# protocol over the teacher's rationales (~100 min on 2 cores; finished arms are kept).
+lab-dd: $(LAB_RATIONALES)
+	$(LMDISTILL) protocol configs/lab/protocol.yaml --out $(LAB)/dd
 
 e1-demo: $(VENV)/.base
 	$(LMDISTILL) sweep configs/experiments/e1-demo.yaml loss.temperature=1,2,4,8 \

