@@ -335,6 +335,9 @@ class ProtocolConfig:
     kd_methods: bool = True  # also train every method with KD (else random + KD only)
     condense: list[str] = field(default_factory=list)  # dc | dm | mtt
     condense_max_budget: float = 0.05
+    # At these budgets, also a random subset with as many tokens as each method's subset
+    # (`random~<method>`): a method that picks long examples is compared at equal tokens.
+    token_matched_budgets: list[float] = field(default_factory=list)
     full_seeds: int = 1
     # Also train a full-data student for this many steps (e.g. to convergence): the reference
     # for "% of full" when set; the same-steps full-data student is reported beside it.
@@ -622,6 +625,13 @@ def _validate_protocol(config: RunConfig) -> None:
                 item,
                 "select.key=value overrides",
             )
+    for budget in protocol.token_matched_budgets:
+        _check(
+            budget in protocol.budgets,
+            "protocol.token_matched_budgets",
+            protocol.token_matched_budgets,
+            f"budgets among protocol.budgets={protocol.budgets}",
+        )
     for method in protocol.condense:
         allowed = "a list of dc / dm / mtt"
         _check(method in ("dc", "dm", "mtt"), "protocol.condense", protocol.condense, allowed)

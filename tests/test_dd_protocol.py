@@ -24,6 +24,8 @@ def test_plan_covers_every_arm_once() -> None:
         assert {s for n, b, s in names if n == "random" and b == budget} == {0, 1}
         for name in ("longest", "kcenter-hidden", "random+KD", "longest+KD"):
             assert (name, budget, 0) in names
+    assert ("random~longest", 0.1, 0) in names and ("random~longest", 0.25, 0) not in names
+    assert names.index(("random~longest", 0.1, 0)) > names.index(("longest", 0.1, 0))
     # Condensation only at the small budget.
     assert ("condensed-dm", 0.1, 0) in names and ("condensed-dm", 0.25, 0) not in names
     kd = protocol.arm_overrides(config, protocol.Arm(0.1, "longest", 0, True), Path("/o"))
@@ -56,7 +58,14 @@ def test_tiny_protocol_runs_reports_and_resumes(tmp_path: Path, monkeypatch: Any
         "kcenter-hidden+KD",
         "condensed-dm",
         "condensed-dm+KD",
+        "random~longest",
+        "random~kcenter-hidden",
     }
+    # The token-matched control holds as many tokens as the method's subset, not more.
+    by_name = {(r["name"], r["budget"]): r for r in summary["runs"]}
+    method_tokens = by_name[("longest", 0.1)]["selection"]["selected_tokens"]
+    matched = by_name[("random~longest", 0.1)]["selection"]
+    assert matched["budget_unit"] == "tokens" and matched["selected_tokens"] <= method_tokens
     assert rows["random"]["0.1"]["n"] == 2 and rows["random"]["0.1"]["examples"] == 20
     assert set(rows["condensed-dm"]) == {"0.1"}
     for runs in summary["runs"]:

@@ -58,6 +58,8 @@ def plan(config: RunConfig) -> list[Arm]:
     for budget in p.budgets:
         arms += [Arm(budget, "random", s, False) for s in range(p.seeds)]
         arms += [Arm(budget, m, 0, False) for m in p.methods]
+        if budget in p.token_matched_budgets:
+            arms += [Arm(budget, f"random~{m}", 0, False) for m in p.methods]
     for budget in p.budgets:
         if budget <= p.condense_max_budget:
             for kind in p.condense:
@@ -69,7 +71,9 @@ def plan(config: RunConfig) -> list[Arm]:
     return arms
 
 
-def arm_overrides(config: RunConfig, arm: Arm, out: Path) -> list[str]:
+def arm_overrides(
+    config: RunConfig, arm: Arm, out: Path, records: list[dict[str, Any]] | None = None
+) -> list[str]:
     p = config.protocol
     directory = arm.directory(out)
     extra = [f"output_dir={directory}", f"train.seed={arm.seed}", "eval.before=false"]
@@ -81,6 +85,10 @@ def arm_overrides(config: RunConfig, arm: Arm, out: Path) -> list[str]:
         extra += [f"select.seed={arm.seed}"]
         if arm.method in p.methods:
             extra += list(p.methods[arm.method])
+        elif arm.method.startswith("random~"):  # as many tokens as the method's subset
+            tokens = matched_tokens(arm, records or [])
+            extra += ["select.selector=random", "select.scorer=null", "select.features=null"]
+            extra += ["select.budget_unit=tokens", f"select.budget={tokens}"]
         else:  # random and the condensed sets' starting points
             extra += ["select.selector=random", "select.scorer=null", "select.features=null"]
     if arm.kd:
@@ -88,6 +96,14 @@ def arm_overrides(config: RunConfig, arm: Arm, out: Path) -> list[str]:
     else:
         extra += ["loss.alpha=1.0", "loss.hidden_weight=0.0", "loss.attention_weight=0.0"]
     return extra
+
+
+def matched_tokens(arm: Arm, records: list[dict[str, Any]]) -> int:
+    method = arm.method.removeprefix("random~")
+    for record in records:
+        if (record["method"], record["budget"], record["kd"]) == (method, arm.budget, False):
+            return int(record["selection"]["selected_tokens"])
+    raise ValueError(f"protocol: {arm.name} needs the {method} arm at that budget first")
 
 
 def run_protocol(
@@ -114,7 +130,7 @@ def run_protocol(
             f"{arm.seed} ===",
             flush=True,
         )
-        config = load_config(path, [*overrides, *arm_overrides(base, arm, out)])
+        config = load_config(path, [*overrides, *arm_overrides(base, arm, out, records)])
         record = run_arm(config, arm)
         atomic_write_json(record_path, record)
         records.append(record)
@@ -296,6 +312,9 @@ def summarise(config: RunConfig, records: list[dict[str, Any]], arms: list[Arm])
                 if random_ce["std"] > 0
                 else None,
             }
+            matched = by_name.get(f"random~{method}", {}).get(key)
+            if matched:
+                entry["vs_random_same_tokens"] = ce["mean"] - matched["mean"]
             if random_kd:
                 entry["kd_effect"] = random_kd["mean"] - random_ce["mean"]
             if kd:
@@ -374,14 +393,16 @@ def render(summary: dict[str, Any]) -> str:
             "both without KD), KD's share (random+KD vs random) and both together "
             "(method+KD vs random):",
             "",
-            "| budget | method | data | in random's stds | KD | data + KD |",
-            "|---|---|---|---|---|---|",
+            "| budget | method | data | in random's stds | vs random, same tokens | KD | "
+            "data + KD |",
+            "|---|---|---|---|---|---|---|",
         ]
         for d in summary["decomposition"]:
             stds = d["beats_random_by_std"]
             lines.append(
                 f"| {100 * d['budget']:g}% | {d['method']} | {100 * d['data_effect']:+.1f} | "
                 + ("-" if stds is None else f"{stds:+.1f}")
+                + f" | {_points(d.get('vs_random_same_tokens'))}"
                 + f" | {_points(d.get('kd_effect'))} | {_points(d.get('both'))} |"
             )
     lines += [
