@@ -300,7 +300,9 @@ class CondenseConfig:
     `inputs_embeds`) with soft labels, so that a student trained on it behaves like one trained
     on the real data. `method`: `dc` (layer-wise gradient matching), `dm` (distribution
     matching of mean hidden states) or `mtt` (trajectory matching with TESLA's
-    constant-memory unrolling). The set starts from real examples chosen at random."""
+    constant-memory unrolling). The set starts from real examples chosen at random; its soft
+    labels start from the real next tokens, or (the protocol's +KD arms) from the teacher's
+    distributions."""
 
     method: Literal["dc", "dm", "mtt"] = "dm"
     iterations: int = 200  # updates of the synthetic set
@@ -308,9 +310,7 @@ class CondenseConfig:
     real_batch: int = 32
     inner_steps: int = 5  # dc: student updates on the synthetic set between matches
     init_students: int = 4  # dc / dm: fresh random students the matching cycles through
-    soft_labels: Literal["tokens", "teacher"] = (
-        "tokens"  # initial labels: one-hot, or the teacher's
-    )
+    inner_lr: float = 1e-3  # dc: SGD step of those updates
     input_temperature: float = 1.0
     # mtt: expert trajectories on real data, then unrolled student steps on the synthetic set
     expert_steps: int = 60
@@ -571,6 +571,14 @@ def _validate_select(select: SelectConfig) -> None:
             select.features,
             f"a feature kind with select.selector={select.selector}",
         )
+    if select.scorer == "divergence":
+        _check(
+            select.model != "teacher",
+            "select.model",
+            select.model,
+            "the student side of scorer=divergence: 'student' or a model path, not 'teacher' "
+            "(the teacher's divergence from itself is 0)",
+        )
     if select.scorer == "gradient":
         _check(
             bool(select.target), "select.target", select.target, "a data source (scorer=gradient)"
@@ -639,8 +647,16 @@ def _validate_protocol(config: RunConfig) -> None:
         value = getattr(condense, name)
         _check(value >= 1, f"condense.{name}", value, "an integer >= 1")
     _check(condense.lr > 0, "condense.lr", condense.lr, "a number > 0")
+    _check(condense.inner_lr > 0, "condense.inner_lr", condense.inner_lr, "a number > 0")
     _check(condense.student_lr > 0, "condense.student_lr", condense.student_lr, "a number > 0")
     _check(condense.expert_every >= 1, "condense.expert_every", condense.expert_every, ">= 1")
+    _check(
+        condense.match_span % condense.expert_every == 0,
+        "condense.match_span",
+        condense.match_span,
+        f"a multiple of condense.expert_every={condense.expert_every} (experts are kept every "
+        "expert_every steps)",
+    )
     _check(
         1 <= condense.match_span <= condense.expert_steps,
         "condense.match_span",

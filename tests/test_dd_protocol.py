@@ -90,3 +90,44 @@ def test_tiny_protocol_runs_reports_and_resumes(tmp_path: Path, monkeypatch: Any
     monkeypatch.setattr(protocol, "run_arm", refuse)
     again = protocol.run_protocol(CONFIG, [f"output_dir={tmp_path}"], out=out)
     assert again["table"] == summary["table"]
+
+
+def test_protocol_needs_held_out_data_and_coherent_spans(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"set data\.eval"):
+        protocol.run_protocol(CONFIG, [f"output_dir={tmp_path}", "data.eval=null"])
+    with pytest.raises(ConfigError, match=r"condense\.match_span"):
+        load_config(CONFIG, ["condense.expert_every=3", "condense.match_span=4"])
+
+
+def test_a_finished_arm_with_other_settings_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "p"
+    one_arm = [
+        "protocol.budgets=[0.1]",
+        "protocol.seeds=1",
+        "protocol.methods={}",
+        "protocol.kd_methods=false",
+        "protocol.condense=[]",
+        "protocol.token_matched_budgets=[]",
+        f"output_dir={tmp_path}",
+    ]
+    config = load_config(CONFIG, one_arm)
+    arms = protocol.plan(config)
+    for arm in arms:  # pretend every arm finished, with this config's settings
+        record = {
+            "name": arm.name,
+            "budget": arm.budget,
+            "seed": arm.seed,
+            "method": arm.method,
+            "kd": arm.kd,
+            "accuracy": 0.5,
+            "train_seconds": 1.0,
+            "condense_seconds": 0.0,
+        }
+        arm_config = load_config(CONFIG, [*one_arm, *protocol.arm_overrides(config, arm, out)])
+        record["config_hash"] = protocol.arm_hash(arm_config)
+        arm.directory(out).mkdir(parents=True)
+        (arm.directory(out) / "arm.json").write_text(json.dumps(record))
+    summary = protocol.run_protocol(CONFIG, one_arm, out=out)  # all read back
+    assert summary["missing"] == []
+    with pytest.raises(ValueError, match="finished with other settings"):
+        protocol.run_protocol(CONFIG, [*one_arm, "train.lr=0.01"], out=out)

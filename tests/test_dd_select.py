@@ -217,3 +217,31 @@ def test_less_selection_runs_end_to_end(tmp_path: Path) -> None:
     )
     assert features.shape == (40, 32) and np.abs(features).sum() > 0
     assert summary["selected"] == 10
+
+
+def test_duplicate_ids_and_self_divergence_are_refused(tmp_path: Path) -> None:
+    rows = tmp_path / "dup.jsonl"
+    row = '{{"id": "a", "prompt": "q{0}", "response": "r{0}"}}\n'
+    rows.write_text(row.format(1) + row.format(2))
+    with pytest.raises(ValueError, match="'a' appears more than once"):
+        run_select(stage_config(tmp_path, f"data.train={rows}", "data.eval=null"))
+    with pytest.raises(ConfigError, match=r"select\.model"):
+        load_config(None, ["select.scorer=divergence", "select.model=teacher"])
+
+
+def test_ifd_at_least_one_is_ranked_last(tmp_path: Path, monkeypatch: Any) -> None:
+    from lmdistill.dd import stage
+
+    values = np.array([0.5, 1.2, 0.9, 3.0, 0.1] + [0.2] * 35)
+    monkeypatch.setattr(stage, "compute_scores", lambda config, pool, models: values)
+    config = stage_config(
+        tmp_path,
+        "select.scorer=ifd",
+        "select.selector=top",
+        "select.budget=4",
+        "select.budget_unit=examples",
+    )
+    summary = run_select(config)
+    pool = [e.id for e in load_examples("lab:train:40:0:steps=2")]
+    assert summary["ids"] == [pool[2], pool[0], pool[5], pool[6]]  # 0.9, 0.5, then 0.2s
+    assert summary["info"]["ifd_at_least_1_ranked_last"] == 2

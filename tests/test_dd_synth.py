@@ -153,3 +153,8 @@ def test_attempts_are_kept_and_not_generated_again(tmp_path: Path, monkeypatch: 
     again = synth.synthesise(config)
     assert again["generation"]["generated"] == 0  # read back from attempts.jsonl
     assert again["data_hash"] == first["data_hash"]
+
+
+def test_text_after_the_answer_line_is_not_kept() -> None:
+    reason, parts = synth.check(GOOD + "\nProblem: and another one", "lab")
+    assert reason is None and parts is not None and parts[1].endswith("#### 7")

@@ -339,7 +339,6 @@ def condense(
     spec: CondenseConfig,
     *,
     seed: int = 0,
-    inner_lr: float = 1e-3,
 ) -> dict[str, Any]:
     """Optimise `syn` in place with `spec.method`; returns the loss history and time."""
     started = time.perf_counter()
@@ -399,7 +398,9 @@ def condense(
         history.append(value)
         bar.set_postfix(loss=f"{value:.4f}")
         if spec.method == "dc":  # DC alternates: the student learns from the synthetic set
-            inner = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=inner_lr)
+            inner = torch.optim.SGD(
+                [p for p in model.parameters() if p.requires_grad], lr=spec.inner_lr
+            )
             detached = SyntheticSet(syn.x.detach(), syn.y.detach(), syn.mask, syn.attention)
             for _ in range(spec.inner_steps):
                 inner.zero_grad(set_to_none=True)

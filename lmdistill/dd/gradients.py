@@ -82,7 +82,8 @@ def add_lora(
     wrapped = copy.deepcopy(model).float().eval()
     for p in wrapped.parameters():
         p.requires_grad_(False)
-    generator = torch.Generator().manual_seed(seed)
+    # A stream of its own: the projection's blocks are drawn from seed * 1_000_003 + block.
+    generator = torch.Generator().manual_seed(2**40 + seed)
     adapters: list[LoRALinear] = []
     targets = [
         (name, module)

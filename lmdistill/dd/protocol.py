@@ -114,14 +114,22 @@ def run_protocol(
     report_only: bool = False,
 ) -> dict[str, Any]:
     base = load_config(path, overrides)
+    if base.data.eval is None:
+        raise ValueError(
+            "protocol: set data.eval (held-out examples); without it every arm would hold out "
+            "data.eval_size of its own subset, and small budgets would train on less than "
+            "they selected"
+        )
     out = Path(out or Path(base.output_dir) / "protocol")
     arms = plan(base)
-    records = []
+    records: list[dict[str, Any]] = []
     for number, arm in enumerate(arms, 1):
         directory = arm.directory(out)
         record_path = directory / "arm.json"
         if record_path.is_file():
-            records.append(json.loads(record_path.read_text()))
+            record = json.loads(record_path.read_text())
+            _check_arm(record, path, overrides, base, arm, out, records)
+            records.append(record)
             continue
         if report_only:
             continue
@@ -131,7 +139,7 @@ def run_protocol(
             flush=True,
         )
         config = load_config(path, [*overrides, *arm_overrides(base, arm, out, records)])
-        record = run_arm(config, arm)
+        record = {**run_arm(config, arm), "config_hash": arm_hash(config)}
         atomic_write_json(record_path, record)
         records.append(record)
     summary = summarise(base, records, arms)
@@ -141,6 +149,38 @@ def run_protocol(
         plot(summary, out / "protocol.png")
     print(render(summary))
     return summary
+
+
+def arm_hash(config: RunConfig) -> str:
+    """What decides an arm's result: its config without the protocol section (which lists
+    the other arms)."""
+    from dataclasses import replace
+
+    from lmdistill.config import ProtocolConfig, config_hash
+
+    return config_hash(replace(config, protocol=ProtocolConfig()))
+
+
+def _check_arm(
+    record: dict[str, Any],
+    path: str | Path | None,
+    overrides: list[str],
+    base: RunConfig,
+    arm: Arm,
+    out: Path,
+    records: list[dict[str, Any]],
+) -> None:
+    """A finished arm is reused only if it ran with the settings this protocol would use."""
+    saved = record.get("config_hash")
+    if saved is None:
+        return  # written before arms recorded their settings
+    config = load_config(path, [*overrides, *arm_overrides(base, arm, out, records)])
+    if arm_hash(config) != saved:
+        raise ValueError(
+            f"protocol: {arm.directory(out)} finished with other settings than this config "
+            "gives it (a method's select.* overrides, train.*, data.* or the teacher changed); "
+            "use a new --out or delete that arm's directory"
+        )
 
 
 def _budget(arm: Arm) -> str:
@@ -200,7 +240,7 @@ def run_condensed(config: RunConfig, arm: Arm, subset: Path) -> dict[str, Any]:
     from lmdistill.dd import condense
     from lmdistill.dd.stage import load_pool
     from lmdistill.eval.task import task_accuracy
-    from lmdistill.kd.rationale import eval_prompts
+    from lmdistill.kd.rationale import apply_objective, eval_prompts
     from lmdistill.models import build_student, load_model, shared_vocab_size
 
     teacher, tokenizer = load_model(config.teacher)
@@ -208,8 +248,12 @@ def run_condensed(config: RunConfig, arm: Arm, subset: Path) -> dict[str, Any]:
     method = arm.method.removeprefix("condensed-")
     assert method in ("dc", "dm", "mtt")
     spec = replace(config.condense, method=method)  # type: ignore[arg-type]
+    # The student trains on what its objective makes of the examples, as in a pipeline arm.
     pool = load_pool(config, tokenizer)
-    start = load_examples(str(subset))
+    pool_items, _ = tokenize_examples(
+        apply_objective(pool.examples, config.objective), tokenizer, config.data.max_length, "warn"
+    )
+    start = apply_objective(load_examples(str(subset)), config.objective)
     items, _ = tokenize_examples(start, tokenizer, config.data.max_length, "warn")
 
     def fresh(seed: int) -> Any:
@@ -224,8 +268,8 @@ def run_condensed(config: RunConfig, arm: Arm, subset: Path) -> dict[str, Any]:
     def real_batch(_: int) -> dict[str, torch.Tensor]:
         from lmdistill.data import collate
 
-        chosen = rng.sample(range(len(pool.items)), min(spec.real_batch, len(pool.items)))
-        return collate([pool.items[i] for i in chosen], pad)
+        chosen = rng.sample(range(len(pool_items)), min(spec.real_batch, len(pool_items)))
+        return collate([pool_items[i] for i in chosen], pad)
 
     info = condense.condense(syn, fresh, real_batch, vocab, spec, seed=config.train.seed)
     out = Path(config.output_dir)
@@ -233,7 +277,8 @@ def run_condensed(config: RunConfig, arm: Arm, subset: Path) -> dict[str, Any]:
     student = fresh(config.train.seed)
     trained = condense.train_on_synthetic(student, syn, config.train, spec.input_temperature)
     task = task_name(config)
-    questions = eval_prompts(load_examples(task, split=config.data.split), config.objective)
+    asked = load_examples(task, split=config.data.split, format=config.data.format)
+    questions = eval_prompts(asked, config.objective)
     accuracy = task_accuracy(
         student,
         tokenizer,
@@ -315,8 +360,13 @@ def summarise(config: RunConfig, records: list[dict[str, Any]], arms: list[Arm])
             matched = by_name.get(f"random~{method}", {}).get(key)
             if matched:
                 entry["vs_random_same_tokens"] = ce["mean"] - matched["mean"]
-            if random_kd:
-                entry["kd_effect"] = random_kd["mean"] - random_ce["mean"]
+            paired = [
+                r["accuracy"]
+                for r in records
+                if (r["name"], r["budget"], r["seed"]) == ("random", budget, 0)
+            ]
+            if random_kd and paired:  # the same subset and seed, with and without KD
+                entry["kd_effect"] = random_kd["mean"] - paired[0]
             if kd:
                 entry["both"] = kd["mean"] - random_ce["mean"]
             decomposition.append(entry)
@@ -389,9 +439,10 @@ def render(summary: dict[str, Any]) -> str:
     if summary["decomposition"]:
         lines += [
             "",
-            "Gain over random (accuracy points), split into the data's share (method vs random, "
-            "both without KD), KD's share (random+KD vs random) and both together "
-            "(method+KD vs random):",
+            "Gain over random (accuracy points), split into the data's share (method vs "
+            "random's mean, both without KD; and vs a random subset with as many tokens), KD's "
+            "share (random+KD vs random on the same subset and seed) and both together "
+            "(method+KD vs random's mean):",
             "",
             "| budget | method | data | in random's stds | vs random, same tokens | KD | "
             "data + KD |",

@@ -85,8 +85,8 @@ def check_manifest(directory: Path, identity: Identity) -> bool:
     ]
     if differ:
         raise ManifestError(
-            f"{directory} holds scores for another run ({'; '.join(differ)}); point select.out "
-            "at a new directory or delete it"
+            f"{directory} holds scores for another run ({'; '.join(differ)}); point "
+            "select.scores_dir (or select.out) at a new directory, or delete it"
         )
     return True
 

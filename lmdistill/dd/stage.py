@@ -114,10 +114,18 @@ def load_pool(config: RunConfig, tokenizer: Any) -> Pool:
             f"{missing[0].source}: {len(missing)} examples have no response; selection scores "
             "prompt-response pairs (run `lmdistill generate` first for prompts only)"
         )
+    ids = [e.id for e in examples]
+    if len(set(ids)) != len(ids):
+        repeated = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(
+            f"{data.train}: example id {repeated!r} appears more than once; a selection is a set "
+            "of ids, so ids must be unique"
+        )
     items, report = tokenize_examples(examples, tokenizer, data.max_length, data.on_truncation)
     kept = {item.id for item in items}
-    if report.dropped:  # their prompt alone fills max_length: not selectable
+    if report.dropped:  # their prompt alone fills max_length: not selectable (counted)
         examples = [e for e in examples if e.id in kept]
+    assert [e.id for e in examples] == [item.id for item in items]
     costs = scores.total_tokens(items)
     return Pool(examples, items, costs, data_hash(examples), report.dropped)
 
@@ -134,9 +142,10 @@ def compute_scores(config: RunConfig, pool: Pool, models: Models) -> np.ndarray 
     params: dict[str, Any] = {"max_length": config.data.max_length}
     if kind == "gradient":
         params.update(_gradient_params(sel), target=sel.target, target_size=sel.target_size)
+        params["target_hash"] = data_hash(_target_examples(config))
     identity = scores.Identity(
         name=f"score:{kind}",
-        model="" if kind in MODEL_FREE else models.identity(),
+        model=_tokenizer_identity(tokenizer) if kind in MODEL_FREE else models.identity(),
         data_hash=pool.hash,
         examples=len(pool.examples),
         params=params,
@@ -169,7 +178,19 @@ def compute_scores(config: RunConfig, pool: Pool, models: Models) -> np.ndarray 
 
 
 def _tag(model: str) -> str:
-    return model if model in ("student", "teacher") else Path(model).name or "model"
+    """A directory name for a scoring model: a path's base name and a hash of the path."""
+    if model in ("student", "teacher") or model in EMBEDDING_ALIASES:
+        return model
+    import hashlib
+
+    digest = hashlib.sha256(model.encode()).hexdigest()[:8]
+    return f"{Path(model).name or 'model'}-{digest}"
+
+
+def _tokenizer_identity(tokenizer: Any) -> str:
+    from lmdistill.teachers.cache import tokenizer_identity
+
+    return "tokenizer " + json.dumps(tokenizer_identity(tokenizer), sort_keys=True)
 
 
 def _gradient_params(sel: Any) -> dict[str, Any]:
@@ -244,14 +265,25 @@ def compute_features(
     return features
 
 
-def _target_features(config: RunConfig, models: Models) -> np.ndarray:
+def _target_examples(config: RunConfig) -> list[Example]:
     sel = config.select
     assert sel.target is not None
     examples = load_examples(sel.target, split=config.data.split, format=config.data.format)
     examples = [e for e in examples if e.response is not None][: sel.target_size]
     if not examples:
         raise ValueError(f"select.target: {sel.target} holds no examples with a response")
-    items, _ = tokenize_examples(examples, models.tokenizer, config.data.max_length, "warn")
+    return examples
+
+
+def _target_features(config: RunConfig, models: Models) -> np.ndarray:
+    sel = config.select
+    examples = _target_examples(config)
+    items, report = tokenize_examples(examples, models.tokenizer, config.data.max_length, "warn")
+    if report.dropped:
+        raise ValueError(
+            f"select.target: {report.dropped} target examples do not fit data.max_length="
+            f"{config.data.max_length}"
+        )
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -298,6 +330,12 @@ def run_select(config: RunConfig, *, stop_after: int | None = None) -> dict[str,
     models = Models(config)
     pool = load_pool(config, models.tokenizer)
     score_values = compute_scores(config, pool, models)
+    excluded = 0
+    if sel.scorer == "ifd" and score_values is not None and sel.selector in ("top", "deita"):
+        # Superfiltering drops IFD >= 1: the instruction does not help predict the response.
+        unhelpful = score_values >= 1.0
+        excluded = int(unhelpful.sum())
+        score_values = np.where(unhelpful, -np.inf, score_values)
     features = None
     if sel.features is not None:
         features = compute_features(config, pool, models, sel.features, stop_after=stop_after)
@@ -313,6 +351,8 @@ def run_select(config: RunConfig, *, stop_after: int | None = None) -> dict[str,
         threshold=sel.threshold,
         clusters=sel.clusters,
     )
+    if excluded:
+        selection.info["ifd_at_least_1_ranked_last"] = excluded
     return materialise(config, pool, selection, time.perf_counter() - started)
 
 

@@ -97,6 +97,8 @@ def check(text: str, verify: str) -> tuple[str | None, tuple[str, str] | None]:
     solution = parts.group("solution").strip()
     # The teacher may go on to write another example: keep the first one only.
     solution = _NEXT_EXAMPLE.split(solution)[0].strip()
+    # ... and nothing after its answer line.
+    solution = re.sub(r"(\n?####[^\n]*)\n.*", r"\1", solution, flags=re.S).strip()
     if not problem or not solution:
         return "format", None
     answer = split_rationale(solution).answer
