@@ -69,8 +69,11 @@ def worker(
             stop_after=stop_after,
         )
         digest = None
-        if features is not None:
-            digest = hashlib.sha256(np.ascontiguousarray(features).tobytes()).hexdigest()[:16]
+        if features is not None:  # read back in chunks: the check must not hold them all
+            hasher = hashlib.sha256()
+            for start in range(0, len(features), 1024):
+                hasher.update(np.ascontiguousarray(features[start : start + 1024]).tobytes())
+            digest = hasher.hexdigest()[:16]
 
     else:  # naive: every full LoRA gradient in memory, then one dense projection
         wrapped, adapters = gradients.add_lora(model, LORA["modules"], LORA["rank"], 16.0, 0)
