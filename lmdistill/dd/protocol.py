@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from lmdistill.config import RunConfig, load_config, save_config
+from lmdistill.config import ProtocolConfig, RunConfig, load_config, save_config
 from lmdistill.io import atomic_write_json, atomic_write_text, write_with
 
 
@@ -156,7 +156,7 @@ def arm_hash(config: RunConfig) -> str:
     the other arms)."""
     from dataclasses import replace
 
-    from lmdistill.config import ProtocolConfig, config_hash
+    from lmdistill.config import config_hash
 
     return config_hash(replace(config, protocol=ProtocolConfig()))
 
@@ -216,7 +216,12 @@ def run_arm(config: RunConfig, arm: Arm) -> dict[str, Any]:
     else:
         from dataclasses import replace
 
-        metrics = run(replace(config, data=replace(config.data, train=train_source)), resume=True)
+        # The protocol section lists the other arms; it is no part of this arm's run (and
+        # its checkpoints stay valid when an arm is added).
+        arm_config = replace(
+            config, data=replace(config.data, train=train_source), protocol=ProtocolConfig()
+        )
+        metrics = run(arm_config, resume=True)
     task = task_name(config)
     after = metrics["kd"]["after"]["tasks"][task]
     record.update(
