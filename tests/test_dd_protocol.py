@@ -131,3 +131,31 @@ def test_a_finished_arm_with_other_settings_is_refused(tmp_path: Path) -> None:
     assert summary["missing"] == []
     with pytest.raises(ValueError, match="finished with other settings"):
         protocol.run_protocol(CONFIG, [*one_arm, "train.lr=0.01"], out=out)
+
+
+def test_a_failing_arm_is_reported_and_the_others_still_run(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    one_budget = [
+        "protocol.budgets=[0.1]",
+        "protocol.seeds=1",
+        "protocol.methods={}",
+        "protocol.kd_methods=false",
+        "protocol.condense=[]",
+        "protocol.token_matched_budgets=[]",
+        f"output_dir={tmp_path}",
+    ]
+    real = protocol.run_arm
+
+    def flaky(config: Any, arm: protocol.Arm) -> dict[str, Any]:
+        if arm.name == "random+KD":
+            raise RuntimeError("the teacher cache is on fire")
+        return real(config, arm)
+
+    monkeypatch.setattr(protocol, "run_arm", flaky)
+    with pytest.raises(RuntimeError, match="1 arm"):
+        protocol.run_protocol(CONFIG, one_budget, out=tmp_path / "p")
+    saved = json.loads((tmp_path / "p" / "protocol.json").read_text())
+    assert [r["name"] for r in saved["runs"]] == ["full", "random"]
+    assert "on fire" in saved["failed"][0]
+    assert "Failed (1)" in (tmp_path / "p" / "protocol.md").read_text()

@@ -123,6 +123,7 @@ def run_protocol(
     out = Path(out or Path(base.output_dir) / "protocol")
     arms = plan(base)
     records: list[dict[str, Any]] = []
+    failed: list[str] = []
     for number, arm in enumerate(arms, 1):
         directory = arm.directory(out)
         record_path = directory / "arm.json"
@@ -138,16 +139,29 @@ def run_protocol(
             f"{arm.seed} ===",
             flush=True,
         )
-        config = load_config(path, [*overrides, *arm_overrides(base, arm, out, records)])
-        record = {**run_arm(config, arm), "config_hash": arm_hash(config)}
+        try:
+            config = load_config(path, [*overrides, *arm_overrides(base, arm, out, records)])
+            record = {**run_arm(config, arm), "config_hash": arm_hash(config)}
+        except Exception as error:  # one arm's failure must not cost the others
+            import traceback
+
+            traceback.print_exc()
+            failed.append(f"{arm.name} @ {_budget(arm)} seed {arm.seed}: {error}")
+            continue
         atomic_write_json(record_path, record)
         records.append(record)
     summary = summarise(base, records, arms)
+    summary["failed"] = failed
     atomic_write_json(out / "protocol.json", summary)
     atomic_write_text(out / "protocol.md", render(summary))
     if summary["table"]:
         plot(summary, out / "protocol.png")
     print(render(summary))
+    if failed:
+        raise RuntimeError(
+            f"protocol: {len(failed)} arm(s) failed (the others are in the table; run again to "
+            "retry them): " + "; ".join(failed)
+        )
     return summary
 
 
@@ -475,6 +489,8 @@ def render(summary: dict[str, Any]) -> str:
                 f"| {row['arm']} | {100 * float(key):g}% | {cell['select_seconds']:.0f} | "
                 f"{cell['condense_seconds']:.0f} | {cell['train_seconds']:.0f} |"
             )
+    if summary.get("failed"):
+        lines += ["", f"Failed ({len(summary['failed'])}): " + "; ".join(summary["failed"])]
     if summary["missing"]:
         lines += ["", f"Not run yet ({len(summary['missing'])}): " + ", ".join(summary["missing"])]
     return "\n".join(lines) + "\n"
