@@ -25,6 +25,7 @@ model's or dataset's scores is refused, never silently reused.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,12 +98,15 @@ def saved_array(directory: Path, identity: Identity, compute: Callable[[], np.nd
     name = "features.npy" if identity.name.startswith("features:") else "values.npy"
     if check_manifest(directory, identity):
         return np.load(directory / name)
+    started = time.perf_counter()
     array = np.asarray(compute())
+    seconds = time.perf_counter() - started
     if len(array) != identity.examples:
         raise RuntimeError(f"{identity.name}: {len(array)} rows for {identity.examples} examples")
     directory.mkdir(parents=True, exist_ok=True)
     save_npy(directory / name, array)
-    atomic_write_json(directory / "manifest.json", identity.as_dict())
+    # The cost is recorded beside the identity (not part of it).
+    atomic_write_json(directory / "manifest.json", {**identity.as_dict(), "seconds": seconds})
     return array
 
 
