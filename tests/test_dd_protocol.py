@@ -124,11 +124,15 @@ def test_a_finished_arm_with_other_settings_is_refused(tmp_path: Path) -> None:
             "condense_seconds": 0.0,
         }
         arm_config = load_config(CONFIG, [*one_arm, *protocol.arm_overrides(config, arm, out)])
-        record["config_hash"] = protocol.arm_hash(arm_config)
+        record["settings_hash"] = protocol.arm_hash(arm_config)
         arm.directory(out).mkdir(parents=True)
         (arm.directory(out) / "arm.json").write_text(json.dumps(record))
     summary = protocol.run_protocol(CONFIG, one_arm, out=out)  # all read back
     assert summary["missing"] == []
+    moved = tmp_path / "moved"  # where the files are is not a setting
+    out.rename(moved)
+    assert protocol.run_protocol(CONFIG, one_arm, out=moved)["missing"] == []
+    out = moved
     with pytest.raises(ValueError, match="finished with other settings"):
         protocol.run_protocol(CONFIG, [*one_arm, "train.lr=0.01"], out=out)
 

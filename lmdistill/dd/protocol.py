@@ -141,7 +141,7 @@ def run_protocol(
         )
         try:
             config = load_config(path, [*overrides, *arm_overrides(base, arm, out, records)])
-            record = {**run_arm(config, arm), "config_hash": arm_hash(config)}
+            record = {**run_arm(config, arm), "settings_hash": arm_hash(config)}
         except Exception as error:  # one arm's failure must not cost the others
             import traceback
 
@@ -167,12 +167,13 @@ def run_protocol(
 
 def arm_hash(config: RunConfig) -> str:
     """What decides an arm's result: its config without the protocol section (which lists
-    the other arms)."""
+    the other arms) and without where its files go (so a moved protocol still reads back)."""
     from dataclasses import replace
 
     from lmdistill.config import config_hash
 
-    return config_hash(replace(config, protocol=ProtocolConfig()))
+    located = replace(config.select, out=None, scores_dir=None)
+    return config_hash(replace(config, protocol=ProtocolConfig(), output_dir="", select=located))
 
 
 def _check_arm(
@@ -185,7 +186,7 @@ def _check_arm(
     records: list[dict[str, Any]],
 ) -> None:
     """A finished arm is reused only if it ran with the settings this protocol would use."""
-    saved = record.get("config_hash")
+    saved = record.get("settings_hash")
     if saved is None:
         return  # written before arms recorded their settings
     config = load_config(path, [*overrides, *arm_overrides(base, arm, out, records)])
