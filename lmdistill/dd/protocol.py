@@ -406,6 +406,7 @@ def summarise(config: RunConfig, records: list[dict[str, Any]], arms: list[Arm])
         "missing": [
             a.name + f" @ {_budget(a)} seed {a.seed}" for a in arms if not _done(a, records)
         ],
+        "planned": sorted({f"{a.name}@{a.budget:g}" for a in arms if a.budget is not None}),
     }
 
 
@@ -447,7 +448,8 @@ def render(summary: dict[str, Any]) -> str:
         for budget in budgets:
             cell = row["cells"].get(f"{budget:g}")
             if cell is None:
-                cells.append("not run")
+                planned = f"{row['arm']}@{budget:g}" in summary.get("planned", [])
+                cells.append("not run" if planned else "")
                 continue
             text = f"{cell['mean']:.3f}"
             if cell["n"] > 1:
