@@ -12,6 +12,15 @@ from lmdistill.config import ConfigError, load_config
 from lmdistill.dd import protocol
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dd" / "tiny-protocol.yaml"
+# One budget, one random seed, no methods: the full arms, random and random+KD.
+SMALL = [
+    "protocol.budgets=[0.1]",
+    "protocol.seeds=1",
+    "protocol.methods={}",
+    "protocol.kd_methods=false",
+    "protocol.condense=[]",
+    "protocol.token_matched_budgets=[]",
+]
 
 
 def test_plan_covers_every_arm_once() -> None:
@@ -101,15 +110,7 @@ def test_protocol_needs_held_out_data_and_coherent_spans(tmp_path: Path) -> None
 
 def test_a_finished_arm_with_other_settings_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "p"
-    one_arm = [
-        "protocol.budgets=[0.1]",
-        "protocol.seeds=1",
-        "protocol.methods={}",
-        "protocol.kd_methods=false",
-        "protocol.condense=[]",
-        "protocol.token_matched_budgets=[]",
-        f"output_dir={tmp_path}",
-    ]
+    one_arm = [*SMALL, f"output_dir={tmp_path}"]
     config = load_config(CONFIG, one_arm)
     arms = protocol.plan(config)
     for arm in arms:  # pretend every arm finished, with this config's settings
@@ -140,15 +141,7 @@ def test_a_finished_arm_with_other_settings_is_refused(tmp_path: Path) -> None:
 def test_a_failing_arm_is_reported_and_the_others_still_run(
     tmp_path: Path, monkeypatch: Any
 ) -> None:
-    one_budget = [
-        "protocol.budgets=[0.1]",
-        "protocol.seeds=1",
-        "protocol.methods={}",
-        "protocol.kd_methods=false",
-        "protocol.condense=[]",
-        "protocol.token_matched_budgets=[]",
-        f"output_dir={tmp_path}",
-    ]
+    one_budget = [*SMALL, f"output_dir={tmp_path}"]
     real = protocol.run_arm
 
     def flaky(config: Any, arm: protocol.Arm) -> dict[str, Any]:
