@@ -25,8 +25,6 @@ import copy
 import json
 import math
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -232,13 +230,3 @@ def less_scores(features: np.ndarray, target: np.ndarray) -> np.ndarray:
         norms = np.maximum(np.linalg.norm(rows, axis=1), 1e-12)
         out[start : start + len(rows)] = rows @ direction / norms
     return out
-
-
-@contextmanager
-def peak_rss() -> Iterator[dict[str, float]]:
-    """Peak resident memory (MB) of this process, read after the block."""
-    import resource
-
-    result: dict[str, float] = {}
-    yield result
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -22,7 +22,7 @@ import json
 import random
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -168,8 +168,6 @@ def run_protocol(
 def arm_hash(config: RunConfig) -> str:
     """What decides an arm's result: its config without the protocol section (which lists
     the other arms) and without where its files go (so a moved protocol still reads back)."""
-    from dataclasses import replace
-
     from lmdistill.config import config_hash
 
     located = replace(config.select, out=None, scores_dir=None)
@@ -229,8 +227,6 @@ def run_arm(config: RunConfig, arm: Arm) -> dict[str, Any]:
     if arm.method.startswith("condensed-"):
         metrics = run_condensed(config, arm, Path(train_source))
     else:
-        from dataclasses import replace
-
         # The protocol section lists the other arms; it is no part of this arm's run (and
         # its checkpoints stay valid when an arm is added).
         arm_config = replace(
@@ -254,8 +250,6 @@ def run_arm(config: RunConfig, arm: Arm) -> dict[str, Any]:
 def run_condensed(config: RunConfig, arm: Arm, subset: Path) -> dict[str, Any]:
     """Condense a synthetic set that starts from the random subset, train a student on it
     alone, and score it on the task (metrics shaped like a pipeline run's)."""
-    from dataclasses import replace
-
     from lmdistill.data import load_examples, tokenize_examples
     from lmdistill.dd import condense
     from lmdistill.dd.stage import load_pool
