@@ -338,6 +338,11 @@ class ProtocolConfig:
     # At these budgets, also a random subset with as many tokens as each method's subset
     # (`random~<method>`): a method that picks long examples is compared at equal tokens.
     token_matched_budgets: list[float] = field(default_factory=list)
+    # Seeds per method (selection and training seed; a deterministic selector repeats its
+    # subset and varies only the student's) at `method_seed_budgets` (null: every budget);
+    # one seed elsewhere. The extra seeds run after the first seed's arms, before the KD arms.
+    method_seeds: int = 1
+    method_seed_budgets: list[float] | None = None
     full_seeds: int = 1
     # Also train a full-data student for this many steps (e.g. to convergence): the reference
     # for "% of full" when set; the same-steps full-data student is reported beside it.
@@ -615,6 +620,14 @@ def _validate_protocol(config: RunConfig) -> None:
         _check(0 < budget < 1, "protocol.budgets", protocol.budgets, "fractions in (0, 1)")
     _check(protocol.seeds >= 1, "protocol.seeds", protocol.seeds, "an integer >= 1")
     _check(protocol.full_seeds >= 1, "protocol.full_seeds", protocol.full_seeds, ">= 1")
+    _check(protocol.method_seeds >= 1, "protocol.method_seeds", protocol.method_seeds, ">= 1")
+    for budget in protocol.method_seed_budgets or []:
+        _check(
+            budget in protocol.budgets,
+            "protocol.method_seed_budgets",
+            protocol.method_seed_budgets,
+            f"null or budgets among protocol.budgets={protocol.budgets}",
+        )
     if protocol.full_steps is not None:
         _check(protocol.full_steps >= 1, "protocol.full_steps", protocol.full_steps, "null or >= 1")
     for name, overrides in protocol.methods.items():
@@ -748,5 +761,23 @@ def save_config(config: RunConfig, path: Path) -> None:
 
 
 def config_hash(config: Any) -> str:
-    blob = json.dumps(to_dict(config), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    """A short hash of the settings that differ from lmdistill's defaults: a new option whose
+    default keeps the old behaviour leaves the hash (and so checkpoints, finished sweep runs
+    and protocol arms) valid."""
+    settings = to_dict(config)
+    blob = json.dumps(changed_settings(settings, to_dict(type(config)())), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def changed_settings(settings: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `settings` (nested dicts) that are not equal to `defaults`."""
+    changed: dict[str, Any] = {}
+    for key, value in settings.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            inner = changed_settings(value, default)
+            if inner:
+                changed[key] = inner
+        elif key not in defaults or value != default:
+            changed[key] = value
+    return changed

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from lmdistill.config import ConfigError, load_config
+from lmdistill.config import ConfigError, changed_settings, load_config
 from lmdistill.dd import protocol
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dd" / "tiny-protocol.yaml"
@@ -43,6 +43,64 @@ def test_plan_covers_every_arm_once() -> None:
     assert "loss.alpha=1.0" in plain and "select.seed=1" in plain
 
 
+def test_methods_run_more_seeds_where_asked_before_the_kd_arms() -> None:
+    config = load_config(CONFIG, ["protocol.method_seeds=3", "protocol.method_seed_budgets=[0.25]"])
+    names = [(a.name, a.budget, a.seed) for a in protocol.plan(config)]
+    assert len(names) == len(set(names))
+    for method in ("longest", "kcenter-hidden"):
+        assert {s for n, b, s in names if n == method and b == 0.25} == {0, 1, 2}
+        assert {s for n, b, s in names if n == method and b == 0.1} == {0}
+    assert max(names.index((m, 0.25, s)) for m in ("longest",) for s in (1, 2)) < min(
+        i for i, (n, _, _) in enumerate(names) if n in ("random+KD", "longest+KD")
+    )
+    everywhere = load_config(CONFIG, ["protocol.method_seeds=2"])
+    seeded = {
+        (n, b)
+        for n, b, s in [(a.name, a.budget, a.seed) for a in protocol.plan(everywhere)]
+        if s == 1
+    }
+    assert ("longest", 0.1) in seeded and ("longest", 0.25) in seeded
+    assert ("random~longest", 0.1) not in seeded and ("longest+KD", 0.1) not in seeded
+
+
+def _record(name: str, budget: float | None, seed: int, accuracy: float) -> dict[str, Any]:
+    return {
+        "name": name,
+        "method": name.removesuffix("+KD"),
+        "kd": name.endswith("+KD"),
+        "budget": budget,
+        "seed": seed,
+        "accuracy": accuracy,
+        "train_seconds": 1.0,
+        "condense_seconds": 0.0,
+    }
+
+
+def test_verdicts_pick_the_best_method_and_judge_both_bars() -> None:
+    config = load_config(CONFIG, ["protocol.budgets=[0.1]", "protocol.method_seeds=2"])
+    records = [_record("full", None, 0, 0.80)]
+    records += [_record("random", 0.1, s, a) for s, a in enumerate((0.50, 0.60))]  # 0.55 ± 0.071
+    records += [_record("longest", 0.1, s, a) for s, a in enumerate((0.70, 0.74))]  # 0.72
+    records += [_record("kcenter-hidden", 0.1, 0, 0.78)]  # best, one seed
+    records += [_record("condensed-dm", 0.1, 0, 0.40)]
+    summary = protocol.summarise(config, records, protocol.plan(config))
+    best, condensed = summary["verdicts"]
+    assert (best["kind"], best["method"], best["n"]) == ("selection", "kcenter-hidden", 1)
+    assert best["of_full"] == pytest.approx(0.78 / 0.80)
+    assert best["reaches_95_of_full"] is True  # 0.78 >= 0.76
+    assert best["beats_random_by_1_std"] is True  # 0.78 - 0.55 > 0.0707
+    assert (condensed["method"], condensed["reaches_95_of_full"]) == ("condensed-dm", False)
+    assert condensed["beats_random_by_1_std"] is False
+    records[-2]["accuracy"] = 0.60  # now longest (0.72) is the best: 90% of full
+    again = protocol.summarise(config, records, protocol.plan(config))["verdicts"][0]
+    assert (again["method"], again["n"], again["reaches_95_of_full"]) == ("longest", 2, False)
+    assert again["mean"] == pytest.approx(0.72) and again["beats_random_by_1_std"] is True
+    md = protocol.render(protocol.summarise(config, records, protocol.plan(config)))
+    assert (
+        "| 10% | selection | longest | 0.720 ± 0.028 (n=2) | 90% | 0.550 ± 0.071 | no | yes |" in md
+    )
+
+
 def test_protocol_config_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match=r"protocol\.budgets"):
         load_config(CONFIG, ["protocol.budgets=[0.1,1.5]"])
@@ -50,6 +108,8 @@ def test_protocol_config_errors_name_the_field() -> None:
         load_config(CONFIG, ["protocol.methods={random-ish: [select.selector=top]}"])
     with pytest.raises(ConfigError, match=r"protocol\.condense"):
         load_config(CONFIG, ["protocol.condense=[gm]"])
+    with pytest.raises(ConfigError, match=r"protocol\.method_seed_budgets"):
+        load_config(CONFIG, ["protocol.method_seed_budgets=[0.5]"])
 
 
 @pytest.mark.slow
@@ -156,3 +216,15 @@ def test_a_failing_arm_is_reported_and_the_others_still_run(
     assert [r["name"] for r in saved["runs"]] == ["full", "random"]
     assert "on fire" in saved["failed"][0]
     assert "Failed (1)" in (tmp_path / "p" / "protocol.md").read_text()
+
+
+def test_arm_settings_hash_keeps_only_what_differs_from_the_defaults() -> None:
+    settings = {"a": 1, "b": {"c": 2, "d": 3}, "new": 7}
+    defaults = {"a": 1, "b": {"c": 2, "d": 4}}
+    assert changed_settings(settings, defaults) == {"b": {"d": 3}, "new": 7}
+    config = load_config(CONFIG, [])
+    same = protocol.arm_hash(config)
+    # An option set to its default, the protocol section and the output place change nothing.
+    assert protocol.arm_hash(load_config(CONFIG, ["train.max_grad_norm=1.0"])) == same
+    assert protocol.arm_hash(load_config(CONFIG, ["protocol.seeds=5", "output_dir=/x"])) == same
+    assert protocol.arm_hash(load_config(CONFIG, ["train.lr=0.01"])) != same

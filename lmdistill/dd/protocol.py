@@ -3,7 +3,8 @@ over a random subset due to the data chosen or to KD?
 
 For each budget b (a fraction of data.train) it trains, with the same `train` settings:
 - `random`: `protocol.seeds` random subsets of size b (the control every method must beat);
-- each method in `protocol.methods` (a selection: scorer / features / selector), seed 0;
+- each method in `protocol.methods` (a selection: scorer / features / selector), seed 0, and
+  seeds up to `protocol.method_seeds` at `protocol.method_seed_budgets`;
 - `random+KD` and `<method>+KD`: the same subsets with the `protocol.kd` overrides (the
   teacher's soft labels), so the table separates the effect of the data from that of KD;
 - `condensed-<dc|dm|mtt>` (and `+KD`, soft labels from the teacher) at budgets up to
@@ -50,7 +51,7 @@ class Arm:
 
 def plan(config: RunConfig) -> list[Arm]:
     """Every arm, most informative first: the full-data students, each budget's random seeds
-    and methods, the condensed sets, then the KD arms."""
+    and methods, the condensed sets, the methods' further seeds, then the KD arms."""
     p = config.protocol
     arms = [Arm(None, "full", s, False) for s in range(p.full_seeds)]
     if p.full_steps is not None:
@@ -64,6 +65,9 @@ def plan(config: RunConfig) -> list[Arm]:
         if budget <= p.condense_max_budget:
             for kind in p.condense:
                 arms += [Arm(budget, f"condensed-{kind}", 0, kd) for kd in (False, True)]
+    seeded = p.budgets if p.method_seed_budgets is None else p.method_seed_budgets
+    for budget in [b for b in p.budgets if b in seeded]:
+        arms += [Arm(budget, m, s, False) for m in p.methods for s in range(1, p.method_seeds)]
     for budget in p.budgets:
         arms.append(Arm(budget, "random", 0, True))
         if p.kd_methods:
@@ -101,7 +105,12 @@ def arm_overrides(
 def matched_tokens(arm: Arm, records: list[dict[str, Any]]) -> int:
     method = arm.method.removeprefix("random~")
     for record in records:
-        if (record["method"], record["budget"], record["kd"]) == (method, arm.budget, False):
+        if (record["method"], record["budget"], record["kd"], record["seed"]) == (
+            method,
+            arm.budget,
+            False,
+            0,
+        ):
             return int(record["selection"]["selected_tokens"])
     raise ValueError(f"protocol: {arm.name} needs the {method} arm at that budget first")
 
@@ -167,7 +176,8 @@ def run_protocol(
 
 def arm_hash(config: RunConfig) -> str:
     """What decides an arm's result: its config without the protocol section (which lists
-    the other arms) and without where its files go (so a moved protocol still reads back)."""
+    the other arms) and without where its files go (so a moved protocol still reads back);
+    like every config hash, only the settings that differ from lmdistill's defaults."""
     from lmdistill.config import config_hash
 
     located = replace(config.select, out=None, scores_dir=None)
@@ -387,6 +397,7 @@ def summarise(config: RunConfig, records: list[dict[str, Any]], arms: list[Arm])
     return {
         "task": task_name(config),
         "budgets": p.budgets,
+        "verdicts": verdicts(config, table, full_mean),
         "full": _stats(full) if full else None,
         "full_steps": reference[0].get("steps") if reference else None,
         "full_train_seconds": statistics.fmean(r["train_seconds"] for r in reference)
@@ -402,6 +413,51 @@ def summarise(config: RunConfig, records: list[dict[str, Any]], arms: list[Arm])
         ],
         "planned": sorted({f"{a.name}@{a.budget:g}" for a in arms if a.budget is not None}),
     }
+
+
+def verdicts(
+    config: RunConfig, table: list[dict[str, Any]], full_mean: float | None
+) -> list[dict[str, Any]]:
+    """Per budget, the best selection method (by mean accuracy without KD) and each condensed
+    set against random: does it reach 95% of the full-data student, and does it beat random's
+    mean by more than one of random's stds?"""
+    p = config.protocol
+    by_name = {row["arm"]: row["cells"] for row in table}
+    found = []
+    for budget in sorted(p.budgets):
+        key = f"{budget:g}"
+        random_cell = by_name.get("random", {}).get(key)
+        if not random_cell:
+            continue
+        candidates = [(m, by_name[m][key]) for m in p.methods if key in by_name.get(m, {})]
+        condensed = [f"condensed-{k}" for k in p.condense]
+        entries = []
+        if candidates:
+            entries.append(("selection", *max(candidates, key=lambda c: c[1]["mean"])))
+        entries += [
+            ("condensed", m, by_name[m][key]) for m in condensed if key in by_name.get(m, {})
+        ]
+        for kind, method, cell in entries:
+            margin = cell["mean"] - random_cell["mean"]
+            found.append(
+                {
+                    "budget": budget,
+                    "kind": kind,
+                    "method": method,
+                    "mean": cell["mean"],
+                    "std": cell["std"],
+                    "n": cell["n"],
+                    "of_full": cell["mean"] / full_mean if full_mean else None,
+                    "random_mean": random_cell["mean"],
+                    "random_std": random_cell["std"],
+                    "random_n": random_cell["n"],
+                    "reaches_95_of_full": cell["mean"] >= 0.95 * full_mean if full_mean else None,
+                    "beats_random_by_1_std": margin > random_cell["std"]
+                    if random_cell["n"] > 1
+                    else None,
+                }
+            )
+    return found
 
 
 def _done(arm: Arm, records: list[dict[str, Any]]) -> bool:
@@ -452,6 +508,27 @@ def render(summary: dict[str, Any]) -> str:
                 text += f" ({100 * cell['of_full']:.0f}%)"
             cells.append(text)
         lines.append(f"| {row['arm']} | " + " | ".join(cells) + " |")
+    if summary.get("verdicts"):
+        lines += [
+            "",
+            "Per budget, the best selection method (highest mean without KD) and each condensed "
+            "set, against the two bars: 95% of the full-data student, and random's mean plus "
+            "one of random's stds:",
+            "",
+            "| budget | best of | method | accuracy | % of full | random | >= 95% of full | "
+            "> random + 1 std |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for v in summary["verdicts"]:
+            accuracy = f"{v['mean']:.3f}" + (
+                f" ± {v['std']:.3f} (n={v['n']})" if v["n"] > 1 else ""
+            )
+            of_full = "-" if v["of_full"] is None else f"{100 * v['of_full']:.0f}%"
+            lines.append(
+                f"| {100 * v['budget']:g}% | {v['kind']} | {v['method']} | {accuracy} | {of_full} "
+                f"| {v['random_mean']:.3f} ± {v['random_std']:.3f} | "
+                f"{_yes(v['reaches_95_of_full'])} | {_yes(v['beats_random_by_1_std'])} |"
+            )
     if summary["decomposition"]:
         lines += [
             "",
@@ -491,6 +568,10 @@ def render(summary: dict[str, Any]) -> str:
     if summary["missing"]:
         lines += ["", f"Not run yet ({len(summary['missing'])}): " + ", ".join(summary["missing"])]
     return "\n".join(lines) + "\n"
+
+
+def _yes(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
 
 
 def _points(value: float | None) -> str:
