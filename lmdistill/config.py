@@ -332,7 +332,8 @@ class ProtocolConfig:
     seeds: int = 3
     methods: dict[str, list[str]] = field(default_factory=dict)
     kd: list[str] = field(default_factory=lambda: ["loss.alpha=0.5", "teacher.kind=cache"])
-    kd_methods: bool = True  # also train every method with KD (else random + KD only)
+    # Also train every method (true), or the methods listed, with KD; random + KD always.
+    kd_methods: bool | list[str] = True
     condense: list[str] = field(default_factory=list)  # dc | dm | mtt
     condense_max_budget: float = 0.05
     # At these budgets, also a random subset with as many tokens as each method's subset
@@ -343,6 +344,10 @@ class ProtocolConfig:
     # one seed elsewhere. The extra seeds run after the first seed's arms, before the KD arms.
     method_seeds: int = 1
     method_seed_budgets: list[float] | None = None
+    # What the table scores: `task` (exact match on eval.tasks[0]) or `agreement` (the
+    # student's top-1 agreement with the teacher on data.eval, for data whose task a small
+    # student cannot yet solve; needs eval.fidelity).
+    metric: Literal["task", "agreement"] = "task"
     full_seeds: int = 1
     # Also train a full-data student for this many steps (e.g. to convergence): the reference
     # for "% of full" when set; the same-steps full-data student is reported beside it.
@@ -432,7 +437,12 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         if value is None and type(None) in options:
             return None
         inner = [o for o in options if o is not type(None)]
-        return _coerce(inner[0], value, name)
+        for option in inner[:-1]:  # the first option that takes the value
+            try:
+                return _coerce(option, value, name)
+            except ConfigError:
+                continue
+        return _coerce(inner[-1], value, name)
     if origin is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:
@@ -620,6 +630,27 @@ def _validate_protocol(config: RunConfig) -> None:
         _check(0 < budget < 1, "protocol.budgets", protocol.budgets, "fractions in (0, 1)")
     _check(protocol.seeds >= 1, "protocol.seeds", protocol.seeds, "an integer >= 1")
     _check(protocol.full_seeds >= 1, "protocol.full_seeds", protocol.full_seeds, ">= 1")
+    if isinstance(protocol.kd_methods, list):
+        for method in protocol.kd_methods:
+            _check(
+                method in protocol.methods,
+                "protocol.kd_methods",
+                protocol.kd_methods,
+                f"true, false or names among protocol.methods={sorted(protocol.methods)}",
+            )
+    if protocol.metric == "agreement":
+        _check(
+            config.eval.fidelity,
+            "protocol.metric",
+            protocol.metric,
+            "'task', or 'agreement' with eval.fidelity: true (it is the fidelity evaluation)",
+        )
+        _check(
+            not protocol.condense,
+            "protocol.metric",
+            protocol.metric,
+            "'task' when protocol.condense is set (condensed arms score task accuracy only)",
+        )
     _check(protocol.method_seeds >= 1, "protocol.method_seeds", protocol.method_seeds, ">= 1")
     for budget in protocol.method_seed_budgets or []:
         _check(

@@ -56,6 +56,25 @@ def test_builtin_prompts_ship_with_the_package() -> None:
     assert len(examples) == 400 and len({e.id for e in examples}) == 400
 
 
+def test_a_row_range_splits_any_source_and_keeps_ids(tmp_path: Path) -> None:
+    whole = load_examples("builtin:gsm8k-demo")
+    head, tail = (
+        load_examples("builtin:gsm8k-demo[:352]"),
+        load_examples("builtin:gsm8k-demo[352:]"),
+    )
+    assert (len(head), len(tail)) == (352, 48)
+    assert [e.id for e in head + tail] == [e.id for e in whole]
+    assert not {e.id for e in head} & {e.id for e in tail}
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"prompt": f"p{i}", "response": "r"} for i in range(5)]
+    )
+    middle = load_examples(f"{path}[1:-1]")
+    assert [e.id for e in middle] == ["1", "2", "3"]  # row ids of the whole file
+    assert [e.messages[0]["content"] for e in middle] == ["p1", "p2", "p3"]
+    with pytest.raises(DataError, match=r"d\.jsonl\[9:\]: the dataset is empty"):
+        load_examples(f"{path}[9:]")
+
+
 @pytest.mark.parametrize(
     ("lines", "message"),
     [

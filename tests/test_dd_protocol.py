@@ -101,6 +101,16 @@ def test_verdicts_pick_the_best_method_and_judge_both_bars() -> None:
     )
 
 
+def test_kd_for_all_none_or_the_listed_methods() -> None:
+    def kd_arms(value: str) -> set[str]:
+        config = load_config(CONFIG, [f"protocol.kd_methods={value}"])
+        return {a.name for a in protocol.plan(config) if a.kd and a.method != "random"}
+
+    assert kd_arms("true") == {"longest+KD", "kcenter-hidden+KD", "condensed-dm+KD"}
+    assert kd_arms("false") == {"condensed-dm+KD"}
+    assert kd_arms("[longest]") == {"longest+KD", "condensed-dm+KD"}
+
+
 def test_protocol_config_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match=r"protocol\.budgets"):
         load_config(CONFIG, ["protocol.budgets=[0.1,1.5]"])
@@ -108,6 +118,14 @@ def test_protocol_config_errors_name_the_field() -> None:
         load_config(CONFIG, ["protocol.methods={random-ish: [select.selector=top]}"])
     with pytest.raises(ConfigError, match=r"protocol\.condense"):
         load_config(CONFIG, ["protocol.condense=[gm]"])
+    with pytest.raises(ConfigError, match=r"protocol\.kd_methods.*names among"):
+        load_config(CONFIG, ["protocol.kd_methods=[shortest]"])
+    with pytest.raises(ConfigError, match=r"protocol\.metric.*eval\.fidelity"):
+        load_config(CONFIG, ["protocol.metric=agreement", "eval.fidelity=false"])
+    with pytest.raises(ConfigError, match=r"protocol\.metric.*condense"):
+        load_config(CONFIG, ["protocol.metric=agreement", "eval.fidelity=true"])
+    with pytest.raises(ConfigError, match=r"protocol\.metric"):
+        load_config(CONFIG, ["protocol.metric=loss"])
     with pytest.raises(ConfigError, match=r"protocol\.method_seed_budgets"):
         load_config(CONFIG, ["protocol.method_seed_budgets=[0.5]"])
 
@@ -228,3 +246,14 @@ def test_arm_settings_hash_keeps_only_what_differs_from_the_defaults() -> None:
     assert protocol.arm_hash(load_config(CONFIG, ["train.max_grad_norm=1.0"])) == same
     assert protocol.arm_hash(load_config(CONFIG, ["protocol.seeds=5", "output_dir=/x"])) == same
     assert protocol.arm_hash(load_config(CONFIG, ["train.lr=0.01"])) != same
+
+
+def test_the_score_is_the_metric_asked_for() -> None:
+    task = load_config(CONFIG, [])
+    after = {"top1_agreement": 0.4, "tasks": {task.eval.tasks[0]: {"exact_match": 0.25}}}
+    assert protocol.score(task, after) == 0.25
+    agreement = load_config(
+        CONFIG, ["protocol.metric=agreement", "eval.fidelity=true", "protocol.condense=[]"]
+    )
+    assert protocol.score(agreement, after) == 0.4
+    assert "agreement" in protocol.metric_title(agreement)

@@ -5,12 +5,15 @@ Accepted rows: `prompt`/`response`, chat `messages` (list of `{role, content}`),
 do not end with the assistant) is a prompt: fine for `generate`, an error for training.
 Sources: a `.jsonl` or `.json` file, `hf:NAME[:CONFIG]` (needs `datasets`), or
 `builtin:gsm8k-demo` (400 GSM8K train questions shipped with the package, MIT licence).
+Any source may end in a row range, Python-style: `data.jsonl[:352]`, `builtin:gsm8k-demo[352:]`
+(rows keep the ids they have in the whole source).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -52,8 +55,14 @@ def load_examples(source: str, *, split: str = "train", format: str = "auto") ->
     """Load `source` as `Example`s; raise `DataError` on malformed or empty input."""
     if format not in FORMATS:
         raise DataError(f"data.format: {format!r} is not allowed; choose one of {list(FORMATS)}")
-    rows = _read_rows(source, split)
-    examples = [_to_example(row, where, index, format) for index, (where, row) in enumerate(rows)]
+    ranged = re.fullmatch(r"(.+)\[(-?\d*):(-?\d*)\]", source)
+    if ranged and not Path(source).expanduser().is_file():
+        whole, start, stop = ranged.group(1), ranged.group(2), ranged.group(3)
+        rows = list(enumerate(_read_rows(whole, split)))
+        rows = rows[slice(int(start) if start else None, int(stop) if stop else None)]
+    else:
+        rows = list(enumerate(_read_rows(source, split)))
+    examples = [_to_example(row, where, index, format) for index, (where, row) in rows]
     if not examples:
         raise DataError(f"{source}: the dataset is empty")
     return examples

@@ -70,9 +70,12 @@ def plan(config: RunConfig) -> list[Arm]:
         arms += [Arm(budget, m, s, False) for m in p.methods for s in range(1, p.method_seeds)]
     for budget in p.budgets:
         arms.append(Arm(budget, "random", 0, True))
-        if p.kd_methods:
-            arms += [Arm(budget, m, 0, True) for m in p.methods]
+        arms += [Arm(budget, m, 0, True) for m in p.methods if _with_kd(p, m)]
     return arms
+
+
+def _with_kd(p: ProtocolConfig, method: str) -> bool:
+    return method in p.kd_methods if isinstance(p.kd_methods, list) else p.kd_methods
 
 
 def arm_overrides(
@@ -216,6 +219,20 @@ def task_name(config: RunConfig) -> str:
     return config.eval.tasks[0]
 
 
+def score(config: RunConfig, after: dict[str, Any]) -> float:
+    """The arm's number (the records keep it as `accuracy`): task exact match, or held-out
+    top-1 agreement with the teacher."""
+    if config.protocol.metric == "agreement":
+        return float(after["top1_agreement"])
+    return float(after["tasks"][task_name(config)]["exact_match"])
+
+
+def metric_title(config: RunConfig) -> str:
+    if config.protocol.metric == "agreement":
+        return f"top-1 agreement with the teacher on `{config.data.eval}`"
+    return f"`{task_name(config)}` (exact match)"
+
+
 def run_arm(config: RunConfig, arm: Arm) -> dict[str, Any]:
     from lmdistill.dd.stage import run_select
     from lmdistill.pipeline import run
@@ -243,10 +260,8 @@ def run_arm(config: RunConfig, arm: Arm) -> dict[str, Any]:
             config, data=replace(config.data, train=train_source), protocol=ProtocolConfig()
         )
         metrics = run(arm_config, resume=True)
-    task = task_name(config)
-    after = metrics["kd"]["after"]["tasks"][task]
     record.update(
-        accuracy=after["exact_match"],
+        accuracy=score(config, metrics["kd"]["after"]),
         steps=config.train.max_steps,
         train_seconds=metrics["kd"]["train_seconds"],
         condense_seconds=metrics.get("condense", {}).get("seconds", 0.0),
@@ -395,7 +410,9 @@ def summarise(config: RunConfig, records: list[dict[str, Any]], arms: list[Arm])
                 entry["both"] = kd["mean"] - random_ce["mean"]
             decomposition.append(entry)
     return {
-        "task": task_name(config),
+        "metric": metric_title(config),
+        "metric_kind": config.protocol.metric,
+        "data": (config.eval.tasks[0] if config.protocol.metric == "task" else config.data.train),
         "budgets": p.budgets,
         "verdicts": verdicts(config, table, full_mean),
         "full": _stats(full) if full else None,
@@ -472,7 +489,7 @@ def render(summary: dict[str, Any]) -> str:
     lines = [
         "# Data-efficiency protocol",
         "",
-        f"Task: `{summary['task']}` (exact match). Every student trains with the same steps; "
+        f"Score: {summary['metric']}. Every student trains with the same steps; "
         "random is mean ± std over its seeds. `% of full` is the share of the full-data "
         "student's accuracy.",
         "",
@@ -608,8 +625,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         axis.axhline(summary["full"]["mean"], color="black", linestyle=":", label="full data")
     axis.set_xscale("log")
     axis.set_xlabel("budget (% of the training examples)")
-    axis.set_ylabel("exact match")
-    axis.set_title(f"Data efficiency on {summary['task'].split(':')[0]}")
+    agreement = summary.get("metric_kind") == "agreement"
+    axis.set_ylabel("top-1 agreement with the teacher" if agreement else "exact match")
+    axis.set_title(f"Data efficiency on {summary['data'].split(':')[0]}")
     axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     write_with(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
