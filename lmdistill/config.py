@@ -437,12 +437,15 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         if value is None and type(None) in options:
             return None
         inner = [o for o in options if o is not type(None)]
-        for option in inner[:-1]:  # the first option that takes the value
+        if len(inner) == 1:
+            return _coerce(inner[0], value, name)
+        for option in inner:  # the first option that takes the value
             try:
                 return _coerce(option, value, name)
             except ConfigError:
                 continue
-        return _coerce(inner[-1], value, name)
+        kinds = " or ".join(getattr(o, "__name__", str(o)) for o in inner)
+        raise ConfigError(f"{name}: {value!r} is not allowed; expected {kinds}")
     if origin is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:
@@ -652,6 +655,13 @@ def _validate_protocol(config: RunConfig) -> None:
             "'task' when protocol.condense is set (condensed arms score task accuracy only)",
         )
     _check(protocol.method_seeds >= 1, "protocol.method_seeds", protocol.method_seeds, ">= 1")
+    if protocol.method_seeds > 1:
+        _check(
+            protocol.method_seed_budgets != [],
+            "protocol.method_seed_budgets",
+            protocol.method_seed_budgets,
+            "null (every budget) or some budgets when protocol.method_seeds > 1",
+        )
     for budget in protocol.method_seed_budgets or []:
         _check(
             budget in protocol.budgets,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -123,3 +125,22 @@ def test_exponent_floats_without_a_dot_are_numbers() -> None:
     assert load_config(None, ["train.lr=4e-3"]).train.lr == 4e-3
     with pytest.raises(ConfigError, match=r"train\.lr: expected a number, got 'fast'"):
         load_config(None, ["train.lr=fast"])
+
+
+def test_no_default_changes_silently() -> None:
+    """Config hashes (checkpoints, finished sweep runs, protocol arms) cover the settings that
+    differ from the defaults, so a changed default would let old results pass for new ones.
+    Changing one is a deliberate act: update tests/config_defaults.json and say in the README
+    that earlier runs no longer resume. New options are fine (their default must keep the old
+    behaviour)."""
+    snapshot = json.loads((ROOT / "tests" / "config_defaults.json").read_text())
+
+    def walk(saved: dict[str, Any], now: dict[str, Any], prefix: str) -> None:
+        for key, value in saved.items():
+            assert key in now, f"{prefix}{key} was removed"
+            if isinstance(value, dict) and isinstance(now[key], dict) and value:
+                walk(value, now[key], f"{prefix}{key}.")
+            else:
+                assert now[key] == value, f"the default of {prefix}{key} changed"
+
+    walk(snapshot, to_dict(RunConfig()), "")

@@ -73,6 +73,8 @@ def test_a_row_range_splits_any_source_and_keeps_ids(tmp_path: Path) -> None:
     assert [e.messages[0]["content"] for e in middle] == ["p1", "p2", "p3"]
     with pytest.raises(DataError, match=r"d\.jsonl\[9:\]: the dataset is empty"):
         load_examples(f"{path}[9:]")
+    with pytest.raises(DataError, match=r"a row range is \[start:stop\]"):
+        load_examples(f"{path}[::2]")
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,9 @@ Accepted rows: `prompt`/`response`, chat `messages` (list of `{role, content}`),
 do not end with the assistant) is a prompt: fine for `generate`, an error for training.
 Sources: a `.jsonl` or `.json` file, `hf:NAME[:CONFIG]` (needs `datasets`), or
 `builtin:gsm8k-demo` (400 GSM8K train questions shipped with the package, MIT licence).
-Any source may end in a row range, Python-style: `data.jsonl[:352]`, `builtin:gsm8k-demo[352:]`
-(rows keep the ids they have in the whole source).
+Any source but `hf:` (whose `@SPLIT` takes `datasets`' own slicing) may end in a row range,
+Python-style: `data.jsonl[:352]`, `builtin:gsm8k-demo[352:]` (rows keep the ids they have in
+the whole source).
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ def load_examples(source: str, *, split: str = "train", format: str = "auto") ->
     if format not in FORMATS:
         raise DataError(f"data.format: {format!r} is not allowed; choose one of {list(FORMATS)}")
     ranged = re.fullmatch(r"(.+)\[(-?\d*):(-?\d*)\]", source)
-    if ranged and not Path(source).expanduser().is_file():
+    literal = source.startswith("hf:") or Path(source).expanduser().is_file()
+    if not ranged and not literal and re.search(r"\[[^\[\]]*\]$", source):
+        raise DataError(f"{source}: a row range is [start:stop] (integers, either may be empty)")
+    if ranged and not literal:
         whole, start, stop = ranged.group(1), ranged.group(2), ranged.group(3)
         rows = list(enumerate(_read_rows(whole, split)))
         rows = rows[slice(int(start) if start else None, int(stop) if stop else None)]

@@ -14,7 +14,7 @@ Every arm keeps its artifacts under OUT/<budget>/<arm>/seed-<s>/ and a finished 
 back, not redone: a killed protocol resumes. Costs are counted per arm: selection (scoring
 once, shared by the budgets), condensation and training seconds.
 
-Writes OUT/protocol.md, protocol.json and protocol.png (budget vs accuracy).
+Writes OUT/protocol.md, protocol.json and protocol.png (budget vs score).
 """
 
 from __future__ import annotations
@@ -132,6 +132,10 @@ def run_protocol(
             "data.eval_size of its own subset, and small budgets would train on less than "
             "they selected"
         )
+    if not base.eval.enabled:
+        raise ValueError("protocol: eval.enabled is false; every arm is scored by the evaluation")
+    if base.protocol.metric == "task":
+        task_name(base)  # before any arm trains
     out = Path(out or Path(base.output_dir) / "protocol")
     arms = plan(base)
     records: list[dict[str, Any]] = []
@@ -179,12 +183,14 @@ def run_protocol(
 
 def arm_hash(config: RunConfig) -> str:
     """What decides an arm's result: its config without the protocol section (which lists
-    the other arms) and without where its files go (so a moved protocol still reads back);
-    like every config hash, only the settings that differ from lmdistill's defaults."""
+    the other arms, but for the metric the arm's number is) and without where its files go
+    (so a moved protocol still reads back); like every config hash, only the settings that
+    differ from lmdistill's defaults."""
     from lmdistill.config import config_hash
 
     located = replace(config.select, out=None, scores_dir=None)
-    return config_hash(replace(config, protocol=ProtocolConfig(), output_dir="", select=located))
+    protocol = ProtocolConfig(metric=config.protocol.metric)
+    return config_hash(replace(config, protocol=protocol, output_dir="", select=located))
 
 
 def _check_arm(
@@ -412,7 +418,7 @@ def summarise(config: RunConfig, records: list[dict[str, Any]], arms: list[Arm])
     return {
         "metric": metric_title(config),
         "metric_kind": config.protocol.metric,
-        "data": (config.eval.tasks[0] if config.protocol.metric == "task" else config.data.train),
+        "data": config.eval.tasks[0] if config.protocol.metric == "task" else config.data.eval,
         "budgets": p.budgets,
         "verdicts": verdicts(config, table, full_mean),
         "full": _stats(full) if full else None,
@@ -447,6 +453,10 @@ def verdicts(
         if not random_cell:
             continue
         candidates = [(m, by_name[m][key]) for m in p.methods if key in by_name.get(m, {})]
+        # The best of several single runs is biased upwards: where some methods have more
+        # seeds, only those compete.
+        most = max((cell["n"] for _, cell in candidates), default=0)
+        candidates = [(m, cell) for m, cell in candidates if cell["n"] == most]
         condensed = [f"condensed-{k}" for k in p.condense]
         entries = []
         if candidates:
@@ -491,7 +501,7 @@ def render(summary: dict[str, Any]) -> str:
         "",
         f"Score: {summary['metric']}. Every student trains with the same steps; "
         "random is mean ± std over its seeds. `% of full` is the share of the full-data "
-        "student's accuracy.",
+        "student's score.",
         "",
     ]
     full = summary["full"]
@@ -532,7 +542,7 @@ def render(summary: dict[str, Any]) -> str:
             "set, against the two bars: 95% of the full-data student, and random's mean plus "
             "one of random's stds:",
             "",
-            "| budget | best of | method | accuracy | % of full | random | >= 95% of full | "
+            "| budget | best of | method | score | % of full | random | >= 95% of full | "
             "> random + 1 std |",
             "|---|---|---|---|---|---|---|---|",
         ]
@@ -549,7 +559,7 @@ def render(summary: dict[str, Any]) -> str:
     if summary["decomposition"]:
         lines += [
             "",
-            "Gain over random (accuracy points), split into the data's share (method vs "
+            "Gain over random (points of the score), split into the data's share (method vs "
             "random's mean, both without KD; and vs a random subset with as many tokens), KD's "
             "share (random+KD vs random on the same subset and seed) and both together "
             "(method+KD vs random's mean):",
@@ -598,6 +608,8 @@ def _points(value: float | None) -> str:
 def plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib
 
+    from lmdistill.sweep import short_source
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -627,7 +639,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     axis.set_xlabel("budget (% of the training examples)")
     agreement = summary.get("metric_kind") == "agreement"
     axis.set_ylabel("top-1 agreement with the teacher" if agreement else "exact match")
-    axis.set_title(f"Data efficiency on {summary['data'].split(':')[0]}")
+    axis.set_title(f"Data efficiency, scored on {short_source(summary['data'])}")
     axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     write_with(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
