@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.13.0
 # from source the first time (a few minutes), then pip's cache has it.
 LLAMA_PIN ?= llama-cpp-python[server]==0.3.36
 
-.PHONY: demo test lint typecheck clean lab lab-e1 lab-e2 lab-dd e1-demo
+.PHONY: demo test lint typecheck clean lab lab-e1 lab-e2 lab-dd e1-demo demo-dd
 
 $(VENV)/.base: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ lab-e1: $(LAB_RATIONALES)
 # protocol over the teacher's rationales (~100 min on 2 cores; finished arms are kept).
 lab-dd: $(LAB_RATIONALES)
 	$(LMDISTILL) protocol configs/lab/protocol.yaml --out $(LAB)/dd
+
+# The same protocol on the demo data (builtin GSM8K, SmolLM2-135M-Instruct and its 6-layer
+# student; ~1.5 h on 2 cores).
+demo-dd: $(VENV)/.base
+	$(LMDISTILL) protocol configs/dd/protocol-demo.yaml --out outputs/dd/protocol-demo
 
 e1-demo: $(VENV)/.base
 	$(LMDISTILL) sweep configs/experiments/e1-demo.yaml loss.temperature=1,2,4,8 \
