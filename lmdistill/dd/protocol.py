@@ -614,6 +614,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
+    axis.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # many arms: no colour twice
     for row in summary["table"]:
         keys = sorted(row["cells"], key=float)
         if not keys:
@@ -636,6 +637,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     if summary["full"]:
         axis.axhline(summary["full"]["mean"], color="black", linestyle=":", label="full data")
     axis.set_xscale("log")
+    budgets = sorted(summary["budgets"])
+    axis.set_xticks([100 * b for b in budgets], [f"{100 * b:g}%" for b in budgets])
+    axis.minorticks_off()
     axis.set_xlabel("budget (% of the training examples)")
     agreement = summary.get("metric_kind") == "agreement"
     axis.set_ylabel("top-1 agreement with the teacher" if agreement else "exact match")
