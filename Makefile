@@ -51,12 +51,12 @@ lab-e1: $(LAB_RATIONALES)
 	  train.max_steps=300 --out $(LAB)/e1 --reference loss.alpha=1.0
 
 # Dataset distillation on the lab (README, "Dataset distillation"): the data-efficiency
-# protocol over the teacher's rationales (~100 min on 2 cores; finished arms are kept).
+# protocol over the teacher's rationales (58 arms, ~4 h on 2 cores; finished arms are kept).
 lab-dd: $(LAB_RATIONALES)
 	$(LMDISTILL) protocol configs/lab/protocol.yaml --out $(LAB)/dd
 
 # The same protocol on the demo data (builtin GSM8K, SmolLM2-135M-Instruct and its 6-layer
-# student; ~1.5 h on 2 cores).
+# student; ~2 h on 2 cores).
 demo-dd: $(VENV)/.base
 	$(LMDISTILL) protocol configs/dd/protocol-demo.yaml --out outputs/dd/protocol-demo
 
