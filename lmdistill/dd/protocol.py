@@ -614,7 +614,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    axis.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # many arms: no colour twice
+    tab20 = plt.get_cmap("tab20")
+    axis.set_prop_cycle(color=[tab20(i) for i in range(20)])  # many arms: no colour twice
     for row in summary["table"]:
         keys = sorted(row["cells"], key=float)
         if not keys:
