@@ -108,12 +108,8 @@ def arm_overrides(
 def matched_tokens(arm: Arm, records: list[dict[str, Any]]) -> int:
     method = arm.method.removeprefix("random~")
     for record in records:
-        if (record["method"], record["budget"], record["kd"], record["seed"]) == (
-            method,
-            arm.budget,
-            False,
-            0,
-        ):
+        first_seed = (record["budget"], record["kd"], record["seed"]) == (arm.budget, False, 0)
+        if record["method"] == method and first_seed:
             return int(record["selection"]["selected_tokens"])
     raise ValueError(f"protocol: {arm.name} needs the {method} arm at that budget first")
 
@@ -547,12 +543,10 @@ def render(summary: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for v in summary["verdicts"]:
-            accuracy = f"{v['mean']:.3f}" + (
-                f" ± {v['std']:.3f} (n={v['n']})" if v["n"] > 1 else ""
-            )
+            value = f"{v['mean']:.3f}" + (f" ± {v['std']:.3f} (n={v['n']})" if v["n"] > 1 else "")
             of_full = "-" if v["of_full"] is None else f"{100 * v['of_full']:.0f}%"
             lines.append(
-                f"| {100 * v['budget']:g}% | {v['kind']} | {v['method']} | {accuracy} | {of_full} "
+                f"| {100 * v['budget']:g}% | {v['kind']} | {v['method']} | {value} | {of_full} "
                 f"| {v['random_mean']:.3f} ± {v['random_std']:.3f} | "
                 f"{_yes(v['reaches_95_of_full'])} | {_yes(v['beats_random_by_1_std'])} |"
             )
