@@ -140,6 +140,13 @@ def main() -> None:
         gap = float(np.abs(resumed[probe] - reference).max())
         results.append(run_worker("naive", small, root / "naive"))
         print(json.dumps(results[-1]), flush=True)
+    # Rates over the examples each run computed (the stopped and resumed runs do half each;
+    # the uninterrupted check only the probe rows).
+    half = min(large, (batches // 2) * LORA["batch_size"])
+    computed = {"stopped": half, "resumed": large - half, "uninterrupted rows": len(probe)}
+    for r in results:
+        r["examples_computed"] = computed.get(r["kind"], r["n"])
+        r["examples_per_s"] = r["examples_computed"] / r["seconds"]
     by_kind = {r["kind"]: r for r in results}
     per_example_mb = 4 * _lora_rows() / 2**20
     summary = {
