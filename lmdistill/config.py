@@ -662,13 +662,6 @@ def _validate_protocol(config: RunConfig) -> None:
             protocol.method_seed_budgets,
             "null (every budget) or some budgets when protocol.method_seeds > 1",
         )
-    for budget in protocol.method_seed_budgets or []:
-        _check(
-            budget in protocol.budgets,
-            "protocol.method_seed_budgets",
-            protocol.method_seed_budgets,
-            f"null or budgets among protocol.budgets={protocol.budgets}",
-        )
     if protocol.full_steps is not None:
         _check(protocol.full_steps >= 1, "protocol.full_steps", protocol.full_steps, "null or >= 1")
     for name, overrides in protocol.methods.items():
@@ -687,13 +680,14 @@ def _validate_protocol(config: RunConfig) -> None:
                 item,
                 "select.key=value overrides",
             )
-    for budget in protocol.token_matched_budgets:
-        _check(
-            budget in protocol.budgets,
-            "protocol.token_matched_budgets",
-            protocol.token_matched_budgets,
-            f"budgets among protocol.budgets={protocol.budgets}",
-        )
+    for field_name in ("token_matched_budgets", "method_seed_budgets"):
+        chosen = getattr(protocol, field_name) or []
+        for budget in chosen:
+            name, among = (
+                f"protocol.{field_name}",
+                f"budgets among protocol.budgets={protocol.budgets}",
+            )
+            _check(budget in protocol.budgets, name, chosen, among)
     for method in protocol.condense:
         allowed = "a list of dc / dm / mtt"
         _check(method in ("dc", "dm", "mtt"), "protocol.condense", protocol.condense, allowed)

@@ -50,15 +50,11 @@ def test_methods_run_more_seeds_where_asked_before_the_kd_arms() -> None:
     for method in ("longest", "kcenter-hidden"):
         assert {s for n, b, s in names if n == method and b == 0.25} == {0, 1, 2}
         assert {s for n, b, s in names if n == method and b == 0.1} == {0}
-    assert max(names.index((m, 0.25, s)) for m in ("longest",) for s in (1, 2)) < min(
+    assert max(names.index(("longest", 0.25, s)) for s in (1, 2)) < min(
         i for i, (n, _, _) in enumerate(names) if n in ("random+KD", "longest+KD")
     )
     everywhere = load_config(CONFIG, ["protocol.method_seeds=2"])
-    seeded = {
-        (n, b)
-        for n, b, s in [(a.name, a.budget, a.seed) for a in protocol.plan(everywhere)]
-        if s == 1
-    }
+    seeded = {(a.name, a.budget) for a in protocol.plan(everywhere) if a.seed == 1}
     assert ("longest", 0.1) in seeded and ("longest", 0.25) in seeded
     assert ("random~longest", 0.1) not in seeded and ("longest+KD", 0.1) not in seeded
 

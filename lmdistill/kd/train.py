@@ -89,8 +89,8 @@ def train_student(
         if state.config_hash != config_hash:
             raise ValueError(
                 f"{checkpoints[-1]} was written by a different config "
-                f"({state.config_hash} != {config_hash}; config hashes cover the settings that "
-                "differ from the defaults, since lmdistill 0.1's hashes covered every setting); "
+                f"({state.config_hash} != {config_hash}: the settings that differ from the "
+                "defaults are hashed; checkpoints from before that rule hashed every setting); "
                 "use a new output_dir or drop --resume"
             )
     resumed_from = state.step
