@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 from lmdistill.config import ConfigError, RunConfig, load_config
+from lmdistill.io import DiskFullError
 
 DESCRIPTION = """\
 Distil a large causal language model (the teacher) into a small one (the student).
@@ -34,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as error:
-        # Input and config problems: one clear line, not a traceback.
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError, DiskFullError) as error:
+        # Input, config and full-disk problems: one clear line, not a traceback.
         print(f"lmdistill {args.command}: error: {error}", file=sys.stderr)
         return 2
     finally:

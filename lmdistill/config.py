@@ -352,6 +352,10 @@ class ProtocolConfig:
     # Also train a full-data student for this many steps (e.g. to convergence): the reference
     # for "% of full" when set; the same-steps full-data student is reported beside it.
     full_steps: int | None = None
+    # Keep a finished arm's training checkpoints (false: they are deleted once its record is
+    # written; its student stays. A protocol has dozens of arms: about 1.3 GB each with a
+    # 6-layer SmolLM2 student).
+    keep_checkpoints: bool = False
 
 
 @dataclass

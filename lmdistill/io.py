@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -10,6 +11,40 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+# Below this many free bytes a failed write is taken for a full disk.
+NEARLY_FULL = 16 * 2**20
+
+
+class DiskFullError(OSError):
+    """A write failed because the disk is (nearly) full; nothing was left half-written."""
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the file system that holds `path` (or its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def explain_write_failure(path: Path, error: BaseException) -> None:
+    """Raise a DiskFullError that names `path` and the free space when `error` (an OSError,
+    or torch's "file write failed" / "unexpected pos" RuntimeError) came from a full disk."""
+    if isinstance(error, DiskFullError):
+        return
+    no_space = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    torch_short_write = isinstance(error, RuntimeError) and (
+        "file write failed" in str(error) or "unexpected pos" in str(error)
+    )
+    free = free_bytes(path)
+    if no_space or (torch_short_write and free < NEARLY_FULL):
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"writing {path} failed: the disk is full ({free / 2**20:.0f} MiB free there; "
+            f"{type(error).__name__}: {error}). Nothing was half-written: free some space "
+            "(old runs' checkpoints, a protocol's finished arms) and run again, with --resume "
+            "where the command has it",
+        ) from error
 
 
 @contextmanager
@@ -22,6 +57,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as error:
+        explain_write_failure(path, error)
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -51,6 +89,9 @@ def atomic_dir(path: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        explain_write_failure(path, error)
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -166,6 +166,9 @@ def test_tiny_protocol_runs_reports_and_resumes(tmp_path: Path, monkeypatch: Any
     assert set(rows["condensed-dm"]) == {"0.1"}
     for runs in summary["runs"]:
         assert 0.0 <= runs["accuracy"] <= 1.0 and runs["train_seconds"] > 0
+    # A recorded arm keeps its student and drops its checkpoints (protocol.keep_checkpoints).
+    assert (out / "b0.1" / "random" / "seed-0" / "student" / "model.safetensors").is_file()
+    assert not list(out.rglob("step-*"))
     # The KD arms trained from a teacher cache over their subset.
     cache = out / "b0.1" / "random+KD" / "seed-0" / "teacher_cache"
     assert cache.is_dir()

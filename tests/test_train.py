@@ -157,3 +157,78 @@ def test_feature_losses_need_a_teacher(tmp_path: Path) -> None:
             checkpoint_dir=tmp_path,
             config_hash="x",
         )
+
+
+def test_the_checkpoint_estimate_is_what_a_checkpoint_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmdistill.kd import train as train_module
+
+    needs: list[int] = []
+    real_check = train_module.check_room
+    monkeypatch.setattr(
+        train_module,
+        "check_room",
+        lambda d, need, keep: (needs.append(need), real_check(d, need, keep)),
+    )
+    train_tiny(4, 1, steps=2, checkpoint_dir=tmp_path / "c")
+    written = sum(f.stat().st_size for f in (tmp_path / "c" / "step-000002").iterdir())
+    assert len(needs) == 1 and 0.9 * written < needs[0] <= 1.1 * written
+
+
+def test_a_run_whose_checkpoint_cannot_fit_is_refused_before_it_trains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmdistill.io import DiskFullError
+    from lmdistill.kd import checkpoint
+
+    monkeypatch.setattr(checkpoint, "free_bytes", lambda path: 1000)
+    with pytest.raises(DiskFullError, match=r"takes about \d+ MiB, and .* has 0 MiB free"):
+        train_tiny(4, 1, steps=2, checkpoint_dir=tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+    # Room for one checkpoint but not for the kept ones plus the next: a warning.
+    need = 10 * 2**20
+    monkeypatch.setattr(checkpoint, "free_bytes", lambda path: 2 * need)
+    with pytest.warns(UserWarning, match="keep_checkpoints=2 checkpoints of about 10 MiB"):
+        checkpoint.check_room(tmp_path, need, keep=2)
+
+
+def test_a_full_disk_mid_run_is_named_and_the_run_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint write that fails for want of space raises an error that says so (not
+    torch's "unexpected pos"), leaves no half-written checkpoint, and the run resumes."""
+    from lmdistill import io
+    from lmdistill.io import DiskFullError
+    from lmdistill.kd import checkpoint
+
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def fill_the_disk(obj, path, *args, **kwargs):  # the 2nd checkpoint's rng.pt is cut short
+        saves["n"] += 1
+        if saves["n"] == 6:
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:672] . unexpected pos 5248 vs 5140"
+            )
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", fill_the_disk)
+    monkeypatch.setattr(io, "free_bytes", lambda path: 2**20)
+    with pytest.raises(
+        DiskFullError, match=r"writing .*step-000004 failed: the disk is full \(1 MiB free"
+    ):
+        train_tiny(4, 1, steps=6, checkpoint_dir=tmp_path / "b")
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["step-000002"]  # no temp dir left
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    resumed, _ = train_tiny(4, 1, steps=6, checkpoint_dir=tmp_path / "b", resume=True)
+    straight, _ = train_tiny(4, 1, steps=6, checkpoint_dir=tmp_path / "a")
+    for name, value in straight.items():
+        assert torch.equal(value, resumed[name]), name
+
+    # Only a full disk is reported as one; another failure passes through as it was.
+    from lmdistill.io import explain_write_failure
+
+    with pytest.raises(DiskFullError, match=r"the disk is full .*No space left on device"):
+        explain_write_failure(tmp_path / "x", OSError(28, "No space left on device"))
+    explain_write_failure(tmp_path / "x", PermissionError(13, "denied"))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -162,6 +163,8 @@ def run_protocol(
             continue
         atomic_write_json(record_path, record)
         records.append(record)
+        if not base.protocol.keep_checkpoints:
+            drop_checkpoints(Path(record["output_dir"]))
     summary = summarise(base, records, arms)
     summary["failed"] = failed
     atomic_write_json(out / "protocol.json", summary)
@@ -175,6 +178,13 @@ def run_protocol(
             "retry them): " + "; ".join(failed)
         )
     return summary
+
+
+def drop_checkpoints(arm_dir: Path) -> None:
+    """A recorded arm is never trained again: its checkpoints (weights, optimizer moments)
+    only take disk. The student, metrics and report stay."""
+    for checkpoints in (arm_dir / "checkpoints", arm_dir / "baseline" / "checkpoints"):
+        shutil.rmtree(checkpoints, ignore_errors=True)
 
 
 def arm_hash(config: RunConfig) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from lmdistill.io import atomic_dir
+from lmdistill.io import DiskFullError, atomic_dir, free_bytes
 
 PREFIX = "step-"
 
@@ -48,6 +49,49 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.random.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """About what one checkpoint takes on disk: the weights (tied ones once) plus every
+    tensor in the optimizer's state (for AdamW, two moments per trainable weight)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in model.state_dict().values():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    per_param = 0
+    for param in (p for group in optimizer.param_groups for p in group["params"]):
+        if param.requires_grad:
+            # Before the first step the state is empty: AdamW's two fp32 moments per weight.
+            per_param += 2 * param.numel() * 4
+    stored = sum(
+        v.numel() * v.element_size()
+        for state in optimizer.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor)
+    )
+    return total + max(per_param, stored)
+
+
+def check_room(directory: Path, need: int, keep: int) -> None:
+    """Refuse a run whose first checkpoint cannot fit on the disk (before hours of training),
+    and warn when the `keep` checkpoints plus the one being written may not."""
+    free = free_bytes(directory)
+    mib = 2**20
+    if free < need:
+        raise DiskFullError(
+            28,
+            f"a checkpoint of this run takes about {need / mib:.0f} MiB, and {directory} has "
+            f"{free / mib:.0f} MiB free: free some space, or set train.checkpoint_every=0 "
+            "(no checkpoints: a killed run cannot resume)",
+        )
+    if free < (keep + 1) * need:
+        warnings.warn(
+            f"{directory} has {free / mib:.0f} MiB free; train.keep_checkpoints={keep} "
+            f"checkpoints of about {need / mib:.0f} MiB, plus the one being written, may not fit",
+            stacklevel=2,
+        )
 
 
 def save_checkpoint(

@@ -22,7 +22,14 @@ from transformers import PreTrainedModel
 
 from lmdistill.config import LossConfig, TrainConfig
 from lmdistill.data import IGNORE_INDEX, TokenizedExample, collate
-from lmdistill.kd.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
+from lmdistill.kd.checkpoint import (
+    TrainState,
+    check_room,
+    checkpoint_bytes,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from lmdistill.kd.objective import PARTS, KDObjective, uses_attention
 from lmdistill.kd.optim import build_optimizer, build_scheduler
 
@@ -94,6 +101,9 @@ def train_student(
                 "use a new output_dir or drop --resume"
             )
     resumed_from = state.step
+    if train.checkpoint_every and accelerator.is_main_process and state.step < train.max_steps:
+        need = checkpoint_bytes(accelerator.unwrap_model(objective), optimizer)
+        check_room(checkpoint_dir, need, train.keep_checkpoints)
 
     logged = [k for k in PARTS if k not in ("hidden", "attention") or getattr(loss, f"{k}_weight")]
     world = accelerator.num_processes
