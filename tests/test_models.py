@@ -203,3 +203,22 @@ def test_a_missing_local_model_directory_is_named(tmp_path: Path) -> None:
         load_model(ModelConfig(path=str(tmp_path / "nope" / "student")))
     with pytest.raises(FileNotFoundError, match="model directory not found"):
         load_model(ModelConfig(path="outputs/lab/nope/student"))
+
+
+def test_the_device_setting_resolves_or_says_why_not(
+    tiny_teacher: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmdistill.models import resolve_device, weights_fingerprint
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="train.device=cuda, but torch sees no CUDA device"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    # The digest is a function of the weights alone (computed on the CPU wherever they live).
+    before = weights_fingerprint(tiny_teacher)
+    with torch.no_grad():
+        next(tiny_teacher.parameters()).add_(1e-3)
+    assert weights_fingerprint(tiny_teacher) != before

@@ -48,9 +48,11 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.scale = alpha / rank
+        # Drawn on the CPU (the same A on every device), then placed beside the layer.
         a = torch.randn(rank, base.in_features, generator=generator) / math.sqrt(base.in_features)
-        self.lora_a = nn.Parameter(a, requires_grad=False)
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+        device = base.weight.device
+        self.lora_a = nn.Parameter(a.to(device), requires_grad=False)
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
         self.h: torch.Tensor | None = None
         self.delta: torch.Tensor | None = None
 
@@ -126,22 +128,23 @@ class Projection:
         self.keep = rows * dim * 4 <= cache_bytes  # small enough: draw once, keep
         self._blocks: dict[int, torch.Tensor] = {}
 
-    def block(self, index: int) -> torch.Tensor:
+    def block(self, index: int, device: torch.device | str = "cpu") -> torch.Tensor:
         if index in self._blocks:
             return self._blocks[index]
         start = index * BLOCK_ROWS
         size = min(BLOCK_ROWS, self.rows - start)
+        # Drawn on the CPU, so that features do not depend on the device that computes them.
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        matrix = torch.randn(size, self.dim, generator=generator) / math.sqrt(self.dim)
+        matrix = (torch.randn(size, self.dim, generator=generator) / math.sqrt(self.dim)).to(device)
         if self.keep:
             self._blocks[index] = matrix
         return matrix
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(x.shape[0], self.dim)
+        out = torch.zeros(x.shape[0], self.dim, device=x.device)
         for index in range(math.ceil(self.rows / BLOCK_ROWS)):
             start = index * BLOCK_ROWS
-            out += x[:, start : start + BLOCK_ROWS] @ self.block(index)
+            out += x[:, start : start + BLOCK_ROWS] @ self.block(index, x.device)
         return out
 
 
@@ -192,10 +195,11 @@ def gradient_features(
                 bar.close()
                 return None
             chunk = items[start : start + batch_size]
-            grads = per_example_grads(wrapped, adapters, collate(chunk, pad_token_id))
+            batch = {k: v.to(wrapped.device) for k, v in collate(chunk, pad_token_id).items()}
+            grads = per_example_grads(wrapped, adapters, batch)
             for adapter in adapters:
                 adapter.lora_b.grad = None
-            rows = projection(grads).numpy().astype(np.float32)
+            rows = projection(grads).cpu().numpy().astype(np.float32)
             handle.seek(header + start * dim * 4)
             handle.write(rows.tobytes())
             handle.flush()

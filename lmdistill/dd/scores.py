@@ -131,6 +131,10 @@ def batches(items: list[TokenizedExample], batch_size: int, desc: str) -> Any:
     bar.close()
 
 
+def on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def _shifted(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T-1) targets and their bool mask: position t predicts token t + 1."""
     targets = batch["labels"][:, 1:]
@@ -144,7 +148,7 @@ def response_nll(
     """Mean negative log-likelihood (nats per token) of each example's response tokens."""
     out = np.zeros(len(items))
     for start, chunk in batches(items, batch_size, "perplexity"):
-        batch = collate(chunk, pad_token_id)
+        batch = on(collate(chunk, pad_token_id), model.device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
             :, :-1
         ]
@@ -153,7 +157,7 @@ def response_nll(
             logits.float().transpose(1, 2), targets.clamp(min=0), reduction="none"
         )  # (B, T-1)
         per_example = (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
-        out[start : start + len(chunk)] = per_example.double().numpy()
+        out[start : start + len(chunk)] = per_example.double().cpu().numpy()
     return out
 
 
@@ -204,13 +208,15 @@ def divergence_scores(
     """Mean KL(teacher || student) per response token, over the shared vocabulary."""
     out = np.zeros(len(items))
     for start, chunk in batches(items, batch_size, "divergence"):
-        batch = collate(chunk, pad_token_id)
+        batch = on(collate(chunk, pad_token_id), teacher.device)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         t = teacher(**inputs).logits[:, :-1, :vocab_size].float().log_softmax(-1)
-        s = student(**inputs).logits[:, :-1, :vocab_size].float().log_softmax(-1)
+        s = student(**on(inputs, student.device)).logits[:, :-1, :vocab_size].float()
+        s = s.log_softmax(-1).to(t.device)
         kl = (t.exp() * (t - s)).sum(-1)  # (B, T-1)
         _, mask = _shifted(batch)
-        out[start : start + len(chunk)] = ((kl * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy()
+        per_example = (kl * mask).sum(1) / mask.sum(1).clamp(min=1)
+        out[start : start + len(chunk)] = per_example.cpu().numpy()
     return out
 
 
@@ -221,12 +227,12 @@ def hidden_features(
     """The final hidden state averaged over each example's tokens (prompt and response)."""
     rows = []
     for _, chunk in batches(items, batch_size, "hidden states"):
-        batch = collate(chunk, pad_token_id)
+        batch = on(collate(chunk, pad_token_id), model.device)
         states = model.get_decoder()(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state.float()
         mask = batch["attention_mask"].unsqueeze(-1).float()
-        rows.append(((states * mask).sum(1) / mask.sum(1)).numpy())
+        rows.append(((states * mask).sum(1) / mask.sum(1)).cpu().numpy())
     return np.concatenate(rows).astype(np.float32)
 
 
@@ -237,25 +243,29 @@ def example_text(example: Example) -> str:
 
 @torch.no_grad()
 def sentence_embeddings(
-    model_dir: str | Path, examples: list[Example], batch_size: int = 32, max_length: int = 256
+    model_dir: str | Path,
+    examples: list[Example],
+    batch_size: int = 32,
+    max_length: int = 256,
+    device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' recipe for
     all-MiniLM-L6-v2), computed with transformers alone."""
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModel.from_pretrained(str(model_dir)).eval()
+    model = AutoModel.from_pretrained(str(model_dir)).to(device).eval()
     rows = []
     bar = tqdm(total=len(examples), desc="embeddings", unit="ex", dynamic_ncols=True)
     for start in range(0, len(examples), batch_size):
         chunk = [example_text(e) for e in examples[start : start + batch_size]]
         encoded = tokenizer(
             chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
+        ).to(model.device)
         states = model(**encoded).last_hidden_state
         mask = encoded["attention_mask"].unsqueeze(-1).float()
         pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        rows.append(F.normalize(pooled, dim=-1).numpy())
+        rows.append(F.normalize(pooled, dim=-1).cpu().numpy())
         bar.update(len(chunk))
     bar.close()
     return np.concatenate(rows).astype(np.float32)

@@ -33,6 +33,7 @@ from lmdistill.models import (
     check_tokenizers,
     describe,
     load_model,
+    resolve_device,
     shared_vocab_size,
     weights_fingerprint,
 )
@@ -65,13 +66,16 @@ class Models:
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
+        self.device = resolve_device(config.train.device)  # scoring runs where training would
         self._teacher: tuple[PreTrainedModel, Any] | None = None
         self._scorer: PreTrainedModel | None = None
 
     @property
     def teacher(self) -> tuple[PreTrainedModel, Any]:
         if self._teacher is None:
-            self._teacher = load_model(self.config.teacher)
+            model, tokenizer = load_model(self.config.teacher)
+            model.to(self.device)  # type: ignore[arg-type]  # transformers' wrapped `to`
+            self._teacher = model, tokenizer
         return self._teacher
 
     @property
@@ -92,7 +96,7 @@ class Models:
                 model, other = load_model(ModelConfig(path=choice))
                 check_tokenizers(tokenizer, other)
                 self._scorer = model
-            self._scorer.eval()
+            self._scorer.to(self.device).eval()  # type: ignore[arg-type]
         return self._scorer
 
     def identity(self) -> str:
@@ -222,7 +226,9 @@ def compute_features(
             scores.saved_array(
                 directory,
                 identity,
-                lambda: scores.sentence_embeddings(embedding_dir(model_name), pool.examples),
+                lambda: scores.sentence_embeddings(
+                    embedding_dir(model_name), pool.examples, device=models.device
+                ),
             )
         )
     directory = scores_dir(config) / f"features-{kind}-{_tag(sel.model)}"

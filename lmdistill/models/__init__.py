@@ -1,6 +1,6 @@
 """Load teachers and students; build students from teachers; check tokenizers agree."""
 
-from lmdistill.models.loading import describe, load_model, weights_fingerprint
+from lmdistill.models.loading import describe, load_model, resolve_device, weights_fingerprint
 from lmdistill.models.registry import RegistryError, resolve_alias
 from lmdistill.models.students import (
     TokenizerMismatchError,
@@ -19,6 +19,7 @@ __all__ = [
     "evenly_spaced_layers",
     "load_model",
     "resolve_alias",
+    "resolve_device",
     "shared_vocab_size",
     "weights_fingerprint",
 ]

@@ -21,6 +21,14 @@ def describe(spec: ModelConfig) -> str:
     return spec.path if spec.gguf_file is None else f"{spec.path}::{spec.gguf_file}"
 
 
+def resolve_device(setting: str) -> torch.device:
+    """`train.device` as a torch device: `auto` is the GPU when torch sees one."""
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda, but torch sees no CUDA device (use auto or cpu)")
+    cuda = setting == "cuda" or (setting == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if cuda else "cpu")
+
+
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """A short digest of a model's weights (sums and sums of squares per tensor, in float64):
     a retrained model at the same path is told apart from the old one."""
@@ -29,8 +37,9 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
     with torch.no_grad():
         moments = [
-            (round(float(p.double().sum()), 6), round(float(p.double().square().sum()), 6))
-            for p in model.parameters()
+            # On the CPU, so that the same weights on another device give the same digest.
+            (round(float(w.sum()), 6), round(float(w.square().sum()), 6))
+            for w in (p.detach().cpu().double() for p in model.parameters())
         ]
     return hashlib.sha256(json.dumps(moments).encode()).hexdigest()[:16]
 
