@@ -28,7 +28,13 @@ from lmdistill.io import atomic_dir, atomic_write_json
 from lmdistill.kd.checkpoint import list_checkpoints
 from lmdistill.kd.rationale import apply_objective, eval_prompts
 from lmdistill.kd.train import TrainResult, train_student, use_cpu
-from lmdistill.models import build_student, describe, shared_vocab_size, weights_fingerprint
+from lmdistill.models import (
+    build_student,
+    describe,
+    resolve_device,
+    shared_vocab_size,
+    weights_fingerprint,
+)
 from lmdistill.report import write_report
 from lmdistill.teachers import greedy_responses
 from lmdistill.teachers.consistency import with_rationale_prompt
@@ -171,7 +177,8 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         return result
 
     samples = eval_prompts(eval_examples[: config.eval.num_samples], config.objective)
-    initial = copy.deepcopy(student) if config.baseline else None
+    initial = copy.deepcopy(student) if config.baseline else None  # on the CPU until it trains
+    student.to(resolve_device(config.train.device))  # type: ignore[arg-type]
     if config.eval.enabled and config.eval.before:
         metrics["before"] = evaluate(student)
     if config.teacher.kind == "local":
@@ -225,6 +232,8 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     ]
     metrics["wall_seconds"] = time.perf_counter() - started
     metrics["peak_rss_mb"] = peak_rss_mb()
+    if torch.cuda.is_available():
+        metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if state.is_main_process:
         atomic_write_json(out / "metrics.json", metrics)
         write_report(out, metrics, to_dict(config))

@@ -213,10 +213,12 @@ def test_the_device_setting_resolves_or_says_why_not(
     assert resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
-    with pytest.raises(RuntimeError, match="train.device=cuda, but torch sees no CUDA device"):
+    with pytest.raises(RuntimeError, match=r"train\.device=cuda, but torch sees no CUDA device"):
         resolve_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # under torchrun: this process's own GPU
+    assert resolve_device("cuda") == torch.device("cuda", 1)
     # The digest is a function of the weights alone (computed on the CPU wherever they live).
     before = weights_fingerprint(tiny_teacher)
     with torch.no_grad():

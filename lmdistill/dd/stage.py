@@ -73,9 +73,8 @@ class Models:
     @property
     def teacher(self) -> tuple[PreTrainedModel, Any]:
         if self._teacher is None:
-            model, tokenizer = load_model(self.config.teacher)
-            model.to(self.device)  # type: ignore[arg-type]  # transformers' wrapped `to`
-            self._teacher = model, tokenizer
+            # On the CPU until its weights compute (often only its tokenizer is needed).
+            self._teacher = load_model(self.config.teacher)
         return self._teacher
 
     @property
@@ -170,6 +169,7 @@ def compute_scores(config: RunConfig, pool: Pool, models: Models) -> np.ndarray 
             )
         if kind == "divergence":
             teacher = models.teacher[0]
+            teacher.to(models.device)  # type: ignore[arg-type]  # transformers' wrapped `to`
             student = models.scorer()
             vocab = shared_vocab_size(teacher, student, tokenizer)
             return scores.divergence_scores(

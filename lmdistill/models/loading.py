@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,13 @@ def describe(spec: ModelConfig) -> str:
 
 
 def resolve_device(setting: str) -> torch.device:
-    """`train.device` as a torch device: `auto` is the GPU when torch sees one."""
+    """`train.device` as this process's torch device: `auto` is the GPU when torch sees one;
+    under torchrun, each process's own GPU (LOCAL_RANK), as the trainer's Accelerator does."""
     if setting == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda, but torch sees no CUDA device (use auto or cpu)")
-    cuda = setting == "cuda" or (setting == "auto" and torch.cuda.is_available())
-    return torch.device("cuda" if cuda else "cpu")
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

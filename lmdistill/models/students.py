@@ -63,9 +63,9 @@ def layers_from_teacher(teacher: PreTrainedModel, num_layers: int) -> PreTrained
     for key, value in teacher.state_dict().items():
         match = layer_key.match(key)
         if match is None:
-            state[key] = value.clone()
+            state[key] = value  # load_state_dict copies
         elif int(match.group(2)) in source:
-            state[f"{match.group(1)}{source[int(match.group(2))]}{match.group(3)}"] = value.clone()
+            state[f"{match.group(1)}{source[int(match.group(2))]}{match.group(3)}"] = value
     missing, unexpected = student.load_state_dict(state, strict=False)
     # A tied head is reported missing; it is the embedding and was loaded through it.
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()

@@ -99,7 +99,8 @@ def render(metrics: dict[str, Any], config: dict[str, Any], has_eval: bool) -> s
     lines += ["", "## Training", "", "![loss](loss.png)", ""]
     lines += [
         f"Wall time {metrics['wall_seconds'] / 60:.1f} min, peak memory "
-        f"{metrics['peak_rss_mb']:.0f} MB (RSS)."
+        f"{metrics['peak_rss_mb']:.0f} MB (RSS)"
+        + (f", {metrics['peak_gpu_mb']:.0f} MB on the GPU." if "peak_gpu_mb" in metrics else ".")
     ]
     if metrics.get("samples"):
         lines += ["", "## Side by side (greedy, held-out prompts)", ""]

@@ -121,11 +121,12 @@ def write_cache(
 
     @torch.no_grad()
     def score(batch: list[TokenizedExample], _: int) -> Rows:
-        states, _targets = response_hidden(teacher, **collate(batch, pad_token_id))  # (N, H)
+        inputs = {k: v.to(teacher.device) for k, v in collate(batch, pad_token_id).items()}
+        states, _targets = response_hidden(teacher, **inputs)  # (N, H)
         logprobs = torch.log_softmax((states @ weight.T).float() / spec.temperature, dim=-1)
         assert spec.k is not None
         values, ids = logprobs.topk(spec.k, dim=-1)  # (N, k), sorted descending
-        return ids, values, torch.ones(len(ids), dtype=torch.bool)
+        return ids.cpu(), values.cpu(), torch.ones(len(ids), dtype=torch.bool)
 
     return write_rows(score, examples, cache_dir, spec, batch_size=batch_size, texts=texts)
 

@@ -29,7 +29,7 @@ from lmdistill.data import (
     load_examples,
     tokenize_examples,
 )
-from lmdistill.models import describe, load_model
+from lmdistill.models import describe, load_model, resolve_device
 from lmdistill.teachers.base import CachedTeacher, LocalTeacher, ServedTeacher, Teacher
 from lmdistill.teachers.cache import (
     CacheError,
@@ -82,6 +82,9 @@ def open_teacher(config: RunConfig, *, write_local_cache: bool = False) -> RunTe
     """Load what `config.teacher` describes; generate and cache what the kind needs."""
     model, tokenizer = load_model(config.teacher)
     kind = config.teacher.kind
+    if kind == "local" or (kind == "cache" and not _cache_complete(config)):
+        # It generates, scores or caches here: on train.device (GPU), as training will be.
+        model.to(resolve_device(config.train.device))  # type: ignore[arg-type]
     train, held_out = load_splits(config)
     examples = {"train": train, "eval": held_out}
     if kind == "cache":
@@ -94,6 +97,7 @@ def open_teacher(config: RunConfig, *, write_local_cache: bool = False) -> RunTe
             staged = RunTeacher(tokenizer, model, examples, {})
             prompts = {"train": train, "eval": held_out}
             written["cache"] = _write_local_caches(config, staged, prompts)
+            model.to("cpu")  # type: ignore[arg-type]  # training reads the cache, not the model
         setup = _from_cache(config, model, tokenizer, {"train": train, "eval": held_out})
         if "cache" in written:  # what this call wrote, with its size
             for split, summary in written["cache"].items():
@@ -145,6 +149,7 @@ def generating_teacher(config: RunConfig) -> tuple[Teacher, dict[str, Any]]:
         return CachedTeacher(caches[0], others=caches[1:]), report
     model, tokenizer = load_model(config.teacher)
     if config.teacher.kind == "local":
+        model.to(resolve_device(config.train.device))  # type: ignore[arg-type]
         return LocalTeacher(model, tokenizer, describe(config.teacher)), report
     served = _probed(config, tokenizer, model, report)
     return served, report
