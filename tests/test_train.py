@@ -232,3 +232,24 @@ def test_a_full_disk_mid_run_is_named_and_the_run_resumes(
     with pytest.raises(DiskFullError, match=r"the disk is full .*No space left on device"):
         explain_write_failure(tmp_path / "x", OSError(28, "No space left on device"))
     explain_write_failure(tmp_path / "x", PermissionError(13, "denied"))
+
+
+def test_two_processes_write_one_teacher_cache_and_train_from_it(tmp_path: Path) -> None:
+    """Under torchrun, the main process writes the cache; the other waits and reads it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "two"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", "29519", "-m", "lmdistill.cli", "run",
+        str(ROOT / "configs" / "tiny.yaml"), f"output_dir={out}", "teacher.kind=cache",
+        "baseline=false",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    for split, examples in (("train", "train_examples"), ("eval", "eval_examples")):
+        manifest = json.loads((out / "teacher_cache" / split / "manifest.json").read_text())
+        names = [shard["name"] for shard in manifest["shards"]]
+        assert len(names) == len(set(names))  # each shard once
+        assert sum(s["examples"] for s in manifest["shards"]) == metrics["data"][examples]
+    assert metrics["kd"]["after"]["kl"] < 0.5 * metrics["before"]["kl"]

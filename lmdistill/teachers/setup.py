@@ -247,15 +247,18 @@ def _write_local_caches(
             k=config.cache.k,
             temperature=config.loss.temperature,
         )
-        manifest = write_cache(
-            setup.model,
-            tokenized,
-            cache_dir(config) / split,
-            spec,
-            pad_token_id=setup.tokenizer.pad_token_id,
-            texts=examples,
-        )
-        out[split] = _summary(manifest, spec)
+        state = PartialState()
+        if state.is_main_process:  # one writer; the other processes read the finished cache
+            manifest = write_cache(
+                setup.model,
+                tokenized,
+                cache_dir(config) / split,
+                spec,
+                pad_token_id=setup.tokenizer.pad_token_id,
+                texts=examples,
+            )
+            out[split] = _summary(manifest, spec)
+        state.wait_for_everyone()
     return out
 
 
