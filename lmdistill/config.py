@@ -188,6 +188,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Under torchrun, how long the other processes wait in a collective for the main one,
+    # which generates and caches the teacher's signal alone (hours for a large dataset).
+    process_group_timeout_minutes: int = 1440
     # Easy-to-hard curriculum over examples (difficulty = response length, i.e. rationale
     # steps in the lab): step t draws from the easiest share of the data, growing linearly
     # from `curriculum_start` to all of it at `curriculum_steps` (0: half of max_steps).
@@ -508,7 +511,14 @@ def validate(config: RunConfig) -> None:
     for weight in ("hidden_weight", "attention_weight"):
         value = getattr(loss, weight)
         _check(value >= 0, f"loss.{weight}", value, "a number >= 0")
-    for name in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+    for name in (
+        "max_steps",
+        "batch_size",
+        "grad_accum",
+        "log_every",
+        "keep_checkpoints",
+        "process_group_timeout_minutes",
+    ):
         value = getattr(train, name)
         _check(value >= 1, f"train.{name}", value, "an integer >= 1")
     _check(train.lr > 0, "train.lr", train.lr, "a number > 0")

@@ -29,10 +29,14 @@ def free_bytes(path: Path) -> int:
 
 def explain_write_failure(path: Path, error: BaseException) -> None:
     """Raise a DiskFullError that names `path` and the free space when `error` (an OSError,
-    or torch's "file write failed" / "unexpected pos" RuntimeError) came from a full disk."""
+    safetensors' error, or torch's "file write failed" / "unexpected pos" RuntimeError) came
+    from a full disk; any other error is left to propagate as it is."""
     if isinstance(error, DiskFullError):
         return
-    no_space = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    no_space = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        # safetensors' SafetensorError (an Exception) carries the OS error in its text
+        "No space left on device" in str(error) or "os error 28" in str(error)
+    )
     torch_short_write = isinstance(error, RuntimeError) and (
         "file write failed" in str(error) or "unexpected pos" in str(error)
     )
@@ -57,7 +61,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
-    except (OSError, RuntimeError) as error:
+    except Exception as error:
         explain_write_failure(path, error)
         raise
     finally:
@@ -89,7 +93,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except (OSError, RuntimeError) as error:
+    except Exception as error:
         explain_write_failure(path, error)
         raise
     finally:

@@ -11,6 +11,7 @@ import dataclasses
 import resource
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,10 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run the configured pipeline; return (and write) the metrics."""
     started = time.perf_counter()
     # Initialised once, as the trainer's Accelerator will be (gloo on CPU).
-    state = PartialState(cpu=use_cpu(config.train.device))
+    state = PartialState(
+        cpu=use_cpu(config.train.device),
+        timeout=timedelta(minutes=config.train.process_group_timeout_minutes),
+    )
     out = Path(config.output_dir)
     if not resume and list_checkpoints(out / "checkpoints"):
         raise OutputExistsError(
@@ -232,7 +236,7 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     ]
     metrics["wall_seconds"] = time.perf_counter() - started
     metrics["peak_rss_mb"] = peak_rss_mb()
-    if torch.cuda.is_available():
+    if resolve_device(config.train.device).type == "cuda":
         metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if state.is_main_process:
         atomic_write_json(out / "metrics.json", metrics)

@@ -280,3 +280,15 @@ def test_the_score_is_the_metric_asked_for() -> None:
     )
     assert protocol.score(agreement, after) == 0.4
     assert "agreement" in protocol.metric_title(agreement)
+
+
+def test_checkpoints_are_kept_when_asked_and_dropped_on_read_back(tmp_path: Path) -> None:
+    out = tmp_path / "protocol"
+    args = [f"output_dir={tmp_path}", *SMALL, "protocol.condense=[]"]
+    protocol.run_protocol(CONFIG, [*args, "protocol.keep_checkpoints=true"], out=out)
+    kept = sorted(p.relative_to(out).parts[:3] for p in out.rglob("step-*"))
+    assert ("b0.1", "random", "seed-0") in kept and ("full", "full", "seed-0") in kept
+    # Read back without the setting (e.g. arms recorded before it existed): dropped.
+    protocol.run_protocol(CONFIG, args, out=out)
+    assert not list(out.rglob("step-*"))
+    assert (out / "b0.1" / "random" / "seed-0" / "student" / "model.safetensors").is_file()

@@ -169,7 +169,7 @@ def test_the_checkpoint_estimate_is_what_a_checkpoint_takes(
     monkeypatch.setattr(
         train_module,
         "check_room",
-        lambda d, need, keep: (needs.append(need), real_check(d, need, keep)),
+        lambda d, need, keep, warn: (needs.append(need), real_check(d, need, keep, warn)),
     )
     train_tiny(4, 1, steps=2, checkpoint_dir=tmp_path / "c")
     written = sum(f.stat().st_size for f in (tmp_path / "c" / "step-000002").iterdir())
@@ -226,21 +226,48 @@ def test_a_full_disk_mid_run_is_named_and_the_run_resumes(
     for name, value in straight.items():
         assert torch.equal(value, resumed[name]), name
 
-    # Only a full disk is reported as one; another failure passes through as it was.
-    from lmdistill.io import explain_write_failure
+
+def test_only_a_full_disk_is_reported_as_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors import SafetensorError
+
+    from lmdistill import io
+    from lmdistill.io import DiskFullError, atomic_dir, explain_write_failure
 
     with pytest.raises(DiskFullError, match=r"the disk is full .*No space left on device"):
         explain_write_failure(tmp_path / "x", OSError(28, "No space left on device"))
+    # safetensors' error is a bare Exception: caught too, and the temp dir is still removed.
+    full = r"writing .*weights failed: the disk is full"
+    with pytest.raises(DiskFullError, match=full), atomic_dir(tmp_path / "weights"):
+        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+    assert list(tmp_path.iterdir()) == []
+    # torch's short write is a full disk only when the disk is (nearly) full.
+    short = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5248 vs 5140")
+    monkeypatch.setattr(io, "free_bytes", lambda path: 2**40)
+    explain_write_failure(tmp_path / "x", short)  # passes through as it was
+    monkeypatch.setattr(io, "free_bytes", lambda path: 2**20)
+    with pytest.raises(DiskFullError):
+        explain_write_failure(tmp_path / "x", short)
     explain_write_failure(tmp_path / "x", PermissionError(13, "denied"))
+    # Other errors leave the block as they were.
+    with pytest.raises(ValueError, match="not a write"), atomic_dir(tmp_path / "other"):
+        raise ValueError("not a write")
 
 
 def test_two_processes_write_one_teacher_cache_and_train_from_it(tmp_path: Path) -> None:
-    """Under torchrun, the main process writes the cache; the other waits and reads it."""
+    """The cache path under torchrun: the main process writes the cache while the other waits
+    (in a collective with train.process_group_timeout_minutes), then both train from it."""
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "two"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", "29519", "-m", "lmdistill.cli", "run",
+        "--master_port", str(port), "-m", "lmdistill.cli", "run",
         str(ROOT / "configs" / "tiny.yaml"), f"output_dir={out}", "teacher.kind=cache",
         "baseline=false",
     ]  # fmt: skip

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from lmdistill.config import ProtocolConfig, RunConfig, load_config, save_config
-from lmdistill.io import atomic_write_json, atomic_write_text, write_with
+from lmdistill.io import DiskFullError, atomic_write_json, atomic_write_text, write_with
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,8 @@ def run_protocol(
             record = json.loads(record_path.read_text())
             _check_arm(record, path, overrides, base, arm, out, records)
             records.append(record)
+            if not base.protocol.keep_checkpoints and not report_only:
+                drop_checkpoints(directory)  # arms recorded before this rule
             continue
         if report_only:
             continue
@@ -155,6 +157,8 @@ def run_protocol(
         try:
             config = load_config(path, [*overrides, *arm_overrides(base, arm, out, records)])
             record = {**run_arm(config, arm), "settings_hash": arm_hash(config)}
+        except DiskFullError:
+            raise  # every later arm would fail the same way
         except Exception as error:  # one arm's failure must not cost the others
             import traceback
 
@@ -164,7 +168,7 @@ def run_protocol(
         atomic_write_json(record_path, record)
         records.append(record)
         if not base.protocol.keep_checkpoints:
-            drop_checkpoints(Path(record["output_dir"]))
+            drop_checkpoints(directory)
     summary = summarise(base, records, arms)
     summary["failed"] = failed
     atomic_write_json(out / "protocol.json", summary)

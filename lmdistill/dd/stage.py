@@ -82,6 +82,12 @@ class Models:
         return self.teacher[1]
 
     def scorer(self) -> PreTrainedModel:
+        """`select.model` on the device, to compute with."""
+        model = self._scorer_weights()
+        model.to(self.device)  # type: ignore[arg-type]  # transformers' wrapped `to`
+        return model
+
+    def _scorer_weights(self) -> PreTrainedModel:
         """`select.model`: the student as the config builds it, the teacher, or a path."""
         if self._scorer is None:
             choice = self.config.select.model
@@ -95,7 +101,7 @@ class Models:
                 model, other = load_model(ModelConfig(path=choice))
                 check_tokenizers(tokenizer, other)
                 self._scorer = model
-            self._scorer.to(self.device).eval()  # type: ignore[arg-type]
+            self._scorer.eval()
         return self._scorer
 
     def identity(self) -> str:
@@ -103,7 +109,7 @@ class Models:
         name = describe(self.config.teacher) if choice == "teacher" else choice
         if choice == "student":
             name = f"student({self.config.student.init}, {self.config.student.num_layers} layers)"
-        return f"{name} weights={weights_fingerprint(self.scorer())}"
+        return f"{name} weights={weights_fingerprint(self._scorer_weights())}"
 
 
 def load_pool(config: RunConfig, tokenizer: Any) -> Pool:

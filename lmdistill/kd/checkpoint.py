@@ -6,6 +6,7 @@ named `step-NNNNNN` is always complete; a run killed mid-write leaves only a tem
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import shutil
@@ -60,33 +61,35 @@ def checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
         if tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
             total += tensor.numel() * tensor.element_size()
-    per_param = 0
-    for param in (p for group in optimizer.param_groups for p in group["params"]):
-        if param.requires_grad:
-            # Before the first step the state is empty: AdamW's two fp32 moments per weight.
-            per_param += 2 * param.numel() * 4
     stored = sum(
         v.numel() * v.element_size()
         for state in optimizer.state.values()
         for v in state.values()
         if isinstance(v, torch.Tensor)
     )
-    return total + max(per_param, stored)
+    if stored:
+        return total + stored
+    # Before the first step the state is empty: AdamW keeps two moments per trainable weight,
+    # in the weight's dtype.
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    return total + sum(2 * p.numel() * p.element_size() for p in params)
 
 
-def check_room(directory: Path, need: int, keep: int) -> None:
-    """Refuse a run whose first checkpoint cannot fit on the disk (before hours of training),
-    and warn when the `keep` checkpoints plus the one being written may not."""
+def check_room(directory: Path, need: int, keep: int, warn: bool = True) -> None:
+    """Refuse a run whose next checkpoint cannot fit on the disk (before hours of training),
+    and warn when the `keep` checkpoints plus the one being written may not (those already
+    written, on a resumed run, hold their space already)."""
     free = free_bytes(directory)
+    written = len(list_checkpoints(directory))
     mib = 2**20
     if free < need:
         raise DiskFullError(
-            28,
+            errno.ENOSPC,
             f"a checkpoint of this run takes about {need / mib:.0f} MiB, and {directory} has "
             f"{free / mib:.0f} MiB free: free some space, or set train.checkpoint_every=0 "
             "(no checkpoints: a killed run cannot resume)",
         )
-    if free < (keep + 1) * need:
+    if warn and free < max(1, keep + 1 - written) * need:
         warnings.warn(
             f"{directory} has {free / mib:.0f} MiB free; train.keep_checkpoints={keep} "
             f"checkpoints of about {need / mib:.0f} MiB, plus the one being written, may not fit",

@@ -101,9 +101,10 @@ def train_student(
                 "use a new output_dir or drop --resume"
             )
     resumed_from = state.step
-    if train.checkpoint_every and accelerator.is_main_process and state.step < train.max_steps:
+    if train.checkpoint_every and state.step < train.max_steps:
+        # Every process checks (none is left waiting in a collective for one that stopped).
         need = checkpoint_bytes(accelerator.unwrap_model(objective), optimizer)
-        check_room(checkpoint_dir, need, train.keep_checkpoints)
+        check_room(checkpoint_dir, need, train.keep_checkpoints, warn=accelerator.is_main_process)
 
     logged = [k for k in PARTS if k not in ("hidden", "attention") or getattr(loss, f"{k}_weight")]
     world = accelerator.num_processes
