@@ -267,12 +267,16 @@ def test_two_processes_write_one_teacher_cache_and_train_from_it(tmp_path: Path)
     out = tmp_path / "two"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(port), "-m", "lmdistill.cli", "run",
+        "--master_port", str(port), "--log-dir", str(tmp_path / "logs"), "--redirects", "3",
+        "-m", "lmdistill.cli", "run",
         str(ROOT / "configs" / "tiny.yaml"), f"output_dir={out}", "teacher.kind=cache",
         "baseline=false",
     ]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    logs = {p.parent.name: p.read_text() for p in (tmp_path / "logs").rglob("stderr.log")}
+    assert done.returncode == 0, done.stderr[-3000:] + logs.get("1", "")[-3000:]
+    # One writer: the cache's progress bar is in process 0's log only (both, before the fix).
+    assert "cache:" in logs["0"] and "cache:" not in logs["1"]
     metrics = json.loads((out / "metrics.json").read_text())
     for split, examples in (("train", "train_examples"), ("eval", "eval_examples")):
         manifest = json.loads((out / "teacher_cache" / split / "manifest.json").read_text())
