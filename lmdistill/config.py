@@ -356,7 +356,7 @@ class ProtocolConfig:
     # for "% of full" when set; the same-steps full-data student is reported beside it.
     full_steps: int | None = None
     # Keep a finished arm's training checkpoints (false: they are deleted once its record is
-    # written; its student stays. A protocol has dozens of arms: about 1.3 GB each with a
+    # written; its student stays. A protocol has dozens of arms: about 1.1 GB each with a
     # 6-layer SmolLM2 student).
     keep_checkpoints: bool = False
 

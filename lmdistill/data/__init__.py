@@ -8,6 +8,7 @@ from lmdistill.data.tokenize import (
     collate,
     collate_prompts,
     encode_prompt,
+    to_device,
     tokenize_examples,
 )
 
@@ -22,6 +23,7 @@ __all__ = [
     "data_hash",
     "encode_prompt",
     "load_examples",
+    "to_device",
     "tokenize_examples",
     "write_examples",
 ]

@@ -188,6 +188,11 @@ def collate(
     return out
 
 
+def to_device(batch: dict[str, torch.Tensor], device: Any) -> dict[str, torch.Tensor]:
+    """A collated batch on `device` (where the model that reads it is)."""
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def collate_prompts(prompts: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Left-pad prompts for batched generation: new tokens line up at the right edge."""
     width = max(len(ids) for ids in prompts)

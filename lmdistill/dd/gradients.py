@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from lmdistill.data import IGNORE_INDEX, TokenizedExample, collate
+from lmdistill.data import IGNORE_INDEX, TokenizedExample, collate, to_device
 from lmdistill.io import atomic_write_json
 
 BLOCK_ROWS = 4096  # projection rows drawn per generator
@@ -195,7 +195,7 @@ def gradient_features(
                 bar.close()
                 return None
             chunk = items[start : start + batch_size]
-            batch = {k: v.to(wrapped.device) for k, v in collate(chunk, pad_token_id).items()}
+            batch = to_device(collate(chunk, pad_token_id), wrapped.device)
             grads = per_example_grads(wrapped, adapters, batch)
             for adapter in adapters:
                 adapter.lora_b.grad = None

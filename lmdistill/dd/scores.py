@@ -37,7 +37,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from lmdistill.data import IGNORE_INDEX, Example, TokenizedExample, collate, tokenize_examples
+from lmdistill.data import (
+    IGNORE_INDEX,
+    Example,
+    TokenizedExample,
+    collate,
+    to_device,
+    tokenize_examples,
+)
 from lmdistill.io import atomic_write_json, write_with
 
 SCORERS = ("length", "perplexity", "ifd", "divergence", "gradient")
@@ -131,10 +138,6 @@ def batches(items: list[TokenizedExample], batch_size: int, desc: str) -> Any:
     bar.close()
 
 
-def on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 def _shifted(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T-1) targets and their bool mask: position t predicts token t + 1."""
     targets = batch["labels"][:, 1:]
@@ -148,7 +151,7 @@ def response_nll(
     """Mean negative log-likelihood (nats per token) of each example's response tokens."""
     out = np.zeros(len(items))
     for start, chunk in batches(items, batch_size, "perplexity"):
-        batch = on(collate(chunk, pad_token_id), model.device)
+        batch = to_device(collate(chunk, pad_token_id), model.device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
             :, :-1
         ]
@@ -208,10 +211,10 @@ def divergence_scores(
     """Mean KL(teacher || student) per response token, over the shared vocabulary."""
     out = np.zeros(len(items))
     for start, chunk in batches(items, batch_size, "divergence"):
-        batch = on(collate(chunk, pad_token_id), teacher.device)
+        batch = to_device(collate(chunk, pad_token_id), teacher.device)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         t = teacher(**inputs).logits[:, :-1, :vocab_size].float().log_softmax(-1)
-        s = student(**on(inputs, student.device)).logits[:, :-1, :vocab_size].float()
+        s = student(**to_device(inputs, student.device)).logits[:, :-1, :vocab_size].float()
         s = s.log_softmax(-1).to(t.device)
         kl = (t.exp() * (t - s)).sum(-1)  # (B, T-1)
         _, mask = _shifted(batch)
@@ -227,7 +230,7 @@ def hidden_features(
     """The final hidden state averaged over each example's tokens (prompt and response)."""
     rows = []
     for _, chunk in batches(items, batch_size, "hidden states"):
-        batch = on(collate(chunk, pad_token_id), model.device)
+        batch = to_device(collate(chunk, pad_token_id), model.device)
         states = model.get_decoder()(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state.float()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from lmdistill.config import LossConfig
-from lmdistill.data import TokenizedExample, collate
+from lmdistill.data import TokenizedExample, collate, to_device
 from lmdistill.kd.objective import response_hidden
 from lmdistill.losses import LOSSES, sparse_divergence
 from lmdistill.teachers.base import Teacher
@@ -52,7 +52,7 @@ def fidelity(
     for start in range(0, len(eval_set), batch_size):
         indices = list(range(start, min(start + batch_size, len(eval_set))))
         batch = collate([eval_set[i] for i in indices], pad_token_id)
-        batch = {k: v.to(student.device) for k, v in batch.items()}
+        batch = to_device(batch, student.device)
         s_states, targets = response_hidden(student, **batch)
         signal = teacher.score(batch, indices, kd_config)
         for lo in range(0, targets.shape[0], chunk_size):

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from lmdistill.config import LossConfig, TrainConfig
-from lmdistill.data import IGNORE_INDEX, TokenizedExample, collate
+from lmdistill.data import IGNORE_INDEX, TokenizedExample, collate, to_device
 from lmdistill.kd.checkpoint import (
     TrainState,
     check_room,
@@ -208,7 +208,7 @@ def accumulate_gradients(
     world = accelerator.num_processes
     sums = torch.zeros(len(PARTS), device=accelerator.device)
     for i, (batch, chunk) in enumerate(zip(micro, chunks, strict=True)):
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch = to_device(batch, accelerator.device)
         signal = teacher.score(batch, chunk, loss) if teacher is not None else None
         sparse = signal.sparse if signal is not None else None
         # Only the last micro-batch synchronises gradients across processes.

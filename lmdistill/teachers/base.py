@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from lmdistill.config import GenerateConfig, LossConfig, TeacherConfig
-from lmdistill.data import IGNORE_INDEX, Example
+from lmdistill.data import IGNORE_INDEX, Example, to_device
 from lmdistill.io import atomic_write_text
 from lmdistill.kd.objective import teacher_outputs, uses_attention
 from lmdistill.losses import SparseSignal
@@ -76,7 +76,7 @@ class LocalTeacher(Teacher):
     def score(
         self, batch: dict[str, torch.Tensor], indices: list[int], loss: LossConfig
     ) -> TeacherSignal:
-        out = teacher_outputs(self.model, _to(batch, self.model.device), loss)
+        out = teacher_outputs(self.model, to_device(batch, self.model.device), loss)
         return TeacherSignal(
             states=out.states,
             weight=self.model.get_output_embeddings().weight,
@@ -171,7 +171,3 @@ def json_row(example: Example, finish_reason: str) -> str:
         "finish_reason": finish_reason,
     }
     return json.dumps(row) + "\n"
-
-
-def _to(batch: dict[str, torch.Tensor], device: Any) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}

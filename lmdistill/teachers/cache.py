@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from lmdistill.data import IGNORE_INDEX, Example, TokenizedExample, collate
+from lmdistill.data import IGNORE_INDEX, Example, TokenizedExample, collate, to_device
 from lmdistill.io import atomic_dir, atomic_write_json, atomic_write_text
 from lmdistill.kd.objective import response_hidden
 from lmdistill.losses import SparseSignal
@@ -121,7 +121,7 @@ def write_cache(
 
     @torch.no_grad()
     def score(batch: list[TokenizedExample], _: int) -> Rows:
-        inputs = {k: v.to(teacher.device) for k, v in collate(batch, pad_token_id).items()}
+        inputs = to_device(collate(batch, pad_token_id), teacher.device)
         states, _targets = response_hidden(teacher, **inputs)  # (N, H)
         logprobs = torch.log_softmax((states @ weight.T).float() / spec.temperature, dim=-1)
         assert spec.k is not None

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from lmdistill.config import GenerateConfig
-from lmdistill.data import Example, collate_prompts, encode_prompt
+from lmdistill.data import Example, collate_prompts, encode_prompt, to_device
 from lmdistill.io import atomic_write_json
 from lmdistill.models import weights_fingerprint
 
@@ -242,7 +242,7 @@ def _generate_batch(
     seed: int,
 ) -> list[dict[str, Any]]:
     encoded = collate_prompts([encode_prompt(p, tokenizer) for p in batch], tokenizer.pad_token_id)
-    encoded = {k: v.to(model.device) for k, v in encoded.items()}
+    encoded = to_device(encoded, model.device)
     sampling: dict[str, Any] = {"do_sample": config.do_sample}
     if config.do_sample:
         # Seeded per batch so that a resumed run samples the same way for the same batch.
