@@ -694,14 +694,11 @@ def _validate_protocol(config: RunConfig) -> None:
                 item,
                 "select.key=value overrides",
             )
+    among = f"budgets among protocol.budgets={protocol.budgets}"
     for field_name in ("token_matched_budgets", "method_seed_budgets"):
         chosen = getattr(protocol, field_name) or []
         for budget in chosen:
-            name, among = (
-                f"protocol.{field_name}",
-                f"budgets among protocol.budgets={protocol.budgets}",
-            )
-            _check(budget in protocol.budgets, name, chosen, among)
+            _check(budget in protocol.budgets, f"protocol.{field_name}", chosen, among)
     for method in protocol.condense:
         allowed = "a list of dc / dm / mtt"
         _check(method in ("dc", "dm", "mtt"), "protocol.condense", protocol.condense, allowed)

@@ -28,7 +28,7 @@ from lmdistill.eval.task import greedy_answers, task_accuracy
 from lmdistill.io import atomic_dir, atomic_write_json
 from lmdistill.kd.checkpoint import list_checkpoints
 from lmdistill.kd.rationale import apply_objective, eval_prompts
-from lmdistill.kd.train import TrainResult, train_student, use_cpu
+from lmdistill.kd.train import TrainResult, train_student
 from lmdistill.models import (
     build_student,
     describe,
@@ -50,8 +50,9 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run the configured pipeline; return (and write) the metrics."""
     started = time.perf_counter()
     # Initialised once, as the trainer's Accelerator will be (gloo on CPU).
+    device = resolve_device(config.train.device)
     state = PartialState(
-        cpu=use_cpu(config.train.device),
+        cpu=device.type == "cpu",
         timeout=timedelta(minutes=config.train.process_group_timeout_minutes),
     )
     out = Path(config.output_dir)
@@ -182,7 +183,7 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
 
     samples = eval_prompts(eval_examples[: config.eval.num_samples], config.objective)
     initial = copy.deepcopy(student) if config.baseline else None  # on the CPU until it trains
-    student.to(resolve_device(config.train.device))  # type: ignore[arg-type]
+    student.to(device)  # type: ignore[arg-type]
     if config.eval.enabled and config.eval.before:
         metrics["before"] = evaluate(student)
     if config.teacher.kind == "local":
@@ -236,7 +237,7 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     ]
     metrics["wall_seconds"] = time.perf_counter() - started
     metrics["peak_rss_mb"] = peak_rss_mb()
-    if resolve_device(config.train.device).type == "cuda":
+    if device.type == "cuda":
         metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if state.is_main_process:
         atomic_write_json(out / "metrics.json", metrics)

@@ -32,6 +32,7 @@ from lmdistill.kd.checkpoint import (
 )
 from lmdistill.kd.objective import PARTS, KDObjective, uses_attention
 from lmdistill.kd.optim import build_optimizer, build_scheduler
+from lmdistill.models.loading import resolve_device
 
 if TYPE_CHECKING:  # teachers import the objective; the loop only calls their methods
     from lmdistill.teachers.base import Teacher
@@ -46,7 +47,7 @@ class TrainResult:
 
 
 def use_cpu(device: str) -> bool:
-    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    return resolve_device(device).type == "cpu"
 
 
 def make_accelerator(device: str) -> Accelerator:

@@ -82,15 +82,14 @@ def open_teacher(config: RunConfig, *, write_local_cache: bool = False) -> RunTe
     """Load what `config.teacher` describes; generate and cache what the kind needs."""
     model, tokenizer = load_model(config.teacher)
     kind = config.teacher.kind
-    if kind == "local" or (kind == "cache" and not _cache_complete(config)):
-        # It generates, scores or caches here: on train.device (GPU), as training will be.
-        model.to(resolve_device(config.train.device))  # type: ignore[arg-type]
+    device = resolve_device(config.train.device)  # where it generates, scores or caches
     train, held_out = load_splits(config)
     examples = {"train": train, "eval": held_out}
     if kind == "cache":
         written: dict[str, Any] = {}
         if not _cache_complete(config):
             # Pay for the teacher once: write the cache with the local copy, then train from it.
+            model.to(device)  # type: ignore[arg-type]  # transformers' wrapped `to`
             writer = LocalTeacher(model, tokenizer, describe(config.teacher))
             if config.generate.enabled:
                 examples, written["generate"] = _generate(config, writer, examples)
@@ -107,6 +106,7 @@ def open_teacher(config: RunConfig, *, write_local_cache: bool = False) -> RunTe
         return setup
     report: dict[str, Any] = {}
     if kind == "local":
+        model.to(device)  # type: ignore[arg-type]
         local = LocalTeacher(model, tokenizer, describe(config.teacher))
         if config.generate.enabled:
             examples, report["generate"] = _generate(config, local, examples)
