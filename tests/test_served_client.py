@@ -4,6 +4,7 @@ and backoff, errors that name the problem, token-string mapping and the text-onl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from lmdistill.data import Example, tokenize_examples
 from lmdistill.teachers.cache import CacheSpec, TeacherCache, tokenizer_identity, write_rows
 from lmdistill.teachers.generate import read_finished
 from lmdistill.teachers.served import (
+    CrossOriginRedirectError,
     ServedClient,
     ServedTeacherError,
     TokenMapper,
@@ -190,6 +192,99 @@ def test_an_unknown_model_and_an_unreachable_server_are_named(
     client = ServedClient(spec(closed, max_retries=1), backoff_s=0.01)
     with pytest.raises(ServedTeacherError, match=r"cannot get an answer from .* after 2 tries"):
         client.check_model()
+
+
+class Recorder:
+    """A server that records every request it gets and, for paths under /moved, answers
+    `status` with a Location under `to` instead (after the /moved prefix)."""
+
+    def __init__(self, key: str, status: int = 302, to: str = "") -> None:
+        self.key, self.status, self.to = key, status, to
+        self.seen: list[dict[str, Any]] = []
+
+
+def _recording_handler(recorder: Recorder) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _answer(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length).decode("utf-8", "replace")
+            recorder.seen.append(
+                {"request": self.requestline, "headers": dict(self.headers), "body": body}
+            )
+            if self.path.startswith("/moved/"):
+                status, headers = recorder.status, {"Location": recorder.to + self.path[6:]}
+                data = b"{}"
+            elif self.headers.get("Authorization") != f"Bearer {recorder.key}":
+                status, headers, data = 401, {}, b"{}"
+            else:
+                status, headers = 200, {}
+                data = json.dumps({"data": [{"id": "fake-model"}], "choices": [{}]}).encode()
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = _answer
+
+    return Handler
+
+
+@contextlib.contextmanager
+def recording_server(recorder: Recorder) -> Iterator[str]:
+    """`recorder` served on 127.0.0.1 (a free port) in a thread; yields its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _recording_handler(recorder))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_to_another_origin_is_refused_and_never_gets_the_key(
+    status: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = "sk-secret-redirect-42"
+    monkeypatch.setenv("LMDISTILL_TEST_KEY", key)
+    elsewhere, server = Recorder(key), Recorder(key, status)
+    with recording_server(elsewhere) as elsewhere_url, recording_server(server) as url:
+        server.to = elsewhere_url  # same host, another port: another origin
+        client = ServedClient(spec(url + "/moved/v1", max_retries=3), backoff_s=0.01)
+        with pytest.raises(CrossOriginRedirectError) as get_error:
+            client.check_model()
+        with pytest.raises(CrossOriginRedirectError) as post_error:
+            client.chat(
+                [{"role": "user", "content": "q"}], GenerateConfig(), top_logprobs=3, seed=1
+            )
+    assert elsewhere.seen == []  # not one request, so neither the key nor anything else
+    assert len(server.seen) == 2 and client.stats.requests == 2  # refused, never retried
+    assert all(s["headers"]["Authorization"] == f"Bearer {key}" for s in server.seen)
+    for error in (get_error.value, post_error.value):
+        message = str(error)
+        assert key not in message and "\n" not in message
+        assert f"origin {url}" in message and f"another origin, {elsewhere_url}" in message
+
+
+def test_a_redirect_within_the_same_origin_is_followed_with_the_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    key = "sk-secret-redirect-42"
+    monkeypatch.setenv("LMDISTILL_TEST_KEY", key)
+    server = Recorder(key, 302)
+    with recording_server(server) as url:
+        server.to = url  # /moved/v1/models -> /v1/models on the same server
+        client = ServedClient(spec(url + "/moved/v1"), backoff_s=0.01)
+        assert client.check_model() == ["fake-model"]
+    assert [s["request"].split()[1] for s in server.seen] == ["/moved/v1/models", "/v1/models"]
+    assert server.seen[1]["headers"]["Authorization"] == f"Bearer {key}"
 
 
 def test_generate_keeps_the_servers_token_ids_and_builds_a_masked_cache(

@@ -9,7 +9,8 @@ bucket, which stays exact; the count is reported.
 
 Requests run `max_concurrency` at a time, with a timeout, and retry with exponential backoff
 on 429, 5xx and lost connections. The API key is read from the environment variable named in
-the config and only ever sent in the Authorization header: never logged, saved or raised.
+the config and only ever sent in the Authorization header, and only to teacher.base_url's origin
+(a redirect elsewhere is refused): never logged, saved or raised.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import random
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from http.client import HTTPMessage
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -54,6 +57,10 @@ PROBE_PROMPTS = (
 
 class ServedTeacherError(RuntimeError):
     """The server cannot be used: unreachable, key rejected, unknown model, bad answer."""
+
+
+class CrossOriginRedirectError(ServedTeacherError):
+    """The server redirected to another origin; following would hand that origin the API key."""
 
 
 @dataclass
@@ -98,6 +105,7 @@ class ServedClient:
                 )
         self.extra_body = dict(spec.extra_body or {})
         self.stats = ServedStats()
+        self._opener = urllib.request.build_opener(_SameOriginRedirects(_origin(self.base_url)))
 
     def check_model(self) -> list[str]:
         """Fail early, and clearly, on an unreachable server, a bad key or an unknown model."""
@@ -153,7 +161,7 @@ class ServedClient:
             request = urllib.request.Request(url, data=data, headers=headers, method=method)
             retry_after = None
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                with self._opener.open(request, timeout=self.timeout_s) as response:
                     return json.loads(response.read())
             except urllib.error.HTTPError as error:
                 detail = _error_text(error)
@@ -171,6 +179,8 @@ class ServedClient:
                     raise ServedTeacherError(f"{url}: HTTP {error.code}: {detail}") from None
                 last = f"HTTP {error.code}: {detail}"
                 retry_after = _retry_after(error)
+            # A refused redirect (CrossOriginRedirectError) is no OSError: it is raised at once,
+            # never retried as if it were a lost connection.
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
                 reason = getattr(error, "reason", error)
                 last = f"{type(reason).__name__}: {reason}"
@@ -180,6 +190,48 @@ class ServedClient:
         raise ServedTeacherError(
             f"cannot get an answer from {url} after {self.max_retries + 1} tries: {last}"
         )
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only within teacher.base_url's origin (scheme, host, port).
+
+    urllib's default handler copies every request header, Authorization included, onto a
+    redirect to any host or port, so a 302 from the server (or from whoever answers at its
+    address) would hand the API key to another origin."""
+
+    def __init__(self, origin: str) -> None:
+        super().__init__()
+        self.origin = origin
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        target = _origin(newurl)
+        if target != self.origin:
+            fp.close()
+            raise CrossOriginRedirectError(
+                f"teacher.base_url's origin {self.origin} answered HTTP {code}, a redirect to "
+                f"another origin, {target}; not followed, so the API key is not sent there "
+                "(set teacher.base_url to the server that answers)"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _origin(url: str) -> str:
+    """`scheme://host:port` of `url`, the default port made explicit (http://h == http://h:80)."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:  # a malformed port: equal to no real origin
+        port = None
+    return f"{scheme}://{(parts.hostname or '').lower()}:{port}"
 
 
 def _error_text(error: urllib.error.HTTPError) -> str:
