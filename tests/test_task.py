@@ -138,3 +138,18 @@ def test_teacher_calibration_from_a_sparse_signal_equals_the_dense_one() -> None
     sparse = Calibration()
     sparse.add_predictions(signal.logprobs[:, 0].exp(), signal.token_ids[:, 0], targets)
     assert sparse.ece() == pytest.approx(dense.ece(), abs=1e-6) and dense.ece() > 0  # fp32
+
+
+def test_unreadable_annotations_count_as_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The share is of every annotation written (README's definition): one the checker cannot
+    read does not leave the denominator (it did, which flattered malformed students)."""
+    examples = load_examples("lab:test:2:0:steps=2")
+    written = ["a <<2+2=4>>4 b <<foo(1)=2>>2\n#### 2", "c <<3*3=9>>9 d <<bar=1>>1\n#### 1"]
+
+    def fake(model: Any, tokenizer: Any, batch: list, max_new_tokens: int) -> list[str]:
+        return [written[examples.index(e)] for e in batch]
+
+    monkeypatch.setattr(task, "greedy_responses", fake)
+    result = task.task_accuracy(None, None, examples, max_new_tokens=8)  # type: ignore[arg-type]
+    assert result["annotation_accuracy"] == pytest.approx(2 / 4)  # was 2 / 2
+    assert result["annotations_readable"] == pytest.approx(2 / 4)

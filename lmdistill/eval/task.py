@@ -32,7 +32,8 @@ def task_accuracy(
 ) -> dict[str, Any]:
     """Exact match of the final answer (`####`, else the last number) against each example's
     reference response, plus rationale checks over the model's own answers that need no
-    ground truth: the fraction of calculator annotations that are arithmetically right, the
+    ground truth: the fraction of calculator annotations that are arithmetically right (of all
+    annotations written; an unreadable one counts as wrong) and the fraction readable, the
     fraction of answers that equal the last step's result; with `teacher_answers` (the
     teacher's greedy answers to the same questions) how often the final answer agrees with
     the teacher's and how many of the teacher's calculations it repeats; with `samples` > 0,
@@ -58,7 +59,10 @@ def task_accuracy(
         "examples": len(examples),
         "exact_match": correct / len(examples),
         "annotations_per_answer": annotated / len(examples),
-        "annotation_accuracy": right / readable if readable else None,
+        # A share of all annotations written: one the checker cannot read counts as wrong, so
+        # a student that writes malformed calculations is not flattered by them.
+        "annotation_accuracy": right / annotated if annotated else None,
+        "annotations_readable": readable / annotated if annotated else None,
         "answer_follows_last_step": follows / judged if judged else None,
         "samples": [
             {"prompt": e.messages[-1]["content"], "answer": a, "reference": e.response}

@@ -186,10 +186,18 @@ def task_table(metrics: dict[str, Any]) -> list[str]:
                 sampled = f"{task['sample_agreement']:.3f} ({task['majority_exact_match']:.3f})"
             rows.append(
                 f"| `{source}` | {name} | {task['exact_match']:.3f} | {kept} | "
-                f"{_fraction(task['annotation_accuracy'])} | "
+                f"{_annotations(task)} | "
                 f"{_fraction(task['answer_follows_last_step'])} | {agrees} | {sampled} |"
             )
     return rows
+
+
+def _annotations(task: dict) -> str:
+    """The share of annotations right, of all written; the readable share beside it when the
+    checker could not read some (they count as wrong)."""
+    shown = _fraction(task["annotation_accuracy"])
+    readable = task.get("annotations_readable")
+    return shown if readable is None or readable == 1 else f"{shown} ({readable:.0%} readable)"
 
 
 def _fraction(value: float | None) -> str:
