@@ -201,7 +201,7 @@ def test_a_run_from_the_cache_trains_without_the_teacher(
         raise AssertionError("the live teacher was asked for a signal")
 
     monkeypatch.setattr(base.LocalTeacher, "score", no_live_teacher)
-    cached = tiny_run_config(tmp_path, "teacher.kind=cache", "baseline=false")
+    cached = tiny_run_config(tmp_path, "teacher.kind=cache", "baseline=false", "cache.k=64")
     metrics = run(cached)
     assert metrics["models"]["teacher_signal"] == "cache:tiny-llama"
     assert metrics["kd"]["after"]["kl"] < 0.5 * metrics["before"]["kl"]
@@ -230,3 +230,139 @@ def test_a_cache_teacher_writes_a_missing_cache_once_and_refuses_a_foreign_one(
         open_teacher(tiny_run_config(tmp_path, "teacher.kind=cache", "data.max_length=200"))
     with pytest.raises(CacheError, match=r"temperature: cache 1\.0 != run 2\.0"):
         open_teacher(tiny_run_config(tmp_path, "teacher.kind=cache", "loss.temperature=2"))
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()
+    }
+
+
+def test_a_resealed_manifest_whose_shards_do_not_fit_shard_size_is_refused(
+    tmp_path: Path, tiny_setup: Any
+) -> None:
+    """Checksums recomputed after an edit (a forged manifest) still cannot index the wrong
+    shard: every shard but the last must hold shard_size examples (was an IndexError)."""
+    import json
+
+    from lmdistill.teachers.cache import seal
+
+    teacher, tokenizer, train_set, spec = tiny_setup
+    write_cache(teacher, train_set, tmp_path, spec, pad_token_id=tokenizer.pad_token_id)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest.pop("checksums")
+    manifest["shard_size"] *= 2
+    (tmp_path / "manifest.json").write_text(json.dumps(seal(manifest)))
+    with pytest.raises(CacheError, match=r"shards\[0\] .* does not fit shard_size"):
+        TeacherCache(
+            tmp_path,
+            CacheSpec(**{**spec.__dict__, "teacher": None, "k": None, "shard_size": None}),
+        )
+
+
+@pytest.mark.parametrize(
+    ("field", "edit"),
+    [
+        ("k", lambda m: m.update(k=8)),
+        ("teacher", lambda m: m.update(teacher="someone-else")),
+        ("shard_size", lambda m: m.update(shard_size=3)),  # was an IndexError traceback
+        ("data_hash", lambda m: m.update(data_hash="x")),
+        ("temperature", lambda m: m.update(temperature=1.5)),
+        ("shards[0].tokens", lambda m: m["shards"][0].update(tokens=m["shards"][0]["tokens"] + 1)),
+        ("shards[2].examples", lambda m: m["shards"][2].update(examples=3)),
+        ("shards", lambda m: m["shards"].pop()),
+        ("extra", lambda m: m.update(extra=1)),
+        ("format", lambda m: m.update(format=1)),
+        ("checksums", lambda m: m.pop("checksums")),
+    ],
+)
+def test_an_edited_manifest_field_is_refused_by_name(
+    tmp_path: Path, tiny_setup: Any, field: str, edit: Any
+) -> None:
+    """The old manifest carried no checksum of its own: edits trained silently (k, teacher,
+    tokens) or crashed (shard_size)."""
+    import json
+
+    teacher, tokenizer, train_set, spec = tiny_setup
+    write_cache(teacher, train_set, tmp_path, spec, pad_token_id=tokenizer.pad_token_id)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    edit(manifest)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    before = _files(tmp_path)
+    with pytest.raises(CacheError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        TeacherCache(tmp_path, CacheSpec(**{**spec.__dict__, "teacher": None, "k": None}))
+    with pytest.raises(CacheError):
+        write_cache(teacher, train_set, tmp_path, spec, pad_token_id=tokenizer.pad_token_id)
+    assert _files(tmp_path) == before
+
+
+def test_a_cache_without_its_manifest_is_never_written_over(
+    tmp_path: Path, tiny_setup: Any
+) -> None:
+    teacher, tokenizer, train_set, spec = tiny_setup
+    write_cache(teacher, train_set, tmp_path, spec, pad_token_id=tokenizer.pad_token_id)
+    (tmp_path / "manifest.json").unlink()
+    before = _files(tmp_path)
+    other = CacheSpec(**{**spec.__dict__, "shard_size": 256})
+    with pytest.raises(CacheError, match=r"no manifest\.json.*delete"):
+        write_cache(teacher, train_set, tmp_path, other, pad_token_id=tokenizer.pad_token_id)
+    assert _files(tmp_path) == before  # the old code rewrote shard-00000 with 256 examples
+
+
+def test_an_unfinished_cache_with_another_shard_size_is_refused_and_kept(
+    tmp_path: Path, tiny_setup: Any
+) -> None:
+    teacher, tokenizer, train_set, spec = tiny_setup
+    write_cache(teacher, train_set[:4], tmp_path, spec, pad_token_id=tokenizer.pad_token_id)
+    before = _files(tmp_path)
+    other = CacheSpec(**{**spec.__dict__, "shard_size": 256})
+    with pytest.raises(CacheError, match="shard_size: cache 4 != run 256"):
+        write_cache(teacher, train_set, tmp_path, other, pad_token_id=tokenizer.pad_token_id)
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("cache.k=16", "k: cache 32, config 16"),
+        ("teacher.tiny_seed=7", "teacher_weights"),
+        ("generate.max_new_tokens=20", "generate"),
+    ],
+)
+def test_a_cache_teacher_checks_who_wrote_the_cache(
+    tmp_path: Path, override: str, named: str
+) -> None:
+    from conftest import tiny_run_config
+
+    from lmdistill.teachers.setup import open_teacher
+
+    open_teacher(tiny_run_config(tmp_path, "teacher.kind=cache"))
+    cache = tmp_path / "run" / "teacher_cache"
+    before = _files(cache)
+    with pytest.raises(CacheError, match=f"written by another teacher or settings.*{named}"):
+        open_teacher(tiny_run_config(tmp_path, "teacher.kind=cache", override))
+    assert _files(cache) == before
+
+
+def test_a_served_teacher_says_that_cache_k_is_not_used() -> None:
+    from conftest import ROOT
+
+    from lmdistill.config import load_config
+
+    with pytest.warns(UserWarning, match="cache.k=32 is not used with teacher.kind=served"):
+        load_config(ROOT / "configs" / "served.yaml", ["cache.k=32"])
+
+
+@pytest.mark.slow
+def test_a_cache_teacher_at_another_temperature_runs_end_to_end(tmp_path: Path) -> None:
+    """`loss.temperature=2` with a cache teacher wrote the cache, then crashed in evaluation
+    (fidelity is at temperature 1; the held-out cache was written at 2)."""
+    from conftest import tiny_run_config
+
+    from lmdistill.pipeline import run
+
+    config = tiny_run_config(tmp_path, "teacher.kind=cache", "loss.temperature=2", "baseline=false")
+    metrics = run(config)
+    assert metrics["kd"]["after"]["kl"] < metrics["before"]["kl"]
+    held_out = tmp_path / "run" / "teacher_cache" / "eval" / "manifest.json"
+    assert '"temperature": 1.0' in held_out.read_text()

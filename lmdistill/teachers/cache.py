@@ -14,6 +14,10 @@ Layout (`cache_dir/`):
                               teacher's end-of-turn token): that token trains on CE alone
         offsets.npy (E + 1,)  where each example's response tokens start and end
 
+The manifest checksums itself (`checksums`: one digest per field and per shard entry), so an
+edited `k`, `teacher` or shard `tokens` is refused by name instead of training on false values;
+a directory that is not a cache lmdistill can finish is never written over.
+
 Log-probs are stored relative to the top-1 on a square-root scale: the likely tokens, which
 carry the KL, get the finest steps (0.01 nats near the top, 0.08 at 16 nats below it). The
 tail mass is stored too and the decoded top-k is rescaled to leave exactly that: without it
@@ -38,11 +42,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from lmdistill.data import IGNORE_INDEX, Example, TokenizedExample, collate, to_device
-from lmdistill.io import atomic_dir, atomic_write_json, atomic_write_text
+from lmdistill.io import atomic_dir, atomic_write_json, atomic_write_text, read_utf8
 from lmdistill.kd.objective import response_hidden
 from lmdistill.losses import SparseSignal
 
-FORMAT = 1
+FORMAT = 2  # 2: the manifest carries checksums of its own fields and the writer's identity
 GAP_RANGE = 25.0  # nats below the top-1 that a code can express (e^-25 ~ 1e-11 of its mass)
 FILES = ("ids.npy", "top.npy", "gaps.npy", "tail.npy", "present.npy", "offsets.npy")
 
@@ -101,6 +105,12 @@ class CacheSpec:
     max_length: int = 256
     shard_size: int | None = 256
     prompts_hash: str | None = None  # the prompts (not responses) the cache answers
+    # Who wrote it, recorded for `teacher.kind: cache` to check (None when reading): `local`
+    # or `served`; the local teacher's weight digest; the generation settings of teacher-
+    # written responses (`{}` for responses that came with the data).
+    writer: str | None = None
+    teacher_weights: str | None = None
+    generate: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, **self.__dict__}
@@ -173,7 +183,7 @@ def write_rows(
                 }
             )
             manifest["shards"].sort(key=lambda s: s["name"])
-            atomic_write_json(cache_dir / "manifest.json", manifest)
+            atomic_write_json(cache_dir / "manifest.json", seal(manifest))
     return manifest
 
 
@@ -218,7 +228,7 @@ class TeacherCache:
         manifest_path = cache_dir / "manifest.json"
         if not manifest_path.is_file():
             raise CacheError(f"{cache_dir}: no manifest.json; run `lmdistill cache` first")
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(cache_dir)
         _check_identity(manifest, spec, cache_dir)
         self.dir = cache_dir
         self.spec = spec
@@ -227,14 +237,30 @@ class TeacherCache:
         self.shard_size = int(manifest["shard_size"])
         self.shards: list[dict[str, np.ndarray]] = []
         total = 0
-        for entry in manifest["shards"]:
+        for i, entry in enumerate(manifest["shards"]):
             path = cache_dir / entry["name"]
+            # Example i lives in shard i // shard_size: every shard but the last is full.
+            last = i == len(manifest["shards"]) - 1
+            if entry["name"] != _shard_name(i) or not (
+                0 < entry["examples"] <= self.shard_size
+                and (last or entry["examples"] == self.shard_size)
+            ):
+                raise CacheError(
+                    f"{manifest_path}: shards[{i}] ({entry['name']}, {entry['examples']} "
+                    f"examples) does not fit shard_size {self.shard_size}; the cache is not "
+                    f"used: {REBUILD.format(dir=cache_dir)}"
+                )
             if verify and (not path.is_dir() or _shard_digest(path) != entry["sha256"]):
                 raise CacheError(
-                    f"{path}: shard is missing, truncated or corrupted "
-                    "(checksum mismatch); delete it and run `lmdistill cache`"
+                    f"{path}: shard is missing, truncated or corrupted (checksum mismatch); "
+                    f"the cache cannot be used: {REBUILD.format(dir=cache_dir)}"
                 )
-            self.shards.append({f: np.load(path / f, mmap_mode="r") for f in FILES})
+            try:
+                arrays = {f: np.load(path / f, mmap_mode="r") for f in FILES}
+            except (OSError, ValueError) as error:
+                raise CacheError(f"{path}: unreadable ({error})") from None
+            _check_shard(arrays, entry, int(manifest["k"]), path)
+            self.shards.append(arrays)
             total += entry["examples"]
         self.num_examples = total
 
@@ -278,8 +304,21 @@ class TeacherCache:
         """The examples the signal was computed on (prompt and response text)."""
         path = self.dir / "examples.jsonl"
         if not path.is_file():
-            raise CacheError(f"{path} is missing; write the cache again with `lmdistill cache`")
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+            raise CacheError(f"{path} is missing; {REBUILD.format(dir=self.dir)}")
+        rows = []
+        try:
+            lines = read_utf8(path).splitlines()
+        except ValueError as error:
+            raise CacheError(f"{error}; {REBUILD.format(dir=self.dir)}") from None
+        for number, line in enumerate(lines, 1):
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError as error:
+                raise CacheError(
+                    f"{path}:{number}: damaged ({error}); {REBUILD.format(dir=self.dir)}"
+                ) from None
         return [
             Example(
                 r["id"],
@@ -303,16 +342,113 @@ def _example_row(example: Example) -> dict[str, Any]:
     }
 
 
+REBUILD = (
+    "to write it again, delete {dir} (or set cache.dir to a new directory) and run the same "
+    "command; lmdistill never writes over a cache it cannot check"
+)
+
+
 def _open_manifest(cache_dir: Path, spec: CacheSpec) -> dict[str, Any]:
+    """The manifest to continue writing: this run's own unfinished cache (checked field by
+    field), or a new one in an empty directory. Anything else is refused, never overwritten."""
     if None in (spec.teacher, spec.data_hash, spec.k):
         raise ValueError("writing a cache needs a complete CacheSpec (teacher, data_hash, k)")
     path = cache_dir / "manifest.json"
     if path.is_file():
-        manifest = json.loads(path.read_text())
+        manifest = read_manifest(cache_dir)
         _check_identity(manifest, spec, cache_dir)
-        return dict(manifest)
+        return {k: v for k, v in manifest.items() if k != "checksums"}
+    if cache_dir.is_dir():
+        present = sorted(p.name for p in cache_dir.iterdir() if not _ignorable(p.name))
+        if present:
+            raise CacheError(
+                f"{cache_dir} holds {', '.join(present[:4])}{' ...' if len(present) > 4 else ''}"
+                f" but no manifest.json: it is not a cache this run can finish; "
+                + REBUILD.format(dir=cache_dir)
+            )
     cache_dir.mkdir(parents=True, exist_ok=True)
     return {**spec.as_dict(), "shards": []}
+
+
+def _ignorable(name: str) -> bool:
+    """The lock file and what killed atomic writes leave (removed at the next start)."""
+    return name == ".lmdistill.lock" or (name.startswith(".") and name.endswith((".tmp", ".old")))
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def seal(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest with `checksums`: a digest of every field and of every shard entry."""
+    fields = {k: v for k, v in manifest.items() if k != "checksums"}
+    sums: dict[str, Any] = {k: _digest(v) for k, v in fields.items() if k != "shards"}
+    sums["shards"] = [{f: _digest(v) for f, v in entry.items()} for entry in fields["shards"]]
+    return {**fields, "checksums": sums}
+
+
+def read_manifest(cache_dir: Path) -> dict[str, Any]:
+    """The manifest, checked against its own checksums and for a consistent shape: an edit of
+    any field is a CacheError that names it."""
+    path = cache_dir / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CacheError(f"{path} is damaged ({error}); {REBUILD.format(dir=cache_dir)}") from None
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{path} is not a manifest; {REBUILD.format(dir=cache_dir)}")
+    if manifest.get("format") != FORMAT:
+        raise CacheError(
+            f"{path}: format {manifest.get('format')!r}, this lmdistill reads format {FORMAT} "
+            f"(caches before format 2 carry no checksums of their own fields); "
+            + REBUILD.format(dir=cache_dir)
+        )
+    sums = manifest.get("checksums")
+    if not isinstance(sums, dict) or not isinstance(manifest.get("shards"), list):
+        raise CacheError(f"{path}: no checksums or shards; {REBUILD.format(dir=cache_dir)}")
+    edited = [
+        k
+        for k in sorted(set(manifest) | set(sums))
+        if k not in ("checksums", "shards")
+        and (k not in manifest or sums.get(k) != _digest(manifest[k]))
+    ]
+    stored: list[Any] = sums["shards"] if isinstance(sums.get("shards"), list) else []
+    for i, entry in enumerate(manifest["shards"]):
+        sum_i = stored[i] if i < len(stored) else None
+        if not isinstance(entry, dict) or not isinstance(sum_i, dict):
+            edited.append(f"shards[{i}]")
+            continue
+        edited += [
+            f"shards[{i}].{f}"
+            for f in sorted(set(entry) | set(sum_i))
+            if f not in entry or sum_i.get(f) != _digest(entry[f])
+        ]
+    if len(stored) > len(manifest["shards"]):
+        edited.append(f"shards (shard entries removed: {len(stored) - len(manifest['shards'])})")
+    if edited:
+        raise CacheError(
+            f"{path}: field {', '.join(edited)} does not match the manifest's checksums (edited "
+            f"or damaged); the cache is not used: {REBUILD.format(dir=cache_dir)}"
+        )
+    return dict(manifest)
+
+
+def _check_shard(arrays: dict[str, np.ndarray], entry: dict[str, Any], k: int, path: Path) -> None:
+    """A shard's arrays agree with its manifest entry (a consistent but wrong entry would
+    index the wrong tokens)."""
+    offsets = arrays["offsets.npy"]
+    rows = int(offsets[-1]) if len(offsets) else -1
+    problems = []
+    if len(offsets) != entry["examples"] + 1:
+        problems.append(f"examples {entry['examples']} != {len(offsets) - 1} stored")
+    if rows != entry["tokens"]:
+        problems.append(f"tokens {entry['tokens']} != {rows} stored")
+    if arrays["ids.npy"].shape[1:] != (k,):
+        problems.append(f"k {k} != {arrays['ids.npy'].shape[1:]} stored")
+    if any(len(arrays[f]) != rows for f in FILES[:-1]):
+        problems.append("arrays of different lengths")
+    if problems:
+        raise CacheError(f"{path}: {'; '.join(problems)}")
 
 
 def _check_identity(manifest: dict[str, Any], spec: CacheSpec, cache_dir: Path) -> None:

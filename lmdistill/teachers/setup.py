@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +28,15 @@ from lmdistill.data import (
     load_examples,
     tokenize_examples,
 )
-from lmdistill.models import describe, load_model, resolve_device
+from lmdistill.models import describe, load_model, resolve_device, weights_fingerprint
 from lmdistill.teachers.base import CachedTeacher, LocalTeacher, ServedTeacher, Teacher
 from lmdistill.teachers.cache import (
+    REBUILD,
     CacheError,
     CacheSpec,
     TeacherCache,
     bytes_per_token,
+    read_manifest,
     tokenizer_identity,
     write_cache,
     write_rows,
@@ -219,13 +220,32 @@ def prompts_hash(prompts: list[Example]) -> str:
     return data_hash([dataclasses.replace(p, response=None, response_ids=None) for p in prompts])
 
 
+def split_temperature(config: RunConfig, split: str) -> float:
+    """The temperature a split's cache holds log-probs at: the loss temperature for training;
+    1 for the held-out split, since fidelity is measured against the teacher as it is."""
+    return config.loss.temperature if split == "train" else 1.0
+
+
+def generation_identity(config: RunConfig) -> dict[str, Any]:
+    """The settings that decide what the teacher wrote (`{}`: the data's own responses)."""
+    if not config.generate.enabled:
+        return {}
+    settings = dataclasses.asdict(config.generate)
+    return {k: v for k, v in settings.items() if k not in ("enabled", "batch_size")}
+
+
 def _cache_complete(config: RunConfig) -> bool:
+    """Both splits are cached in full. Anything else (absent, unfinished, damaged) goes to the
+    writer, which finishes this run's own cache and refuses, by name, anything else."""
     for split in SPLITS:
-        manifest = cache_dir(config) / split / "manifest.json"
-        if not manifest.is_file():
+        directory = cache_dir(config) / split
+        if not (directory / "manifest.json").is_file():
             return False
-        shards = json.loads(manifest.read_text())["shards"]
-        lines = (cache_dir(config) / split / "examples.jsonl").read_text().splitlines()
+        try:
+            shards = read_manifest(directory)["shards"]
+            lines = (directory / "examples.jsonl").read_text().splitlines()
+        except (CacheError, OSError, ValueError):
+            return False
         if sum(shard["examples"] for shard in shards) != len([line for line in lines if line]):
             return False
     return True
@@ -236,6 +256,7 @@ def _write_local_caches(
 ) -> dict[str, Any]:
     assert setup.model is not None
     out: dict[str, Any] = {}
+    weights = weights_fingerprint(setup.model)
     for split in SPLITS:
         tokenized, examples = _tokenized(config, setup.tokenizer, setup.examples[split])
         spec = _spec(
@@ -245,7 +266,10 @@ def _write_local_caches(
             data_hash=data_hash(examples),
             prompts_hash=prompts_hash(prompts[split]),
             k=config.cache.k,
-            temperature=config.loss.temperature,
+            temperature=split_temperature(config, split),
+            writer="local",
+            teacher_weights=weights,
+            generate=generation_identity(config),
         )
         state = PartialState()
         if state.is_main_process:  # one writer; the other processes read the finished cache
@@ -282,6 +306,8 @@ def _write_served_caches(
             prompts_hash=prompts_hash(prompts[split]),
             k=k,
             temperature=1.0,  # servers report log-probs at temperature 1
+            writer="served",
+            generate=generation_identity(config),
         )
         state = PartialState()
         if state.is_main_process:
@@ -303,7 +329,11 @@ def _tokenized(
     """Tokenised examples and the examples they came from (those too long are dropped), so
     that cache row i, training example i and stored text i are the same example."""
     tokenized, _ = tokenize_examples(
-        examples, tokenizer, config.data.max_length, config.data.on_truncation
+        examples,
+        tokenizer,
+        config.data.max_length,
+        config.data.on_truncation,
+        on_empty=config.data.on_empty,
     )
     kept = {item.id for item in tokenized}
     return tokenized, [e for e in examples if e.id in kept]
@@ -334,7 +364,7 @@ def _open(
         data_hash=None,
         prompts_hash=None if prompts is None else prompts_hash(prompts),
         k=None,
-        temperature=config.loss.temperature,
+        temperature=split_temperature(config, split),
         shard_size=None,
     )
     return TeacherCache(cache_dir(config) / split, spec)
@@ -347,19 +377,52 @@ def _from_cache(
     prompts: dict[str, list[Example]],
 ) -> RunTeacher:
     caches = {split: _open(config, tokenizer, split, prompts[split]) for split in SPLITS}
+    weights = weights_fingerprint(model)
     examples = {}
     for split, cache in caches.items():
+        check_writer(cache, config, weights)
         examples[split] = cache.examples()
         if data_hash(examples[split]) != cache.manifest["data_hash"]:
-            raise CacheError(f"{cache.dir}/examples.jsonl does not match the cached signal")
+            raise CacheError(
+                f"{cache.dir}/examples.jsonl does not match the cached signal; "
+                + REBUILD.format(dir=cache_dir(config))
+            )
         if len(examples[split]) != cache.num_examples:
             raise CacheError(
                 f"{cache.dir}: {cache.num_examples} of {len(examples[split])} examples are "
-                "cached; finish it with `lmdistill cache`"
+                "cached (an interrupted write): run the same command again to finish it"
             )
     report = {"cache": {s: {"teacher": c.teacher, **_counts(c)} for s, c in caches.items()}}
     signal: dict[str, Teacher] = {s: CachedTeacher(c) for s, c in caches.items()}
     return RunTeacher(tokenizer, model, examples, signal, report)
+
+
+def check_writer(cache: TeacherCache, config: RunConfig, weights: str) -> None:
+    """`teacher.kind: cache` trains on what the cache holds: it must be what this config's
+    teacher wrote (the same model and weights, or the same served model; the same k; the same
+    generation settings). Each difference is named."""
+    manifest = cache.manifest
+    served = manifest.get("writer") == "served"
+    expected: dict[str, Any] = {"generate": generation_identity(config)}
+    if served:
+        expected["k"] = config.teacher.top_logprobs  # a server's cache holds what it returned
+        if config.teacher.model:
+            name = str(manifest["teacher"]).removeprefix("served:").rsplit("@", 1)[0]
+            if name != config.teacher.model:
+                expected["teacher"] = f"served:{config.teacher.model}@..."
+    else:
+        expected.update(
+            {"teacher": describe(config.teacher), "teacher_weights": weights, "k": config.cache.k}
+        )
+    differ = [k for k, v in expected.items() if manifest.get(k) != v]
+    if differ:
+        detail = "; ".join(
+            f"{k}: cache {manifest.get(k)!r}, config {expected[k]!r}" for k in differ
+        )
+        raise CacheError(
+            f"{cache.dir} was written by another teacher or settings ({detail}); set the config "
+            "to match, or " + REBUILD.format(dir=cache_dir(config))
+        )
 
 
 def _counts(cache: TeacherCache) -> dict[str, Any]:
