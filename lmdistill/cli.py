@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from lmdistill.config import ConfigError, RunConfig, load_config
-from lmdistill.io import DiskFullError
+from lmdistill.io import directory_lock
 
 DESCRIPTION = """\
 Distil a large causal language model (the teacher) into a small one (the student).
@@ -30,17 +34,51 @@ EPILOG = """examples:
 """
 
 
+# Errors that mean "the input, the config, the disk or a server is not as it must be": each
+# is printed as one line (file/field and what is allowed), exit status 2. ValueError covers
+# ConfigError, DataError, CacheError, CheckpointError and invalid UTF-8; OSError covers missing
+# files, permissions, a file where a directory must be, a full disk; RuntimeError a locked
+# directory, a model that cannot be loaded, a failing server.
+USER_ERRORS = (ValueError, OSError, RuntimeError, yaml.YAMLError)
+DEBUG_ENV = "LMDISTILL_DEBUG"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     try:
         return int(args.handler(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError, DiskFullError) as error:
-        # Input, config and full-disk problems: one clear line, not a traceback.
-        print(f"lmdistill {args.command}: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"lmdistill {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
     finally:
         _close_process_group()
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Flags and key=value overrides in any order (`run CONFIG --resume a.b=1` too): argparse
+    stops filling a positional list at the first flag, so what is left over and looks like an
+    override joins the overrides."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    unknown = [item for item in extra if item not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (some libraries' span several)."""
+    text = " ".join(str(error).split())
+    if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
+        text = f"{error.filename}: {text}"
+    if not text or (isinstance(error, OSError) and type(error).__module__ == "builtins"):
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text
 
 
 def _close_process_group() -> None:
@@ -186,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _common(parser: argparse.ArgumentParser, config: bool = True, resume: bool = True) -> None:
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the traceback of an error (or set {DEBUG_ENV}=1)",
+    )
     if config:
         parser.add_argument("config", help="YAML config file")
     parser.add_argument(
@@ -206,9 +249,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lmdistill.pipeline import run
 
     config = load_config(args.config, args.overrides)
+    check_resumable(config, args.resume)
     metrics = run(config, resume=args.resume)
     print_summary(config, metrics)
     return 0
+
+
+def check_resumable(config: RunConfig, resume: bool) -> None:
+    """`--resume` into a directory no run was started in (empty, mistyped) is an error, not a
+    silent fresh start."""
+    out = Path(config.output_dir)
+    if resume and not (out / "config.yaml").is_file():
+        raise ConfigError(
+            f"--resume: nothing to resume in {out} (no run was started there: it has no "
+            "config.yaml); check output_dir, or drop --resume to start a new run"
+        )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -217,21 +272,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     demo = resources.files("lmdistill") / "configs" / "demo.yaml"
     with resources.as_file(demo) as path:
         config = load_config(path, [*args.overrides, f"output_dir={args.out}"])
+    check_resumable(config, args.resume)
     metrics = run(config, resume=args.resume)
     print_summary(config, metrics)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lmdistill.data import write_examples
-    from lmdistill.teachers.base import ServedTeacher
-    from lmdistill.teachers.consistency import (
-        as_asked,
-        expand_samples,
-        filtering,
-        select_rationales,
-        with_rationale_prompt,
-    )
+    from lmdistill.teachers.consistency import filtering
     from lmdistill.teachers.setup import generating_teacher, load_splits
 
     config = load_config(args.config, args.overrides)
@@ -243,8 +291,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "teacher.kind: 'cache' holds the responses it was written with; sampling, "
             "filtering or a rationale prompt need teacher.kind 'local' or 'served'"
         )
-    teacher, report = generating_teacher(config)
-    train, held_out = load_splits(config)
+    train, held_out = load_splits(config)  # the data parses before anything is written
+    with directory_lock(out.parent, "generates"):
+        teacher, report = generating_teacher(config)
+        return _generate_into(out, config, teacher, report, train, held_out)
+
+
+def _generate_into(
+    out: Path,
+    config: RunConfig,
+    teacher: Any,
+    report: dict[str, Any],
+    train: list[Any],
+    held_out: list[Any],
+) -> int:
+    from lmdistill.data import write_examples
+    from lmdistill.teachers.base import ServedTeacher
+    from lmdistill.teachers.consistency import (
+        as_asked,
+        expand_samples,
+        filtering,
+        select_rationales,
+        with_rationale_prompt,
+    )
+
     prompts = expand_samples(train, config.generate.samples) + held_out
     asked = with_rationale_prompt(prompts, config.generate.rationale_prompt)
     answered, generation = teacher.generate(asked, out, config.generate)
@@ -269,33 +339,40 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise ConfigError(f"--seeds: {args.seeds} is not allowed; expected an integer >= 1")
-    summary = run_sweep(
-        args.config,
-        args.overrides,
-        seeds=args.seeds,
-        out=Path(args.out) if args.out else None,
-        reference=args.reference,
-        report_only=args.report_only,
-    )
+    from lmdistill.sweep import split_overrides
+
+    fixed, _ = split_overrides(args.overrides)
+    out = Path(args.out or Path(load_config(args.config, fixed).output_dir) / "sweep")
+    with directory_lock(out, "runs a sweep"):
+        summary = run_sweep(
+            args.config,
+            args.overrides,
+            seeds=args.seeds,
+            out=out,
+            reference=args.reference,
+            report_only=args.report_only,
+        )
     print(f"\nwrote the sweep table for {len(summary['runs'])} runs")
     return 0
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from lmdistill.dd.stage import run_select
+    from lmdistill.dd.stage import run_select, select_dir
 
     config = load_config(args.config, args.overrides)
-    summary = run_select(config)
+    with directory_lock(select_dir(config), "selects"):
+        summary = run_select(config)
     shown = {k: v for k, v in summary.items() if k != "ids"}
     print(json.dumps(shown, indent=2))
     return 0
 
 
 def cmd_synthesise(args: argparse.Namespace) -> int:
-    from lmdistill.dd.synth import synthesise
+    from lmdistill.dd.synth import synth_dir, synthesise
 
     config = load_config(args.config, args.overrides)
-    summary = synthesise(config)
+    with directory_lock(synth_dir(config), "synthesises"):
+        summary = synthesise(config)
     print(json.dumps({k: v for k, v in summary.items() if k != "examples"}, indent=2))
     return 0
 
@@ -303,20 +380,19 @@ def cmd_synthesise(args: argparse.Namespace) -> int:
 def cmd_protocol(args: argparse.Namespace) -> int:
     from lmdistill.dd.protocol import run_protocol
 
-    run_protocol(
-        args.config,
-        args.overrides,
-        out=Path(args.out) if args.out else None,
-        report_only=args.report_only,
-    )
+    out = Path(args.out or Path(load_config(args.config, args.overrides).output_dir) / "protocol")
+    with directory_lock(out, "runs a protocol"):
+        run_protocol(args.config, args.overrides, out=out, report_only=args.report_only)
     return 0
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from lmdistill.teachers.setup import cache_dir, open_teacher
+    from lmdistill.teachers.setup import cache_dir, load_splits, open_teacher
 
     config = load_config(args.config, args.overrides)
-    setup = open_teacher(config, write_local_cache=True)
+    load_splits(config)  # the data parses before anything is written
+    with directory_lock(cache_dir(config), "writes a teacher cache"):
+        setup = open_teacher(config, write_local_cache=True)
     print(json.dumps({"cache": str(cache_dir(config)), **setup.report}, indent=2))
     return 0
 
@@ -335,7 +411,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     assert setup.model is not None  # every kind loads teacher.path (tokenizer and weights)
     vocab_size = shared_vocab_size(setup.model, student, setup.tokenizer)
     eval_set, _ = tokenize_examples(
-        setup.examples["eval"], setup.tokenizer, config.data.max_length, config.data.on_truncation
+        setup.examples["eval"],
+        setup.tokenizer,
+        config.data.max_length,
+        config.data.on_truncation,
+        on_empty=config.data.on_empty,
     )
     result = fidelity(
         student,

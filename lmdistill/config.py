@@ -11,11 +11,14 @@ import hashlib
 import json
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from lmdistill.io import atomic_write_text, read_utf8
 
 
 class ConfigError(ValueError):
@@ -108,6 +111,8 @@ class DataConfig:
     max_train_examples: int | None = None
     max_length: int = 256
     on_truncation: Literal["warn", "error"] = "warn"
+    # An empty (or whitespace) response would train on the end-of-turn token alone.
+    on_empty: Literal["drop", "error"] = "drop"
 
 
 @dataclass
@@ -392,7 +397,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(read_utf8(path)) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: {_yaml_problem(error)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(
                 f"{path}: the top level must be a mapping, got {type(loaded).__name__}"
@@ -416,7 +424,25 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {item!r}: {part} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            f"override {item!r}: {_yaml_problem(error, line=False)} (quote a value that "
+            "should stay text)"
+        ) from None
+
+
+def _yaml_problem(error: yaml.YAMLError, line: bool = True) -> str:
+    """One line from a YAML error: what is wrong and where (line and column, 1-based)."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:
+        return f"invalid YAML: {problem}"
+    where = (
+        f"line {mark.line + 1}, column {mark.column + 1}" if line else f"column {mark.column + 1}"
+    )
+    return f"invalid YAML at {where}: {problem}"
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -771,6 +797,13 @@ def _validate_teacher(config: RunConfig) -> None:
         [loss.hidden_weight, loss.attention_weight],
         f"0 with teacher.kind={teacher.kind} (feature losses need the teacher in memory)",
     )
+    if teacher.kind == "served" and config.cache.k != teacher.top_logprobs:
+        warnings.warn(
+            f"cache.k={config.cache.k} is not used with teacher.kind=served: its cache holds the "
+            f"teacher.top_logprobs={teacher.top_logprobs} log-probs the server returns per token "
+            f"(set cache.k={teacher.top_logprobs} to say so)",
+            stacklevel=2,
+        )
     if teacher.kind == "served":
         for name in ("base_url", "model"):
             value = getattr(teacher, name)
@@ -801,8 +834,6 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def save_config(config: RunConfig, path: Path) -> None:
     """Write the resolved config (YAML) beside the outputs."""
-    from lmdistill.io import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 

@@ -1,10 +1,13 @@
-"""Atomic file writes: a finished artifact is never half-written (temp file + rename)."""
+"""Atomic file writes (a finished artifact is never half-written: temp file + rename), and one
+writer per directory (an advisory lock that the kernel releases when the process dies)."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -51,11 +54,27 @@ def explain_write_failure(path: Path, error: BaseException) -> None:
         ) from error
 
 
+def _umask() -> int:
+    """The process's umask (read without changing it where /proc tells it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp makes the file 0600; the finished file gets the mode any other file gets (0644
+    # under the usual umask), so an artifact written atomically is as readable as the rest.
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -83,6 +102,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temporary directory; it replaces `path` only when the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700: the umask's mode, as for mkdir
     try:
         yield tmp
         if path.exists():
@@ -105,3 +125,95 @@ def write_with(path: Path, writer: Callable[[Path], None]) -> None:
     """Call `writer(tmp_path)` and move the result onto `path` atomically."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+# What `atomic_path` / `atomic_dir` leave when the process is killed mid-write: `.NAME.XXXX.tmp`
+# (mkstemp / mkdtemp's random part is 8 characters) and `.NAME.old` (a replaced directory).
+_LEFT_BEHIND = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$|^\..+\.old$")
+
+
+def remove_left_behind(directory: Path) -> list[Path]:
+    """Remove the temp files and directories that killed atomic writes left under `directory`
+    (each up to a whole checkpoint); return what was removed. Call it only while holding the
+    directory's lock: another live writer's temp files look the same."""
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    for root, dirs, files in os.walk(directory):
+        for name in [*dirs, *files]:
+            if _LEFT_BEHIND.match(name):
+                path = Path(root) / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                    dirs.remove(name)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+LOCK_NAME = ".lmdistill.lock"
+
+
+class DirectoryLockedError(RuntimeError):
+    """Another process holds the directory's lock."""
+
+
+# Directories this process holds, by resolved path: a stage called inside another (a sweep's
+# runs, a run's generation) that asks for a lock it already holds gets it at once.
+_held: dict[Path, int] = {}
+
+
+@contextmanager
+def directory_lock(directory: Path, what: str = "writes") -> Iterator[None]:
+    """Hold an exclusive advisory lock (`flock`) on `directory` while the block runs: a second
+    lmdistill process that asks for it fails at once, naming the directory and the PID that
+    holds it. The kernel releases the lock when the holder exits or is killed (kill -9 too),
+    so a stale lock file never blocks anyone. Re-entrant within a process."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = directory.resolve()
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
+    path = directory / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            raise DirectoryLockedError(
+                f"{directory} is in use: another lmdistill process (PID {holder}) {what} "
+                "there; wait for it to finish, or choose another directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _held[key] = 1
+        try:
+            yield
+        finally:
+            del _held[key]
+    finally:
+        os.close(fd)  # releases the lock
+
+
+class NotUtf8Error(ValueError):
+    """A text file that is not valid UTF-8; the message names the file, line and column."""
+
+
+def read_utf8(path: Path) -> str:
+    """The text of `path`; invalid UTF-8 is a NotUtf8Error naming the line and column."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+        raise NotUtf8Error(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[error.start]:02x} at column "
+            f"{column}); save the file as UTF-8"
+        ) from None

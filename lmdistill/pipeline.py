@@ -6,8 +6,10 @@ continues from the last checkpoint and keeps every generated row.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import os
 import resource
 import sys
 import time
@@ -20,17 +22,18 @@ from accelerate import PartialState
 from transformers import PreTrainedModel
 
 from lmdistill import __version__
-from lmdistill.config import RunConfig, config_hash, save_config, to_dict
+from lmdistill.config import ConfigError, ModelConfig, RunConfig, config_hash, save_config, to_dict
 from lmdistill.data import Example, data_hash, load_examples, tokenize_examples
 from lmdistill.eval import fidelity
 from lmdistill.eval.choice import load_choice_questions, multiple_choice
 from lmdistill.eval.task import greedy_answers, task_accuracy
-from lmdistill.io import atomic_dir, atomic_write_json
+from lmdistill.io import atomic_dir, atomic_write_json, directory_lock, remove_left_behind
 from lmdistill.kd.checkpoint import list_checkpoints
 from lmdistill.kd.rationale import apply_objective, eval_prompts
 from lmdistill.kd.train import TrainResult, train_student
 from lmdistill.models import (
     build_student,
+    check_model_path,
     describe,
     resolve_device,
     shared_vocab_size,
@@ -39,7 +42,7 @@ from lmdistill.models import (
 from lmdistill.report import write_report
 from lmdistill.teachers import greedy_responses
 from lmdistill.teachers.consistency import with_rationale_prompt
-from lmdistill.teachers.setup import open_teacher
+from lmdistill.teachers.setup import cache_dir, generation_path, load_splits, open_teacher
 
 
 class OutputExistsError(RuntimeError):
@@ -47,7 +50,10 @@ class OutputExistsError(RuntimeError):
 
 
 def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Run the configured pipeline; return (and write) the metrics."""
+    """Run the configured pipeline; return (and write) the metrics.
+
+    Inputs are checked before anything is written; then the run holds its output directory
+    (and a teacher cache it may write) for itself: a second run into it stops at once."""
     started = time.perf_counter()
     # Initialised once, as the trainer's Accelerator will be (gloo on CPU).
     device = resolve_device(config.train.device)
@@ -56,13 +62,68 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         timeout=timedelta(minutes=config.train.process_group_timeout_minutes),
     )
     out = Path(config.output_dir)
-    if not resume and list_checkpoints(out / "checkpoints"):
-        raise OutputExistsError(
-            f"{out} already holds checkpoints from an earlier run; pass --resume to continue "
-            "it, or choose another output_dir"
-        )
-    if state.is_main_process:
-        save_config(config, out / "config.yaml")
+    check_inputs(config)
+    with contextlib.ExitStack() as held:
+        # Under torchrun the main process holds the locks for the run; if it cannot, it
+        # stops, and torchrun stops the others. What is in the directory is read only once
+        # it is held, so a second run is told the directory is in use, not what it holds.
+        if state.is_main_process:
+            for directory in written_directories(config):
+                held.enter_context(directory_lock(directory, "runs"))
+        if not resume and list_checkpoints(out / "checkpoints"):
+            raise OutputExistsError(
+                f"{out} already holds checkpoints from an earlier run; pass --resume to "
+                "continue it, or choose another output_dir"
+            )
+        if state.is_main_process:
+            for directory in written_directories(config):
+                for left in remove_left_behind(directory):
+                    print(f"removed {left} (left by a killed write)", file=sys.stderr)
+            save_config(config, out / "config.yaml")
+        state.wait_for_everyone()
+        return _run(config, resume=resume, started=started, device=device)
+
+
+def written_directories(config: RunConfig) -> list[Path]:
+    """The directories a run writes into and holds for itself: its output directory, the
+    teacher's responses when it generates, the teacher cache when its signal is cached
+    (`cache`, `served`). Each has its own lock, so that `lmdistill generate` or `lmdistill
+    cache` into the same place is refused too."""
+    directories = [Path(config.output_dir)]
+    if config.generate.enabled:
+        directories.append(generation_path(config).parent)
+    if config.teacher.kind in ("cache", "served"):
+        directories.append(cache_dir(config))
+    return directories
+
+
+def check_inputs(config: RunConfig) -> None:
+    """What can be checked before anything is written or the teacher spends minutes: the
+    output directory can be one, the data files parse, the models' local paths exist."""
+    out = Path(config.output_dir)
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"output_dir: {out} cannot be a directory ({parent} is a file)")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"output_dir: {out} is not writable ({parent} is not)")
+            break
+    check_model_path(config.teacher, "teacher.path")
+    if config.student.init == "path" and config.student.path:
+        check_model_path(ModelConfig(path=config.student.path), "student.path")
+    load_splits(config)
+    for source in config.eval.tasks:
+        if source.startswith("mc:"):
+            load_choice_questions(source.removeprefix("mc:"))
+        else:
+            load_examples(source, split=config.data.split, format=config.data.format)
+
+
+def _run(
+    config: RunConfig, *, resume: bool, started: float, device: torch.device
+) -> dict[str, Any]:
+    state = PartialState()
+    out = Path(config.output_dir)
     chash = config_hash(config)
 
     setup = open_teacher(config)
@@ -78,10 +139,18 @@ def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     train_examples = apply_objective(train_examples, config.objective)
 
     train_set, truncation = tokenize_examples(
-        train_examples, tokenizer, config.data.max_length, config.data.on_truncation
+        train_examples,
+        tokenizer,
+        config.data.max_length,
+        config.data.on_truncation,
+        on_empty=config.data.on_empty,
     )
     eval_set, eval_truncation = tokenize_examples(
-        eval_examples, tokenizer, config.data.max_length, config.data.on_truncation
+        eval_examples,
+        tokenizer,
+        config.data.max_length,
+        config.data.on_truncation,
+        on_empty=config.data.on_empty,
     )
     metrics["data"] = {
         "source": config.data.train,

@@ -71,6 +71,7 @@ def test_overrides_are_typed_and_nested() -> None:
         ("teacher.kind=served", "teacher.base_url: None is not allowed; expected a value when"),
         ("teacher.extra_body=3", "teacher.extra_body: expected a mapping, got 3"),
         ("teacher.max_concurrency=0", "teacher.max_concurrency: 0 is not allowed"),
+        ("data.on_empty=bogus", "data.on_empty: 'bogus' is not allowed; choose one of ['drop', "),
     ],
 )
 def test_bad_values_name_the_field_and_what_is_allowed(override: str, message: str) -> None:

@@ -126,7 +126,7 @@ def test_loss_mask_covers_exactly_the_response(tiny_tokenizer: Any) -> None:
     prompt = tiny_tokenizer.decode(item.input_ids[:n_prompt])
     assert prompt == "<|im_start|>user\nAdd 2 and 3.<|im_end|>\n<|im_start|>assistant\n"
     assert item.input_ids[n_prompt:] == response_ids
-    assert report.as_dict() == {"total": 1, "truncated": 0, "dropped": 0}
+    assert report.as_dict() == {"total": 1, "truncated": 0, "dropped": 0, "empty": 0}
 
 
 def test_truncation_is_counted_and_an_error_on_request(tiny_tokenizer: Any) -> None:
@@ -135,10 +135,30 @@ def test_truncation_is_counted_and_an_error_on_request(tiny_tokenizer: Any) -> N
     huge = Example("h", ({"role": "user", "content": "y" * 100},), "ok", "f:3")
     with pytest.warns(UserWarning, match="truncated 1 and dropped 1 of 3"):
         items, report = tokenize_examples([short, long, huge], tiny_tokenizer, max_length=60)
-    assert report.as_dict() == {"total": 3, "truncated": 1, "dropped": 1}
+    assert report.as_dict() == {"total": 3, "truncated": 1, "dropped": 1, "empty": 0}
     assert [i.id for i in items] == ["s", "l"] and max(len(i.input_ids) for i in items) == 60
     with pytest.raises(DataError, match=r"f:2: example 'l' does not fit data.max_length"):
         tokenize_examples([short, long], tiny_tokenizer, max_length=60, on_truncation="error")
+
+
+def test_empty_responses_are_dropped_counted_or_an_error_on_request(
+    tiny_tokenizer: Any,
+) -> None:
+    ask = ({"role": "user", "content": "hi"},)
+    kept = Example("k", ask, "ok", "f:1")
+    empty = Example("e", ask, "", "f:2")
+    blank = Example("b", ask, " \n\t", "f:3", response_complete=False)
+    # Otherwise each would train on the end-of-turn token alone (or on no token at all).
+    with pytest.warns(UserWarning, match=r"dropped 2 of 3 examples with an empty response: "):
+        items, report = tokenize_examples([empty, kept, blank], tiny_tokenizer, max_length=60)
+    assert [i.id for i in items] == ["k"]
+    assert report.as_dict() == {"total": 3, "truncated": 0, "dropped": 0, "empty": 2}
+    assert report.empty_ids == ["e", "b"]
+    with pytest.raises(DataError, match=r"^f:2: example 'e' has an empty response"):
+        tokenize_examples([kept, empty], tiny_tokenizer, max_length=60, on_empty="error")
+    # Nothing to warn about when every response has text.
+    (item,), report = tokenize_examples([kept], tiny_tokenizer, max_length=60, on_empty="error")
+    assert report.empty == 0 and item.id == "k"
 
 
 def test_an_incomplete_response_gets_no_end_of_turn(tiny_tokenizer: Any) -> None:

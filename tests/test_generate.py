@@ -54,6 +54,43 @@ def test_interrupted_generation_resumes_without_redoing_rows(
     assert report.generated == 0
 
 
+def test_a_damaged_line_is_skipped_and_the_rows_after_it_are_kept(
+    tmp_path: Path, tiny_teacher: Any, tiny_tokenizer: Any
+) -> None:
+    prompts = load_examples("builtin:gsm8k-demo")[:20]
+    path = tmp_path / "out.jsonl"
+    config = GenerateConfig(max_new_tokens=6, batch_size=8)
+    generate_responses(tiny_teacher, tiny_tokenizer, prompts, path, config, teacher_id="t")
+    lines = path.read_text().splitlines(keepends=True)
+    redo = {json.loads(lines[4])["id"], json.loads(lines[-1])["id"]}
+    # Line 5 damaged in place (a whole line, newline and all), and the last one torn by a kill.
+    lines[4] = lines[4][:15] + "\n"
+    path.write_text("".join(lines[:-1]) + lines[-1][:15])
+    intact = {json.loads(line)["id"]: json.loads(line) for line in lines[:4] + lines[5:-1]}
+
+    with pytest.warns(UserWarning, match=r"out.jsonl: 1 damaged line \(line 5\) skipped"):
+        answered, report = generate_responses(
+            tiny_teacher, tiny_tokenizer, prompts, path, config, teacher_id="t"
+        )
+    assert report.generated == 2  # only the damaged and the torn rows, not all 16 after line 5
+    assert [a.id for a in answered] == [p.id for p in prompts]
+    on_disk = path.read_text().splitlines(keepends=True)
+    assert on_disk[:-2] == lines[:-1]  # appended only: every intact row, and line 5, in place
+    appended = [json.loads(line)["id"] for line in on_disk[-2:]]
+    assert sorted(appended) == sorted(redo)  # one new row per missing prompt, no duplicates
+    with pytest.warns(UserWarning, match=r"\(line 5\)"):
+        rows = read_finished(path)
+    assert sorted(rows) == sorted(p.id for p in prompts)
+    assert all(rows[i] == row for i, row in intact.items())
+
+    # Everything done: a further call generates nothing (and still names the damaged line).
+    with pytest.warns(UserWarning, match="1 damaged line"):
+        _, report = generate_responses(
+            tiny_teacher, tiny_tokenizer, prompts, path, config, teacher_id="t"
+        )
+    assert report.generated == 0
+
+
 def test_responses_cut_at_max_new_tokens_are_marked_incomplete(
     tmp_path: Path, tiny_teacher: Any, tiny_tokenizer: Any
 ) -> None:

@@ -20,6 +20,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from lmdistill.io import read_utf8
+
 FORMATS = ("auto", "prompt_response", "messages", "gsm8k")
 BUILTIN = {"gsm8k-demo": "gsm8k_demo.jsonl"}
 ROLES = ("system", "user", "assistant")
@@ -110,7 +112,7 @@ def _read_rows(source: str, split: str) -> list[tuple[str, Any]]:
     path = Path(source).expanduser()
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if path.suffix == ".json":
         return _read_json(str(path), text)
     return _read_jsonl(str(path), text)

@@ -30,16 +30,24 @@ class TokenizedExample:
 
 @dataclass
 class TruncationReport:
-    """How many examples lost response tokens to `max_length`, and how many were dropped
-    because their prompt alone filled it. Reported in metrics, never silent."""
+    """How many examples lost response tokens to `max_length`, how many were dropped because
+    their prompt alone filled it, and how many because their response was empty (they would
+    train on the end-of-turn token alone). Reported in metrics, never silent."""
 
     total: int = 0
     truncated: int = 0
     dropped: int = 0
     dropped_ids: list[str] = field(default_factory=list)
+    empty: int = 0
+    empty_ids: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, int]:
-        return {"total": self.total, "truncated": self.truncated, "dropped": self.dropped}
+        return {
+            "total": self.total,
+            "truncated": self.truncated,
+            "dropped": self.dropped,
+            "empty": self.empty,
+        }
 
 
 def prompt_text(example: Example, tokenizer: Any) -> str:
@@ -74,28 +82,29 @@ def encode_prompt(example: Example, tokenizer: Any) -> list[int]:
 
 
 def tokenize_examples(
-    examples: list[Example], tokenizer: Any, max_length: int, on_truncation: str = "warn"
+    examples: list[Example],
+    tokenizer: Any,
+    max_length: int,
+    on_truncation: str = "warn",
+    *,
+    on_empty: str = "drop",
 ) -> tuple[list[TokenizedExample], TruncationReport]:
-    """Tokenise training examples; count (or refuse, with `on_truncation="error"`) truncation."""
+    """Tokenise training examples; count (or refuse, with `on_truncation="error"`) truncation,
+    and drop (or refuse, with `on_empty="error"`) examples whose response is empty."""
     report = TruncationReport(total=len(examples))
     out = []
+    empty_named: list[str] = []  # "'id' (source)" of each empty response dropped
     for example in examples:
         if example.response is None:
             raise DataError(f"{example.source}: no response to train on (a prompt-only row)")
+        if _is_empty(on_empty, example):
+            report.empty += 1
+            report.empty_ids.append(example.id)
+            named = f"{example.id!r} ({example.source})" if example.source else repr(example.id)
+            empty_named.append(named)
+            continue
         prompt_ids = encode_prompt(example, tokenizer)
-        if example.response_ids is not None:
-            # The teacher's own tokens, then the template's closing tokens when it stopped.
-            closing = response_text("", tokenizer) if example.response_complete else ""
-            response_ids = list(example.response_ids) + list(
-                tokenizer(closing, add_special_tokens=False)["input_ids"] if closing else []
-            )
-        else:
-            response = (
-                response_text(example.response, tokenizer)
-                if example.response_complete
-                else example.response
-            )
-            response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+        response_ids = _response_ids(example, example.response, tokenizer)
         weights = _span_values(example, example.weight_spans, tokenizer, len(response_ids))
         ranks = _span_values(example, example.step_spans, tokenizer, len(response_ids))
         room = max_length - len(prompt_ids)
@@ -117,8 +126,19 @@ def tokenize_examples(
         if ranks is not None:
             step_ranks = [-1] * len(prompt_ids) + [int(r) for r in ranks[: len(response_ids)]]
         out.append(TokenizedExample(example.id, input_ids, labels, truncated, weights, step_ranks))
+    if report.empty:
+        # An empty response would train on the end-of-turn token alone: never silently.
+        more = f" and {report.empty - 3} more" if report.empty > 3 else ""
+        warnings.warn(
+            f"dropped {report.empty} of {report.total} examples with an empty response: "
+            f"{', '.join(empty_named[:3])}{more} (data.on_empty=error refuses them)",
+            stacklevel=2,
+        )
     if not out:
-        raise DataError(f"every example was longer than data.max_length={max_length}")
+        raise DataError(
+            f"no example left to train on: {report.dropped} longer than data.max_length="
+            f"{max_length}, {report.empty} with an empty response"
+        )
     if report.truncated or report.dropped:
         warnings.warn(
             f"data.max_length={max_length}: truncated {report.truncated} and dropped "
@@ -126,6 +146,17 @@ def tokenize_examples(
             stacklevel=2,
         )
     return out, report
+
+
+def _response_ids(example: Example, response: str, tokenizer: Any) -> list[int]:
+    if example.response_ids is not None:
+        # The teacher's own tokens, then the template's closing tokens when it stopped.
+        closing = response_text("", tokenizer) if example.response_complete else ""
+        return list(example.response_ids) + list(
+            tokenizer(closing, add_special_tokens=False)["input_ids"] if closing else []
+        )
+    text = response_text(response, tokenizer) if example.response_complete else response
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _span_values(
@@ -148,6 +179,17 @@ def _span_values(
                 value = span_value
         values.append(float(value))
     return values + [float(spans[-1][1])] * (count - len(values))
+
+
+def _is_empty(mode: str, example: Example) -> bool:
+    """Whether the response is empty or whitespace (an error with `data.on_empty=error`)."""
+    empty = example.response is not None and not example.response.strip()
+    if empty and mode == "error":
+        raise DataError(
+            f"{example.source}: example {example.id!r} has an empty response; "
+            "fix the data or set data.on_empty=drop"
+        )
+    return empty
 
 
 def _on_truncation(mode: str, example: Example, detail: str) -> None:

@@ -130,9 +130,11 @@ def load_pool(config: RunConfig, tokenizer: Any) -> Pool:
             f"{data.train}: example id {repeated!r} appears more than once; a selection is a set "
             "of ids, so ids must be unique"
         )
-    items, report = tokenize_examples(examples, tokenizer, data.max_length, data.on_truncation)
+    items, report = tokenize_examples(
+        examples, tokenizer, data.max_length, data.on_truncation, on_empty=data.on_empty
+    )
     kept = {item.id for item in items}
-    if report.dropped:  # their prompt alone fills max_length: not selectable (counted)
+    if report.dropped or report.empty:  # prompt fills max_length, or empty: not selectable
         examples = [e for e in examples if e.id in kept]
     assert [e.id for e in examples] == [item.id for item in items]
     costs = scores.total_tokens(items)

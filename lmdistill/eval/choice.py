@@ -77,7 +77,7 @@ def choice_logprobs(
                 response_complete=False)
         for i, choice in enumerate(question.choices)
     ]  # fmt: skip
-    items, _ = tokenize_examples(examples, tokenizer, max_length, "error")
+    items, _ = tokenize_examples(examples, tokenizer, max_length, "error", on_empty="error")
     batch = collate(items, tokenizer.pad_token_id)
     batch = {k: v.to(model.device) for k, v in batch.items() if k != "weights"}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

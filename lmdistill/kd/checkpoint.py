@@ -1,7 +1,13 @@
 """Resumable checkpoints: student weights (safetensors), optimizer, scheduler, RNG, position.
 
 Each checkpoint is written into a temporary directory and renamed into place, so a directory
-named `step-NNNNNN` is always complete; a run killed mid-write leaves only a temp dir behind.
+named `step-NNNNNN` is always complete; a run killed mid-write leaves only a temp dir behind
+(removed when the same run starts again).
+
+Nothing in a checkpoint can run code when it is read: the weights are safetensors, the
+position is JSON, and the optimizer, scheduler and RNG states hold only tensors, numbers,
+strings and containers of them, read with `torch.load(weights_only=True)`, which refuses any
+other pickled object. A checkpoint directory from a shared disk or a download is data.
 """
 
 from __future__ import annotations
@@ -35,18 +41,28 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint is damaged, or holds something other than plain tensors and numbers."""
+
+
 def rng_state() -> dict[str, Any]:
+    """Every generator's state as tensors, numbers and lists (no numpy arrays or other
+    objects), so that `torch.load(weights_only=True)` reads it back."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": [version, torch.tensor(words, dtype=torch.int64), gauss],
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, cached],
         "torch": torch.random.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(int(w) for w in words.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.random.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -130,8 +146,35 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> TrainState:
-    load_model(model, str(path / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return TrainState(**json.loads((path / "state.json").read_text()))
+    # Everything is read (and refused, if it must be) before anything is changed.
+    optimizer_state = _safe_load(path / "optimizer.pt")
+    scheduler_state = _safe_load(path / "scheduler.pt")
+    rng = _safe_load(path / "rng.pt")
+    try:
+        state = TrainState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{path / 'state.json'} is damaged: {error}") from None
+    try:
+        load_model(model, str(path / "model.safetensors"))
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(scheduler_state)
+        set_rng_state(rng)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise CheckpointError(f"{path} does not fit this run or is damaged: {error}") from None
+    return state
+
+
+def _safe_load(path: Path) -> Any:
+    """`torch.load` that runs no code: anything but tensors, numbers, strings and containers
+    of them (a pickled object whose `__reduce__` would run on load) is refused."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete") from None
+    except Exception as error:  # pickle.UnpicklingError, RuntimeError: both mean "not ours"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{path} holds something other than tensors and numbers, or is damaged; it was "
+            f"not loaded (loading it could run code). Resume only checkpoints lmdistill wrote "
+            f"(older releases pickled RNG state: start that run again). ({first})"
+        ) from None

@@ -1,6 +1,13 @@
 """Load teachers and students; build students from teachers; check tokenizers agree."""
 
-from lmdistill.models.loading import describe, load_model, resolve_device, weights_fingerprint
+from lmdistill.models.loading import (
+    ModelLoadError,
+    check_model_path,
+    describe,
+    load_model,
+    resolve_device,
+    weights_fingerprint,
+)
 from lmdistill.models.registry import RegistryError, resolve_alias
 from lmdistill.models.students import (
     TokenizerMismatchError,
@@ -11,9 +18,11 @@ from lmdistill.models.students import (
 )
 
 __all__ = [
+    "ModelLoadError",
     "RegistryError",
     "TokenizerMismatchError",
     "build_student",
+    "check_model_path",
     "check_tokenizers",
     "describe",
     "evenly_spaced_layers",

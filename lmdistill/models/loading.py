@@ -47,6 +47,10 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return hashlib.sha256(json.dumps(moments).encode()).hexdigest()[:16]
 
 
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded from where the config points."""
+
+
 def load_model(spec: ModelConfig) -> tuple[PreTrainedModel, Any]:
     """Return `(model, tokenizer)` for `spec`, in eval mode, in `spec.dtype`."""
     dtype = DTYPES[spec.dtype]
@@ -59,8 +63,13 @@ def load_model(spec: ModelConfig) -> tuple[PreTrainedModel, Any]:
         return tiny.eval(), tiny_tokenizer
     source, gguf_file = _resolve_source(spec)
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer: Any = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    try:
+        tokenizer: Any = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except OSError as error:  # transformers' "can't load ... / couldn't connect", many lines
+        first = " ".join(str(error).split())[:300]
+        hub = "" if Path(source).exists() else " (a Hub id: is the network reachable?)"
+        raise ModelLoadError(f"cannot load the model {spec.path!r}{hub}: {first}") from None
     if tokenizer.pad_token is None:
         # Padding positions are masked out by the attention mask and the loss mask, so any
         # id works; eos is what most causal LMs use.
@@ -86,6 +95,21 @@ def _resolve_source(spec: ModelConfig) -> tuple[str, str | None]:
         )
     # A local directory, or a Hub id for users with a network.
     return str(path) if path.exists() else spec.path, None
+
+
+def check_model_path(spec: ModelConfig, field: str) -> None:
+    """Before any work: a local model path that does not exist is an error naming the field
+    (an alias is fetched when loaded; a Hub id is for users with a network)."""
+    if spec.path == TINY or spec.path in ALIASES:
+        return
+    path = Path(spec.path).expanduser()
+    if path.suffix == ".gguf" and not path.is_file():
+        raise FileNotFoundError(f"{field}: GGUF file not found: {path}")
+    if not path.exists() and _looks_local(spec.path):
+        raise FileNotFoundError(
+            f"{field}: model directory not found: {path} (not a Hub id either: those are NAME "
+            "or ORG/NAME); was the run that writes it done?"
+        )
 
 
 def _looks_local(name: str) -> bool:

@@ -1,7 +1,8 @@
 """Sequence-level KD data: the teacher writes a response for every prompt, into JSONL.
 
 Resumable: each finished batch is appended and fsync'd; a restarted run reads the rows that are
-there (a torn last line from a kill is dropped and redone) and only generates the rest.
+there (a torn last line from a kill is dropped and redone; a damaged line elsewhere is skipped
+with a warning naming it, the rows after it kept) and only generates the rest.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,24 +214,57 @@ def sampled_responses(
 
 
 def read_finished(path: Path) -> dict[str, dict[str, Any]]:
-    """Rows already generated. A torn final line (killed mid-write) is truncated away."""
+    """Rows already generated. A torn final line (killed mid-write) is truncated away; a
+    damaged line before it is skipped with a warning naming its line, and every intact row
+    after it is kept (a damaged line once made everything after it be generated again)."""
     if not path.exists():
         return {}
-    rows, good_bytes = {}, 0
+    rows: dict[str, dict[str, Any]] = {}
+    damaged: list[int] = []
+    good_bytes = 0
     with path.open("rb") as handle:
-        for raw in handle:
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError:
-                break
+        for number, raw in enumerate(handle, start=1):
             if not raw.endswith(b"\n"):
-                break
-            rows[row["id"]] = row
+                break  # the torn tail: only the bytes after the last newline
             good_bytes += len(raw)
+            row = _parse_row(raw)
+            if row is None:
+                damaged.append(number)
+            else:
+                rows[row["id"]] = row
     if good_bytes != path.stat().st_size:
         with path.open("r+b") as handle:
             handle.truncate(good_bytes)
+    if damaged:
+        _warn_damaged(path, damaged)
     return rows
+
+
+# What `answered_examples` and `finished_rows` read of a row.
+_ROW_KEYS = ("id", "messages", "response", "finish_reason")
+
+
+def _parse_row(raw: bytes) -> dict[str, Any] | None:
+    """The row on one line, or None when the line is not a whole row."""
+    try:
+        row = json.loads(raw)
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+    if not isinstance(row, dict) or any(key not in row for key in _ROW_KEYS):
+        return None
+    return row
+
+
+def _warn_damaged(path: Path, damaged: list[int]) -> None:
+    # The damaged lines stay in place (they are skipped on every read): the file is only ever
+    # appended to, never rewritten, so no crash or concurrent reader can lose a paid-for row.
+    shown = ", ".join(str(n) for n in damaged[:10]) + (" ..." if len(damaged) > 10 else "")
+    lines = "line" if len(damaged) == 1 else "lines"
+    warnings.warn(
+        f"{path}: {len(damaged)} damaged {lines} ({lines} {shown}) skipped; a prompt "
+        "without an intact row is generated again",
+        stacklevel=3,
+    )
 
 
 @torch.no_grad()
