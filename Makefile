@@ -6,8 +6,14 @@ PY := $(VENV)/bin/python
 # instead of downloading a multi-GB CUDA wheel; the package itself declares a range.
 TORCH_PIN ?= torch==2.13.0
 # The served-teacher tests run a real OpenAI-compatible server (llama.cpp's); its wheel is built
-# from source the first time (a few minutes), then pip's cache has it.
-LLAMA_PIN ?= llama-cpp-python[server]==0.3.36
+# from source the first time (a few minutes). llama.cpp compiles for the building CPU by
+# default (GGML_NATIVE), and pip's wheel cache hands that build to every later venv: on a
+# machine or VM without one of those instructions (AMX, AVX-512) the server dies with
+# "Illegal instruction" at its first request. So it is built for any x86-64 with AVX2 and the
+# wheel kept in lmdistill's own cache, apart from pip's.
+LLAMA_VERSION ?= 0.3.36
+LLAMA_PIN ?= llama-cpp-python[server]==$(LLAMA_VERSION)
+LLAMA_WHEELS ?= $(HOME)/.cache/lmdistill/wheels/llama-cpp-python-$(LLAMA_VERSION)-portable
 
 .PHONY: demo test lint typecheck clean lab lab-e1 lab-e2 lab-dd e1-demo demo-dd
 
@@ -19,7 +25,12 @@ $(VENV)/.base: pyproject.toml Makefile
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.base
-	$(PY) -m pip install --quiet -e '.[dev]' '$(LLAMA_PIN)'
+	$(PY) -m pip install --quiet -e '.[dev]'
+	ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip wheel --quiet --no-cache-dir --no-deps \
+	    -w $(LLAMA_WHEELS) 'llama-cpp-python==$(LLAMA_VERSION)'
+	$(PY) -m pip install --quiet --find-links $(LLAMA_WHEELS) \
+	  --only-binary llama-cpp-python '$(LLAMA_PIN)'
 	touch $@
 
 demo: $(VENV)/.base
