@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -291,7 +292,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "teacher.kind: 'cache' holds the responses it was written with; sampling, "
             "filtering or a rationale prompt need teacher.kind 'local' or 'served'"
         )
-    train, held_out = load_splits(config)  # the data parses before anything is written
+    from lmdistill.models import check_model_path
+
+    check_model_path(config.teacher, "teacher.path")  # before anything is written
+    train, held_out = load_splits(config)
     with directory_lock(out.parent, "generates"):
         teacher, report = generating_teacher(config)
         return _generate_into(out, config, teacher, report, train, held_out)
@@ -357,10 +361,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from lmdistill.dd.stage import run_select, select_dir
+    from lmdistill.dd.stage import run_select, scores_dir, select_dir
 
     config = load_config(args.config, args.overrides)
-    with directory_lock(select_dir(config), "selects"):
+    with (
+        directory_lock(select_dir(config), "selects"),
+        directory_lock(scores_dir(config), "selects"),  # shared across budgets
+    ):
         summary = run_select(config)
     shown = {k: v for k, v in summary.items() if k != "ids"}
     print(json.dumps(shown, indent=2))
@@ -387,11 +394,16 @@ def cmd_protocol(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
+    from lmdistill.models import check_model_path
+    from lmdistill.pipeline import teacher_directories
     from lmdistill.teachers.setup import cache_dir, load_splits, open_teacher
 
     config = load_config(args.config, args.overrides)
-    load_splits(config)  # the data parses before anything is written
-    with directory_lock(cache_dir(config), "writes a teacher cache"):
+    check_model_path(config.teacher, "teacher.path")  # before anything is written
+    load_splits(config)
+    with contextlib.ExitStack() as held:
+        for directory in dict.fromkeys([cache_dir(config), *teacher_directories(config)]):
+            held.enter_context(directory_lock(directory, "writes a teacher cache"))
         setup = open_teacher(config, write_local_cache=True)
     print(json.dumps({"cache": str(cache_dir(config)), **setup.report}, indent=2))
     return 0
@@ -401,11 +413,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lmdistill.config import ModelConfig
     from lmdistill.data import tokenize_examples
     from lmdistill.eval import fidelity
-    from lmdistill.models import check_tokenizers, load_model, shared_vocab_size
+    from lmdistill.models import (
+        check_model_path,
+        check_tokenizers,
+        load_model,
+        shared_vocab_size,
+    )
+    from lmdistill.pipeline import teacher_directories
     from lmdistill.teachers.setup import open_teacher
 
     config = load_config(args.config, args.overrides)
-    setup = open_teacher(config)
+    check_model_path(config.teacher, "teacher.path")
+    check_model_path(ModelConfig(path=args.student), "student")
+    with contextlib.ExitStack() as held:  # the teacher may write its responses or its cache
+        for directory in teacher_directories(config):
+            held.enter_context(directory_lock(directory, "evaluates"))
+        setup = open_teacher(config)
     student, student_tokenizer = load_model(ModelConfig(path=args.student))
     check_tokenizers(setup.tokenizer, student_tokenizer)
     assert setup.model is not None  # every kind loads teacher.path (tokenizer and weights)

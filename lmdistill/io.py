@@ -3,6 +3,7 @@ writer per directory (an advisory lock that the kernel releases when the process
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -135,20 +136,47 @@ _LEFT_BEHIND = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$|^\..+\.old$")
 def remove_left_behind(directory: Path) -> list[Path]:
     """Remove the temp files and directories that killed atomic writes left under `directory`
     (each up to a whole checkpoint); return what was removed. Call it only while holding the
-    directory's lock: another live writer's temp files look the same."""
+    directory's lock: another live writer's temp files look the same. A subdirectory that
+    another process holds (a cache or sweep being written there) is left alone."""
     removed: list[Path] = []
     if not directory.is_dir():
         return removed
-    for root, dirs, files in os.walk(directory):
-        for name in [*dirs, *files]:
-            if _LEFT_BEHIND.match(name):
-                path = Path(root) / name
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path, ignore_errors=True)
-                    dirs.remove(name)
-                else:
-                    path.unlink(missing_ok=True)
-                removed.append(path)
+    with contextlib.ExitStack() as probes:
+        for root, dirs, files in os.walk(directory):
+            if Path(root) != directory and LOCK_NAME in files and not _take(Path(root), probes):
+                dirs.clear()  # held by a live process: its temp files are in use
+                continue
+            removed += _remove_matching(Path(root), dirs, files)
+    return removed
+
+
+def _take(directory: Path, probes: contextlib.ExitStack) -> bool:
+    """Whether `directory`'s lock is free (then held until `probes` closes) or ours already."""
+    if directory.resolve() in _held:
+        return True
+    try:
+        fd = os.open(directory / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:  # not a lock lmdistill wrote (a symlink): leave the directory alone
+        return False
+    probes.callback(os.close, fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _remove_matching(root: Path, dirs: list[str], files: list[str]) -> list[Path]:
+    removed: list[Path] = []
+    for name in [*dirs, *files]:
+        if _LEFT_BEHIND.match(name):
+            path = root / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+                dirs.remove(name)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
     return removed
 
 
@@ -180,18 +208,23 @@ def directory_lock(directory: Path, what: str = "writes") -> Iterator[None]:
             _held[key] -= 1
         return
     path = directory / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:  # never through a symlink: on a shared disk it could point at someone's file
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as error:
+        raise DirectoryLockedError(f"{path}: cannot be used as a lock file ({error})") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            pid, _, theirs = os.pread(fd, 256, 0).decode("utf-8", "replace").partition(" ")
             raise DirectoryLockedError(
-                f"{directory} is in use: another lmdistill process (PID {holder}) {what} "
-                "there; wait for it to finish, or choose another directory"
+                f"{directory} is in use: another lmdistill process (PID {pid.strip() or '?'}) "
+                f"{theirs.strip() or 'writes'} there; wait for it to finish, or choose another "
+                "directory"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        record = f"{os.getpid()} {what}\n".encode()
+        os.pwrite(fd, record, 0)  # written, then cut to length: a reader never sees it empty
+        os.ftruncate(fd, len(record))
         _held[key] = 1
         try:
             yield

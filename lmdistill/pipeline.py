@@ -89,7 +89,13 @@ def written_directories(config: RunConfig) -> list[Path]:
     teacher's responses when it generates, the teacher cache when its signal is cached
     (`cache`, `served`). Each has its own lock, so that `lmdistill generate` or `lmdistill
     cache` into the same place is refused too."""
-    directories = [Path(config.output_dir)]
+    return [Path(config.output_dir), *teacher_directories(config)]
+
+
+def teacher_directories(config: RunConfig) -> list[Path]:
+    """What opening the teacher may write: its responses (`generate.enabled`) and, when its
+    signal is cached, the cache. `cache` and `eval` hold them too."""
+    directories = []
     if config.generate.enabled:
         directories.append(generation_path(config).parent)
     if config.teacher.kind in ("cache", "served"):

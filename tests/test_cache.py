@@ -100,6 +100,26 @@ def test_an_interrupted_cache_finishes_without_redoing_shards(
     assert TeacherCache(tmp_path, spec).num_examples == 10
 
 
+def test_a_write_killed_before_its_first_shard_is_finished_on_the_next_start(
+    tmp_path: Path, tiny_setup: Any
+) -> None:
+    """examples.jsonl used to come before any manifest: a kill while shard 0 was scored left a
+    directory without a manifest, which is never written over, so the cache was stuck."""
+    from lmdistill.teachers.cache import write_rows
+
+    teacher, tokenizer, train_set, spec = tiny_setup
+    texts = load_examples("builtin:gsm8k-demo")[:10]
+
+    def killed(batch: list[Any], first: int) -> Any:
+        raise KeyboardInterrupt  # the process dies while the first shard is scored
+
+    with pytest.raises(KeyboardInterrupt):
+        write_rows(killed, train_set, tmp_path, spec, texts=texts)
+    assert (tmp_path / "examples.jsonl").is_file()
+    write_cache(teacher, train_set, tmp_path, spec, pad_token_id=tokenizer.pad_token_id)
+    assert TeacherCache(tmp_path, spec).num_examples == 10
+
+
 def test_a_corrupted_or_truncated_shard_is_named(tmp_path: Path, tiny_setup: Any) -> None:
     teacher, tokenizer, train_set, spec = tiny_setup
     write_cache(teacher, train_set, tmp_path, spec, pad_token_id=tokenizer.pad_token_id)

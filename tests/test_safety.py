@@ -3,6 +3,7 @@ writer per directory, modes, one-line errors, nothing written before the inputs 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -179,29 +181,85 @@ HOLD = """
 import sys, time
 from pathlib import Path
 from lmdistill.io import directory_lock
-with directory_lock(Path(sys.argv[1])):
+with directory_lock(Path(sys.argv[1]), "writes a teacher cache"):
     print("held", flush=True)
     time.sleep(120)
 """
 
 
-def test_a_held_directory_is_refused_naming_the_pid_and_freed_by_kill_9(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _held_by_another_process(directory: Path) -> Iterator[subprocess.Popen[str]]:
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD, str(directory)], stdout=subprocess.PIPE, text=True
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+def test_a_held_directory_is_refused_naming_the_pid_and_freed_by_kill_9(tmp_path: Path) -> None:
+    with _held_by_another_process(tmp_path) as holder:
+        # The message says what the holder does, not what the one refused meant to do.
         with (
-            pytest.raises(DirectoryLockedError, match=f"PID {holder.pid}"),
-            directory_lock(tmp_path),
+            pytest.raises(
+                DirectoryLockedError, match=f"PID {holder.pid}\\) writes a teacher cache there"
+            ),
+            directory_lock(tmp_path, "runs"),
         ):
             pass
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
         with directory_lock(tmp_path), directory_lock(tmp_path):  # free, and re-entrant
             pass
-    finally:
-        holder.kill()
+
+
+def test_a_symlinked_lock_file_is_never_written_through(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / ".lmdistill.lock").symlink_to(victim)
+    with (
+        pytest.raises(DirectoryLockedError, match="cannot be used as a lock file"),
+        directory_lock(tmp_path / "d"),
+    ):
+        pass
+    assert victim.read_text() == "keep me"
+
+
+def test_cleaning_leaves_a_subdirectory_another_process_holds(tmp_path: Path) -> None:
+    """A run's start-up cleaning walks its output_dir; a cache or sweep being written below
+    it by another process keeps its temp files (the old walk removed them mid-write)."""
+    busy, stale = tmp_path / "teacher_cache", tmp_path / "select"
+    for sub in (busy, stale):
+        sub.mkdir()
+        (sub / ".shard-00001.abcd1234.tmp").mkdir()
+    (stale / ".lmdistill.lock").write_text("999999 selects\n")  # its holder is gone
+    with _held_by_another_process(busy), directory_lock(tmp_path):
+        removed = remove_left_behind(tmp_path)
+    assert removed == [stale / ".shard-00001.abcd1234.tmp"]
+    assert (busy / ".shard-00001.abcd1234.tmp").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("command", "held"),
+    [
+        ("cache", "generate"),  # the cache command generates its responses first
+        ("eval", "generate"),
+        ("select", "select/scores"),  # scores are shared across budgets
+    ],
+)
+def test_every_command_holds_what_it_writes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, held: str
+) -> None:
+    out = tmp_path / "run"
+    extra = ["--student", str(tmp_path)] if command == "eval" else []
+    with _held_by_another_process(out / held) as holder:
+        code = main([command, TINY, f"output_dir={out}", *RUN_ARGS, *extra])
+    err = _without_progress_bars(capsys.readouterr().err)
+    assert code == 2 and f"PID {holder.pid}" in err and "is in use" in err, err
 
 
 def _lmdistill(*args: str) -> subprocess.Popen[str]:
@@ -217,7 +275,7 @@ def _lmdistill(*args: str) -> subprocess.Popen[str]:
 def _wait_for_lock(directory: Path, process: subprocess.Popen[str]) -> None:
     lock = directory / ".lmdistill.lock"
     deadline = time.monotonic() + 120
-    while not (lock.is_file() and lock.read_text().strip() == str(process.pid)):
+    while not (lock.is_file() and lock.read_text().split(" ")[0] == str(process.pid)):
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "the first run never took its lock"
         time.sleep(0.05)

@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from lmdistill.data import DataError, Example, collate, tokenize_examples
+from lmdistill.io import read_utf8
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ def load_choice_questions(path: str | Path) -> list[ChoiceQuestion]:
     if not path.is_file():
         raise DataError(f"multiple-choice file not found: {path}")
     out = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"

@@ -158,6 +158,10 @@ def write_rows(
     manifest = _open_manifest(cache_dir, spec)
     assert spec.shard_size is not None
     shard_size = spec.shard_size
+    if not (cache_dir / "manifest.json").is_file():
+        # The manifest comes first: a write killed before its first shard leaves a cache
+        # this run can finish, not files without a manifest (which are never written over).
+        atomic_write_json(cache_dir / "manifest.json", seal(manifest))
     if texts is not None and not (cache_dir / "examples.jsonl").is_file():
         lines = [json.dumps(_example_row(example)) for example in texts]
         atomic_write_text(cache_dir / "examples.jsonl", "\n".join(lines) + "\n")
@@ -448,7 +452,7 @@ def _check_shard(arrays: dict[str, np.ndarray], entry: dict[str, Any], k: int, p
     if any(len(arrays[f]) != rows for f in FILES[:-1]):
         problems.append("arrays of different lengths")
     if problems:
-        raise CacheError(f"{path}: {'; '.join(problems)}")
+        raise CacheError(f"{path}: {'; '.join(problems)}; {REBUILD.format(dir=path.parent)}")
 
 
 def _check_identity(manifest: dict[str, Any], spec: CacheSpec, cache_dir: Path) -> None:
@@ -460,7 +464,10 @@ def _check_identity(manifest: dict[str, Any], spec: CacheSpec, cache_dir: Path) 
         detail = ", ".join(
             f"{k}: cache {manifest.get(k)!r} != run {expected[k]!r}" for k in changed
         )
-        raise CacheError(f"{cache_dir} was written for another run ({detail})")
+        raise CacheError(
+            f"{cache_dir} was written for another run ({detail}); set those settings to the "
+            f"cache's, or {REBUILD.format(dir=cache_dir)}"
+        )
 
 
 def _shard_name(index: int) -> str:

@@ -414,10 +414,13 @@ def check_writer(cache: TeacherCache, config: RunConfig, weights: str) -> None:
         expected.update(
             {"teacher": describe(config.teacher), "teacher_weights": weights, "k": config.cache.k}
         )
+    # The setting a user changes to match: a served cache holds teacher.top_logprobs.
+    setting = {"k": "teacher.top_logprobs" if served else "cache.k", "teacher": "teacher"}
     differ = [k for k, v in expected.items() if manifest.get(k) != v]
     if differ:
         detail = "; ".join(
-            f"{k}: cache {manifest.get(k)!r}, config {expected[k]!r}" for k in differ
+            f"{setting.get(k, k)}: cache {manifest.get(k)!r}, config {expected[k]!r}"
+            for k in differ
         )
         raise CacheError(
             f"{cache.dir} was written by another teacher or settings ({detail}); set the config "
