@@ -56,10 +56,12 @@ lab-e2: $(LAB_RATIONALES)
 	$(LMDISTILL) sweep configs/lab/student.yaml \
 	  objective.kind=cot,step_by_step,step_by_step_kpod \
 	  --seeds 3 --out $(LAB)/e2 --reference objective.kind=label_only
+	$(PY) benchmarks/lab_results.py e2
 
 lab-e1: $(LAB_RATIONALES)
 	$(LMDISTILL) sweep configs/lab/student.yaml loss.temperature=1,2,4,8 loss.alpha=0.5 \
 	  train.max_steps=300 --out $(LAB)/e1 --reference loss.alpha=1.0
+	$(PY) benchmarks/lab_results.py e1
 
 # Dataset distillation on the lab (README, "Dataset distillation"): the data-efficiency
 # protocol over the teacher's rationales (58 arms, ~4 h on 2 cores; finished arms are kept).

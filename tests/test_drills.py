@@ -321,6 +321,15 @@ def other_hex(value: str) -> str:
     return ("1" if value[0] != "1" else "2") + value[1:]
 
 
+def edited(value: Any) -> Any:
+    """Any other value of the same kind (fields whose meaning the drill need not know)."""
+    if isinstance(value, dict):
+        return {**value, "edited": True}
+    if isinstance(value, str):
+        return value + "-edited"
+    return "edited" if value is None else value + 1
+
+
 @dataclass(frozen=True)
 class Damage:
     apply: Callable[[Path], None]  # given the train split's directory
@@ -348,6 +357,10 @@ def _damage_classes() -> dict[str, Damage]:
         "max_length": lambda v: v // 2,
         "vocab_size": lambda v: v + 1,
         "prompts_hash": other_hex,
+        "chat_template_hash": edited,
+        "writer": edited,
+        "teacher_weights": edited,
+        "generate": edited,
     }
     for field, value in fields.items():
         classes[f"manifest:{field}"] = Damage(
