@@ -32,9 +32,9 @@ import torch
 import lmdistill  # noqa: F401  (threading defaults before torch loads)
 from lmdistill.config import LossConfig, ModelConfig, StudentConfig, TrainConfig
 from lmdistill.data import collate, load_examples, tokenize_examples
-from lmdistill.kd.objective import response_hidden
 from lmdistill.kd.train import train_student
 from lmdistill.models import build_student, load_model
+from lmdistill.models.forward import response_hidden
 from lmdistill.teachers.base import CachedTeacher, LocalTeacher
 from lmdistill.teachers.cache import (
     CacheSpec,

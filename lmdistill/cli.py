@@ -13,8 +13,9 @@ from typing import Any
 
 import yaml
 
-from lmdistill.config import ConfigError, RunConfig, load_config
+from lmdistill.config import ConfigError, RunConfig
 from lmdistill.io import directory_lock
+from lmdistill.validate import load_config
 
 DESCRIPTION = """\
 Distil a large causal language model (the teacher) into a small one (the student).
@@ -385,7 +386,7 @@ def cmd_synthesise(args: argparse.Namespace) -> int:
 
 
 def cmd_protocol(args: argparse.Namespace) -> int:
-    from lmdistill.dd.protocol import run_protocol
+    from lmdistill.protocol import run_protocol
 
     out = Path(args.out or Path(load_config(args.config, args.overrides).output_dir) / "protocol")
     with directory_lock(out, "runs a protocol"):

@@ -39,8 +39,8 @@ from lmdistill.models import (
     shared_vocab_size,
     weights_fingerprint,
 )
+from lmdistill.models.generate import greedy_responses
 from lmdistill.report import write_report
-from lmdistill.teachers import greedy_responses
 from lmdistill.teachers.consistency import with_rationale_prompt
 from lmdistill.teachers.setup import cache_dir, generation_path, load_splits, open_teacher
 

@@ -21,8 +21,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lmdistill.config import ConfigError, RunConfig, config_hash, load_config
+from lmdistill.config import ConfigError, RunConfig, config_hash
 from lmdistill.io import atomic_write_json, atomic_write_text
+from lmdistill.validate import load_config
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[tuple[str, list[str]]]]:

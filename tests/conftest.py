@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import lmdistill  # noqa: F401  (sets OpenMP/tokenizer threading defaults before torch loads)
-from lmdistill.config import RunConfig, load_config
+from lmdistill.config import RunConfig
 from lmdistill.models.tiny import build_tiny_llama, build_tiny_tokenizer
+from lmdistill.validate import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"

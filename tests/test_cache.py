@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lmdistill.data import load_examples, tokenize_examples
-from lmdistill.kd.objective import response_hidden
 from lmdistill.losses import LOSSES, sparse_divergence
+from lmdistill.models.forward import response_hidden
 from lmdistill.teachers.cache import (
     CacheError,
     CacheSpec,
@@ -173,8 +173,8 @@ def test_the_cache_command_writes_a_cache_the_run_can_open(
     from conftest import ROOT
 
     from lmdistill.cli import main
-    from lmdistill.config import load_config
     from lmdistill.teachers.setup import open_teacher
+    from lmdistill.validate import load_config
 
     args = [
         str(ROOT / "configs" / "tiny.yaml"),
@@ -367,7 +367,7 @@ def test_a_cache_teacher_checks_who_wrote_the_cache(
 def test_a_served_teacher_says_that_cache_k_is_not_used() -> None:
     from conftest import ROOT
 
-    from lmdistill.config import load_config
+    from lmdistill.validate import load_config
 
     with pytest.warns(UserWarning, match="cache.k=32 is not used with teacher.kind=served"):
         load_config(ROOT / "configs" / "served.yaml", ["cache.k=32"])

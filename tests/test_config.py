@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from lmdistill.config import ConfigError, RunConfig, load_config, save_config, to_dict
+from lmdistill.config import ConfigError, RunConfig, save_config, to_dict
+from lmdistill.validate import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(

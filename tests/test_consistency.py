@@ -11,10 +11,11 @@ import pytest
 from conftest import tiny_run_config
 
 from lmdistill.cli import main
-from lmdistill.config import ConfigError, GenerateConfig, validate
+from lmdistill.config import ConfigError, GenerateConfig
 from lmdistill.data import Example, load_examples, write_examples
 from lmdistill.teachers.consistency import expand_samples, filtering, select_rationales
 from lmdistill.teachers.generate import GenerationReport
+from lmdistill.validate import validate
 
 
 def _question(i: int, gold: str | None) -> Example:

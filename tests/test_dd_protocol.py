@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from lmdistill.config import ConfigError, changed_settings, load_config
-from lmdistill.dd import protocol
+from lmdistill import protocol
+from lmdistill.config import ConfigError, changed_settings
+from lmdistill.validate import load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dd" / "tiny-protocol.yaml"
 # One budget, one random seed, no methods: the full arms, random and random+KD.

@@ -10,11 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lmdistill.config import ConfigError, load_config
+from lmdistill.config import ConfigError
 from lmdistill.data import load_examples
 from lmdistill.dd import select as S
 from lmdistill.dd.scores import ManifestError
 from lmdistill.dd.stage import run_select
+from lmdistill.validate import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

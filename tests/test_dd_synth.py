@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from lmdistill.config import load_config
 from lmdistill.data import Example, load_examples
 from lmdistill.data.lab import LabSpec, lab_problems, solve_question
 from lmdistill.dd import synth
 from lmdistill.teachers.base import LocalTeacher
 from lmdistill.teachers.generate import GenerationReport
+from lmdistill.validate import load_config
 
 GOOD = (
     "Problem: Eve has 4 coins. Eve finds 3 more coins. How many coins does Eve have now?\n"

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
+from lmdistill.data.gsm8k import calculator_annotations, final_answer, split_rationale
 from lmdistill.data.lab import LabSpec, lab_examples, lab_problems
-from lmdistill.eval.reasoning import calculator_annotations, final_answer, split_rationale
 
 
 def test_splits_are_deterministic_and_seeded() -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from lmdistill.config import load_config
 from lmdistill.pipeline import run
+from lmdistill.validate import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = "steps=2:min_steps=2:start_max=9:operand_max=5:value_max=30"

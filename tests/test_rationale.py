@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 import torch
 
-from lmdistill.config import ObjectiveConfig, load_config
+from lmdistill.config import ObjectiveConfig
 from lmdistill.data import IGNORE_INDEX, Example, collate, load_examples, tokenize_examples
 from lmdistill.kd.rationale import OBJECTIVES, apply_objective, eval_prompts
+from lmdistill.validate import load_config
 
 SOLUTION = "Ana has 7+5=<<7+5=12>>12 shells.\nAna has 12*3=<<12*3=36>>36 shells.\n#### 36"
 EXAMPLE = Example("q1", ({"role": "user", "content": "How many shells?"},), SOLUTION, "t")
@@ -102,7 +103,7 @@ def test_lab_examples_go_through_every_objective(tiny_tokenizer: Any) -> None:
 def test_weights_reach_the_loss_aligned_with_their_tokens(
     tiny_tokenizer: Any, tiny_teacher: Any
 ) -> None:
-    from lmdistill.kd.objective import run_decoder
+    from lmdistill.models.forward import run_decoder
 
     (example,) = apply_objective([EXAMPLE], ObjectiveConfig(kind="kpod", keypoint_weight=3.0))
     items, _ = tokenize_examples([EXAMPLE, example], tiny_tokenizer, 256)
@@ -136,8 +137,9 @@ def test_progressive_steps_train_the_last_line_first_then_earlier_ones(
 ) -> None:
     from conftest import tiny_run_config
 
-    from lmdistill.config import ConfigError, TrainConfig, validate
+    from lmdistill.config import ConfigError, TrainConfig
     from lmdistill.kd.train import gate_steps, visible_steps
+    from lmdistill.validate import validate
 
     (example,) = apply_objective([EXAMPLE], ObjectiveConfig(kind="kpod", keypoint_weight=3.0))
     (item,), _ = tokenize_examples([example], tiny_tokenizer, 256)

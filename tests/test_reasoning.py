@@ -9,13 +9,8 @@ from fractions import Fraction
 import pytest
 from conftest import GSM8K
 
-from lmdistill.eval.reasoning import (
-    calculator_annotations,
-    evaluate,
-    final_answer,
-    rationale_quality,
-    split_rationale,
-)
+from lmdistill.data.gsm8k import calculator_annotations, evaluate, final_answer, split_rationale
+from lmdistill.eval.reasoning import rationale_quality
 
 JANET = (
     "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\n"

@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 
 from lmdistill.data import load_examples
+from lmdistill.data.gsm8k import final_answer, majority_answer
 from lmdistill.eval import task
-from lmdistill.eval.reasoning import final_answer, majority_answer, step_agreement
+from lmdistill.eval.reasoning import step_agreement
 
 
 def test_exact_match_and_rationale_checks_on_known_answers(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,7 @@
 """Data formats, tokenisation with response-only loss masks, and batching."""
 
-from lmdistill.data.formats import DataError, Example, data_hash, load_examples, write_examples
+from lmdistill.data.example import DataError, Example
+from lmdistill.data.formats import data_hash, load_examples, write_examples
 from lmdistill.data.tokenize import (
     IGNORE_INDEX,
     TokenizedExample,

@@ -15,43 +15,17 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from lmdistill.io import read_utf8
+from lmdistill.data.example import DataError, Example
+from lmdistill.data.lab import LabSpec, lab_problems
+from lmdistill.io import atomic_write_text, read_utf8
 
 FORMATS = ("auto", "prompt_response", "messages", "gsm8k")
 BUILTIN = {"gsm8k-demo": "gsm8k_demo.jsonl"}
 ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """The input data is malformed; the message names the file, the line and the problem."""
-
-
-@dataclass(frozen=True)
-class Example:
-    id: str
-    messages: tuple[dict[str, str], ...]  # the prompt turns
-    response: str | None  # the assistant's answer; None for a prompt-only row
-    source: str = ""  # `file:line` for error messages
-    # False when the response was cut off (a teacher that hit max_new_tokens): the student
-    # must not learn to end the turn where the teacher had not.
-    response_complete: bool = True
-    # The response as token ids, when the teacher's own tokens must be kept (a served
-    # teacher's log-probs belong to the tokens it generated, which re-tokenising the text
-    # does not always reproduce: e.g. "\n\n" generated as one token, re-tokenised as two).
-    response_ids: tuple[int, ...] | None = None
-    # Loss weights over the response text: (start_char, weight) breakpoints, each weight
-    # holding until the next; tokens are weighted by the span their first character is in,
-    # and the template's closing tokens by the last span. None: every token weighs 1.
-    weight_spans: tuple[tuple[int, float], ...] | None = None
-    # Rationale steps counted from the end, as (start_char, rank) breakpoints like
-    # weight_spans: the last line is rank 0. The `progressive_steps` curriculum trains the
-    # last steps first (KPOD). None: no step structure.
-    step_spans: tuple[tuple[int, int], ...] | None = None
 
 
 def load_examples(source: str, *, split: str = "train", format: str = "auto") -> list[Example]:
@@ -77,8 +51,6 @@ def load_examples(source: str, *, split: str = "train", format: str = "auto") ->
 def write_examples(path: Path, examples: list[Example]) -> None:
     """Write examples as `messages` JSONL (ids kept) that `load_examples` reads back;
     atomically, so a finished file is never half-written."""
-    from lmdistill.io import atomic_write_text
-
     lines = []
     for e in examples:
         turns = list(e.messages)
@@ -145,8 +117,6 @@ def _read_json(name: str, text: str) -> list[tuple[str, Any]]:
 def _read_lab(source: str) -> list[tuple[str, Any]]:
     """`lab:SPLIT:N[:SEED][:key=value]...`: N generated lab problems (see `data/lab.py`), e.g.
     `lab:train:4000`, `lab:ood:200:0:steps=3:min_steps=1:operations=add+multiply`."""
-    from lmdistill.data.lab import LabSpec, lab_problems
-
     parts = source.split(":")
     if len(parts) < 3 or not parts[2].isdigit():
         raise DataError(f"{source}: expected lab:SPLIT:N[:SEED][:key=value]...")

@@ -21,7 +21,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from lmdistill.data.formats import Example
+from lmdistill.data.example import Example
 
 NAMES = ("Ana", "Ben", "Cal", "Dia", "Eve", "Finn", "Gus", "Hana")
 ITEMS = ("apples", "books", "coins", "eggs", "pens", "shells", "stamps", "cards")

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lmdistill.data.formats import DataError, Example
+from lmdistill.data.example import DataError, Example
 
 IGNORE_INDEX = -100
 

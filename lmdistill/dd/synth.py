@@ -32,13 +32,13 @@ from typing import Any
 
 from lmdistill.config import GenerateConfig, RunConfig
 from lmdistill.data import Example, data_hash, load_examples, write_examples
-from lmdistill.data.lab import solve_question
-from lmdistill.eval.reasoning import (
+from lmdistill.data.gsm8k import (
     calculator_annotations,
     format_number,
     parse_number,
     split_rationale,
 )
+from lmdistill.data.lab import solve_question
 from lmdistill.io import atomic_write_json, atomic_write_text
 
 INSTRUCTION = (

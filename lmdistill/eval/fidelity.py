@@ -14,8 +14,8 @@ from transformers import PreTrainedModel
 
 from lmdistill.config import LossConfig
 from lmdistill.data import TokenizedExample, collate, to_device
-from lmdistill.kd.objective import response_hidden
 from lmdistill.losses import LOSSES, sparse_divergence
+from lmdistill.models.forward import response_hidden
 from lmdistill.teachers.base import Teacher
 
 

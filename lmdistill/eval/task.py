@@ -8,14 +8,9 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from lmdistill.data import Example
-from lmdistill.eval.reasoning import (
-    calculator_annotations,
-    final_answer,
-    majority_answer,
-    rationale_quality,
-    step_agreement,
-)
-from lmdistill.teachers.generate import greedy_responses, sampled_responses
+from lmdistill.data.gsm8k import calculator_annotations, final_answer, majority_answer
+from lmdistill.eval.reasoning import rationale_quality, step_agreement
+from lmdistill.models.generate import greedy_responses, sampled_responses
 
 
 def task_accuracy(

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 from lmdistill.config import ObjectiveConfig
 from lmdistill.data import Example
-from lmdistill.eval.reasoning import ANSWER_MARK
+from lmdistill.data.gsm8k import ANSWER_MARK
 
 Objective = Callable[[list[Example], ObjectiveConfig], list[Example]]
 OBJECTIVES: dict[str, Objective] = {}

@@ -30,8 +30,9 @@ from lmdistill.kd.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from lmdistill.kd.objective import PARTS, KDObjective, uses_attention
+from lmdistill.kd.objective import PARTS, KDObjective
 from lmdistill.kd.optim import build_optimizer, build_scheduler
+from lmdistill.models.forward import uses_attention
 from lmdistill.models.loading import resolve_device
 
 if TYPE_CHECKING:  # teachers import the objective; the loop only calls their methods

@@ -1,10 +1,5 @@
-"""Teachers: what the student learns from. For now, generation with an in-process model."""
+"""Teachers: what the student learns from (an in-process model, a served one, or a cache)."""
 
-from lmdistill.teachers.generate import (
-    GenerationReport,
-    generate_responses,
-    greedy_responses,
-    read_finished,
-)
+from lmdistill.teachers.generate import GenerationReport, generate_responses, read_finished
 
-__all__ = ["GenerationReport", "generate_responses", "greedy_responses", "read_finished"]
+__all__ = ["GenerationReport", "generate_responses", "read_finished"]

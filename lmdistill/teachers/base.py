@@ -21,8 +21,8 @@ from transformers import PreTrainedModel
 from lmdistill.config import GenerateConfig, LossConfig, TeacherConfig
 from lmdistill.data import IGNORE_INDEX, Example, to_device
 from lmdistill.io import atomic_write_text
-from lmdistill.kd.objective import teacher_outputs, uses_attention
 from lmdistill.losses import SparseSignal
+from lmdistill.models.forward import teacher_outputs, uses_attention
 from lmdistill.teachers.cache import CacheError, TeacherCache
 from lmdistill.teachers.generate import GenerationReport, generate_responses
 from lmdistill.teachers.served import ServedClient, ServedTeacherError, served_generate

@@ -43,8 +43,8 @@ from transformers import PreTrainedModel
 
 from lmdistill.data import IGNORE_INDEX, Example, TokenizedExample, collate, to_device
 from lmdistill.io import atomic_dir, atomic_write_json, atomic_write_text, read_utf8
-from lmdistill.kd.objective import response_hidden
 from lmdistill.losses import SparseSignal
+from lmdistill.models.forward import response_hidden
 
 FORMAT = 2  # 2: the manifest carries checksums of its own fields and the writer's identity
 GAP_RANGE = 25.0  # nats below the top-1 that a code can express (e^-25 ~ 1e-11 of its mass)

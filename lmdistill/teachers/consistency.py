@@ -28,7 +28,7 @@ from typing import Any
 
 from lmdistill.config import GenerateConfig
 from lmdistill.data import Example
-from lmdistill.eval.reasoning import ANSWER_MARK, final_answer, majority_answer, split_rationale
+from lmdistill.data.gsm8k import ANSWER_MARK, final_answer, majority_answer, split_rationale
 
 SAMPLE_MARK = "#s"
 

@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 
-from lmdistill.config import ProtocolConfig, RunConfig, load_config, save_config
+from lmdistill.config import ProtocolConfig, RunConfig, save_config
 from lmdistill.io import DiskFullError, atomic_write_json, atomic_write_text, write_with
+from lmdistill.validate import load_config
 
 
 @dataclass(frozen=True)
