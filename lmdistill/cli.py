@@ -282,16 +282,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from lmdistill.teachers.consistency import filtering
-    from lmdistill.teachers.setup import generating_teacher, load_splits
+    from lmdistill.teachers.setup import TEACHERS, generating_teacher, load_splits
 
     config = load_config(args.config, args.overrides)
     out = Path(args.out or Path(config.output_dir) / "generate" / "teacher_responses.jsonl")
-    if config.teacher.kind == "cache" and (
+    if not TEACHERS[config.teacher.kind].writes_text and (
         filtering(config.generate) or config.generate.rationale_prompt
     ):
         raise ConfigError(
-            "teacher.kind: 'cache' holds the responses it was written with; sampling, "
-            "filtering or a rationale prompt need teacher.kind 'local' or 'served'"
+            f"teacher.kind: {config.teacher.kind!r} holds the responses it was written with; "
+            "sampling, filtering or a rationale prompt need a teacher that writes, such as "
+            "'local' or 'served'"
         )
     from lmdistill.models import check_model_path
 

@@ -42,7 +42,13 @@ from lmdistill.models import (
 from lmdistill.models.generate import greedy_responses
 from lmdistill.report import write_report
 from lmdistill.teachers.consistency import with_rationale_prompt
-from lmdistill.teachers.setup import cache_dir, generation_path, load_splits, open_teacher
+from lmdistill.teachers.setup import (
+    TEACHERS,
+    cache_dir,
+    generation_path,
+    load_splits,
+    open_teacher,
+)
 
 
 class OutputExistsError(RuntimeError):
@@ -98,7 +104,7 @@ def teacher_directories(config: RunConfig) -> list[Path]:
     directories = []
     if config.generate.enabled:
         directories.append(generation_path(config).parent)
-    if config.teacher.kind in ("cache", "served"):
+    if TEACHERS[config.teacher.kind].caches_signal:
         directories.append(cache_dir(config))
     return directories
 
@@ -261,7 +267,7 @@ def _run(
     student.to(device)  # type: ignore[arg-type]
     if config.eval.enabled and config.eval.before:
         metrics["before"] = evaluate(student)
-    if config.teacher.kind == "local":
+    if TEACHERS[config.teacher.kind].in_process:
         texts = {"teacher": sample(teacher_model, tokenizer, samples, config)}
     else:  # the teacher's own (served or cached) responses
         texts = {"teacher": [ex.response or "" for ex in samples]}

@@ -6,13 +6,16 @@ objectives, scorers, features, selectors). This sits at the top of the import gr
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from lmdistill.config import RunConfig, SelectConfig, build_config, check_sections
 from lmdistill.config.checks import check
-from lmdistill.dd.scores import FEATURES, SCORERS
-from lmdistill.dd.select import NEEDS_FEATURES, NEEDS_SCORES, SELECTORS
+from lmdistill.dd.select import SELECTORS
+from lmdistill.dd.stage import FEATURES, SCORERS
 from lmdistill.kd.rationale import OBJECTIVES
 from lmdistill.losses import LOSSES
+from lmdistill.registry import Registry
+from lmdistill.teachers.setup import TEACHERS
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -28,19 +31,21 @@ def validate(config: RunConfig) -> None:
     other packages register."""
     check_sections(config)
     loss = config.loss
-    check(loss.divergence in LOSSES, "loss.divergence", loss.divergence, f"one of {sorted(LOSSES)}")
+    registered(LOSSES, loss.divergence)
+    registered(TEACHERS, config.teacher.kind)
+    TEACHERS[config.teacher.kind].check(config)
     _validate_objective(config)
     _validate_select(config.select)
 
 
+def registered(registry: Registry[Any], name: str) -> None:
+    """`name` must be registered; the error lists what is."""
+    check(name in registry, registry.field, name, registry.allowed())
+
+
 def _validate_objective(config: RunConfig) -> None:
     objective = config.objective
-    check(
-        objective.kind in OBJECTIVES,
-        "objective.kind",
-        objective.kind,
-        f"one of {sorted(OBJECTIVES)}",
-    )
+    registered(OBJECTIVES, objective.kind)
     for name in ("rationale_weight", "keypoint_weight"):
         value = getattr(objective, name)
         check(value >= 0, f"objective.{name}", value, "a number >= 0")
@@ -54,7 +59,7 @@ def _validate_objective(config: RunConfig) -> None:
         )
     if objective.kind != "cot":
         check(
-            config.teacher.kind == "local",
+            TEACHERS[config.teacher.kind].in_process,
             "teacher.kind",
             config.teacher.kind,
             f"'local' with objective.kind={objective.kind} (a cached or served signal belongs "
@@ -64,19 +69,18 @@ def _validate_objective(config: RunConfig) -> None:
 
 def _validate_select(select: SelectConfig) -> None:
     if select.scorer is not None:
-        check(select.scorer in SCORERS, "select.scorer", select.scorer, f"one of {SCORERS}")
+        registered(SCORERS, select.scorer)
     if select.features is not None:
-        allowed = f"one of {FEATURES}"
-        check(select.features in FEATURES, "select.features", select.features, allowed)
-    check(select.selector in SELECTORS, "select.selector", select.selector, f"one of {SELECTORS}")
-    if select.selector in NEEDS_SCORES:
+        registered(FEATURES, select.features)
+    registered(SELECTORS, select.selector)
+    if SELECTORS[select.selector].needs_scores:
         check(
             select.scorer is not None,
             "select.scorer",
             select.scorer,
             f"a scorer with select.selector={select.selector}",
         )
-    if select.selector in NEEDS_FEATURES:
+    if SELECTORS[select.selector].needs_features:
         check(
             select.features is not None,
             "select.features",

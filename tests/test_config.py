@@ -68,7 +68,7 @@ def test_overrides_are_typed_and_nested() -> None:
         ("baseline=yes please", "baseline: expected true or false"),
         ("train=3", "train must be a mapping"),
         ("train.max_steps", "must look like key.path=value"),
-        ("teacher.kind=remote", "teacher.kind: 'remote' is not allowed; choose one of"),
+        ("teacher.kind=remote", "teacher.kind: 'remote' is not allowed; expected one of"),
         ("teacher.kind=served", "teacher.base_url: None is not allowed; expected a value when"),
         ("teacher.extra_body=3", "teacher.extra_body: expected a mapping, got 3"),
         ("teacher.max_concurrency=0", "teacher.max_concurrency: 0 is not allowed"),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "lmdistill"
 # What `config` may import: it sits at the bottom, beside these helpers that import nothing.
-BOTTOM = {"io"}
+BOTTOM = {"io", "registry"}
 
 
 def module_name(path: Path) -> str:

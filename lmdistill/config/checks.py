@@ -3,7 +3,6 @@ Every error names the field (`train.lr`) and what is allowed."""
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from lmdistill.config.schema import ConfigError, RunConfig, SelectConfig, SynthesiseConfig
@@ -211,45 +210,12 @@ def _check_protocol(config: RunConfig) -> None:
 
 
 def _check_teacher(config: RunConfig) -> None:
-    teacher, loss = config.teacher, config.loss
+    teacher = config.teacher
     check(teacher.max_concurrency >= 1, "teacher.max_concurrency", teacher.max_concurrency, ">= 1")
     check(teacher.timeout_s > 0, "teacher.timeout_s", teacher.timeout_s, "a number > 0")
     check(teacher.max_retries >= 0, "teacher.max_retries", teacher.max_retries, ">= 0")
     check(teacher.top_logprobs >= 1, "teacher.top_logprobs", teacher.top_logprobs, ">= 1")
     check(teacher.probe_tolerance > 0, "teacher.probe_tolerance", teacher.probe_tolerance, "> 0")
-    if teacher.kind == "local":
-        return
-    features = loss.hidden_weight > 0 or loss.attention_weight > 0
-    check(
-        not features,
-        "loss.hidden_weight/attention_weight",
-        [loss.hidden_weight, loss.attention_weight],
-        f"0 with teacher.kind={teacher.kind} (feature losses need the teacher in memory)",
-    )
-    if teacher.kind == "served" and config.cache.k != teacher.top_logprobs:
-        warnings.warn(
-            f"cache.k={config.cache.k} is not used with teacher.kind=served: its cache holds the "
-            f"teacher.top_logprobs={teacher.top_logprobs} log-probs the server returns per token "
-            f"(set cache.k={teacher.top_logprobs} to say so)",
-            stacklevel=2,
-        )
-    if teacher.kind == "served":
-        for name in ("base_url", "model"):
-            value = getattr(teacher, name)
-            check(bool(value), f"teacher.{name}", value, "a value when teacher.kind=served")
-        check(
-            config.generate.enabled,
-            "generate.enabled",
-            config.generate.enabled,
-            "true with teacher.kind=served (a server returns log-probs only for text it writes)",
-        )
-        check(
-            loss.temperature == 1.0,
-            "loss.temperature",
-            loss.temperature,
-            "1.0 with teacher.kind=served (servers report log-probs at temperature 1, and the "
-            "tail mass outside their top-k cannot be re-tempered)",
-        )
 
 
 def check(ok: bool, name: str, value: Any, allowed: str) -> None:

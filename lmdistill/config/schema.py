@@ -46,7 +46,7 @@ class TeacherConfig(ModelConfig):
       `layers_from_teacher` student).
     """
 
-    kind: Literal["local", "served", "cache"] = "local"
+    kind: str = "local"  # a registered backend (lmdistill/teachers/backends.py)
     base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1
     model: str | None = None  # the model name the server serves
     api_key_env: str | None = None  # name of the environment variable holding the key

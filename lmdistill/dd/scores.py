@@ -47,8 +47,6 @@ from lmdistill.data import (
 )
 from lmdistill.io import atomic_write_json, write_with
 
-SCORERS = ("length", "perplexity", "ifd", "divergence", "gradient")
-FEATURES = ("embedding", "hidden", "gradient")
 FORMAT = 1
 
 

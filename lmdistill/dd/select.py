@@ -18,15 +18,13 @@ budget (in examples, or in tokens: an example that does not fit is skipped, the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-SELECTORS = ("random", "top", "bottom", "kcenter", "herding", "deita", "cluster")
-NEEDS_SCORES = ("top", "bottom", "deita")
-NEEDS_FEATURES = ("kcenter", "herding", "deita", "cluster")
+from lmdistill.registry import Registry
 
 
 class BudgetError(ValueError):
@@ -231,6 +229,94 @@ def cluster_order(labels: np.ndarray, scores: np.ndarray | None, seed: int) -> I
         depth += 1
 
 
+@dataclass(frozen=True)
+class SelectorInputs:
+    """What a selector may look at; `scores`/`features` are set when it says it needs them."""
+
+    costs: np.ndarray  # tokens per example
+    seed: int
+    scores: np.ndarray | None
+    features: np.ndarray | None
+    strata: np.ndarray | None
+    threshold: float
+    clusters: int
+
+
+# A selector's order of preference, and what it reports about the picked indices.
+Picked = tuple[Iterator[int], Callable[[list[int]], dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Selector:
+    pick: Callable[[SelectorInputs], Picked]
+    needs_scores: bool
+    needs_features: bool
+    high_first: bool  # prefers high scores: a scorer's unhelpful values are ranked last
+
+
+SELECTORS: Registry[Selector] = Registry("selector", "select.selector")
+
+
+def register_selector(
+    name: str, *, scores: bool = False, features: bool = False, high_first: bool = False
+) -> Callable[[Callable[[SelectorInputs], Picked]], Callable[[SelectorInputs], Picked]]:
+    """Register a selector; `scores`/`features`: it needs select.scorer / select.features;
+    `high_first`: it prefers high scores."""
+    return SELECTORS.register_as(name, lambda fn: Selector(fn, scores, features, high_first))
+
+
+def _nothing(indices: list[int]) -> dict[str, Any]:
+    return {}
+
+
+@register_selector("random")
+def _random(x: SelectorInputs) -> Picked:
+    return random_order(len(x.costs), x.seed, x.strata), _nothing
+
+
+@register_selector("top", scores=True, high_first=True)
+def _top(x: SelectorInputs) -> Picked:
+    assert x.scores is not None
+    return score_order(x.scores, descending=True), _nothing
+
+
+@register_selector("bottom", scores=True)
+def _bottom(x: SelectorInputs) -> Picked:
+    assert x.scores is not None
+    return score_order(x.scores, descending=False), _nothing
+
+
+@register_selector("kcenter", features=True)
+def _kcenter(x: SelectorInputs) -> Picked:
+    features = x.features
+    assert features is not None
+    return kcenter_order(features, x.seed), lambda indices: {
+        "covering_radius": covering_radius(features, indices)
+    }
+
+
+@register_selector("herding", features=True)
+def _herding(x: SelectorInputs) -> Picked:
+    assert x.features is not None
+    return herding_order(x.features), _nothing
+
+
+@register_selector("deita", scores=True, features=True, high_first=True)
+def _deita(x: SelectorInputs) -> Picked:
+    assert x.scores is not None and x.features is not None
+    skipped: list[int] = []  # filled while the order is consumed
+    order = deita_order(x.scores, x.features, x.threshold, skipped)
+    return order, lambda indices: {"near_duplicates_skipped": len(skipped)}
+
+
+@register_selector("cluster", features=True)
+def _cluster(x: SelectorInputs) -> Picked:
+    assert x.features is not None
+    labels = kmeans(x.features, x.clusters, x.seed)
+    sizes = np.bincount(labels).tolist()
+    return cluster_order(labels, x.scores, x.seed), lambda indices: {"cluster_sizes": sizes}
+
+
 def select(
     selector: str,
     *,
@@ -245,39 +331,14 @@ def select(
     clusters: int = 10,
 ) -> Selection:
     """The subset `selector` picks within the budget. `costs` are tokens per example."""
-    if selector not in SELECTORS:
-        raise ValueError(f"select.selector: {selector!r} is unknown; choose one of {SELECTORS}")
-    if selector in NEEDS_SCORES and scores is None:
+    chosen = SELECTORS.lookup(selector)
+    if chosen.needs_scores and scores is None:
         raise ValueError(f"select.selector: {selector!r} needs select.scorer to be set")
-    if selector in NEEDS_FEATURES and features is None:
+    if chosen.needs_features and features is None:
         raise ValueError(f"select.selector: {selector!r} needs select.features to be set")
     kind, limit = budget_limit(budget, unit, costs)
-    info: dict[str, Any] = {"budget_kind": kind, "budget_limit": limit}
-    order: Iterator[int]
-    if selector == "random":
-        order = random_order(len(costs), seed, strata)
-    elif selector in ("top", "bottom"):
-        assert scores is not None
-        order = score_order(scores, descending=selector == "top")
-    elif selector == "kcenter":
-        assert features is not None
-        order = kcenter_order(features, seed)
-    elif selector == "herding":
-        assert features is not None
-        order = herding_order(features)
-    elif selector == "deita":
-        assert scores is not None and features is not None
-        skipped: list[int] = []
-        order = deita_order(scores, features, threshold, skipped)
-    else:
-        assert features is not None
-        labels = kmeans(features, clusters, seed)
-        info["cluster_sizes"] = np.bincount(labels).tolist()
-        order = cluster_order(labels, scores, seed)
+    inputs = SelectorInputs(costs, seed, scores, features, strata, threshold, clusters)
+    order, report = chosen.pick(inputs)
     indices = fill(order, costs, kind, limit)
-    if selector == "kcenter":
-        assert features is not None
-        info["covering_radius"] = covering_radius(features, indices)
-    if selector == "deita":
-        info["near_duplicates_skipped"] = len(skipped)
+    info: dict[str, Any] = {"budget_kind": kind, "budget_limit": limit, **report(indices)}
     return Selection(indices, int(costs[indices].sum()), info)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from transformers import PreTrainedModel
 from lmdistill.config import ModelConfig, RunConfig
 from lmdistill.data import Example, data_hash, load_examples, tokenize_examples, write_examples
 from lmdistill.dd import gradients, scores
-from lmdistill.dd.select import Selection, select
+from lmdistill.dd.select import SELECTORS, Selection, select
 from lmdistill.io import atomic_write_json, atomic_write_text
 from lmdistill.models import (
     build_student,
@@ -37,9 +38,9 @@ from lmdistill.models import (
     shared_vocab_size,
     weights_fingerprint,
 )
+from lmdistill.registry import Registry
 
 EMBEDDING_ALIASES = ("all-minilm-l6-v2",)
-MODEL_FREE = {"length"}
 
 
 @dataclass
@@ -141,52 +142,116 @@ def load_pool(config: RunConfig, tokenizer: Any) -> Pool:
     return Pool(examples, items, costs, data_hash(examples), report.dropped)
 
 
+ScoreFn = Callable[[RunConfig, Pool, Models], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """How one scorer computes a value per pool example (saved under `scores_dir`)."""
+
+    compute: ScoreFn
+    uses_model: bool = True  # False: its values depend on the tokenizer alone
+    # Settings beside data.max_length that its values depend on (part of the saved identity).
+    params: Callable[[RunConfig, Models], dict[str, Any]] | None = None
+    # Values a selector that prefers high scores must rank last, and the count's info key.
+    rank_last: tuple[Callable[[np.ndarray], np.ndarray], str] | None = None
+
+
+SCORERS: Registry[Scorer] = Registry("scorer", "select.scorer")
+# A feature kind computes (or loads) a (pool, d) matrix; `stop_after` batches, if it can stop.
+FeatureFn = Callable[[RunConfig, Pool, Models, int | None], np.ndarray]
+FEATURES: Registry[FeatureFn] = Registry("feature kind", "select.features")
+
+
+def register_scorer(
+    name: str,
+    *,
+    uses_model: bool = True,
+    params: Callable[[RunConfig, Models], dict[str, Any]] | None = None,
+    rank_last: tuple[Callable[[np.ndarray], np.ndarray], str] | None = None,
+) -> Callable[
+    [Callable[[RunConfig, Pool, Models], np.ndarray]],
+    Callable[[RunConfig, Pool, Models], np.ndarray],
+]:
+    return SCORERS.register_as(name, lambda fn: Scorer(fn, uses_model, params, rank_last))
+
+
 def compute_scores(config: RunConfig, pool: Pool, models: Models) -> np.ndarray | None:
     kind = config.select.scorer
     if kind is None:
         return None
-    sel = config.select
-    tokenizer = models.tokenizer
-    pad = tokenizer.pad_token_id
-    model_tag = "" if kind in MODEL_FREE else f"-{_tag(sel.model)}"
+    scorer = SCORERS.lookup(kind)
+    model_tag = f"-{_tag(config.select.model)}" if scorer.uses_model else ""
     directory = scores_dir(config) / f"score-{kind}{model_tag}"
     params: dict[str, Any] = {"max_length": config.data.max_length}
-    if kind == "gradient":
-        params.update(_gradient_params(sel), target=sel.target, target_size=sel.target_size)
-        params["target_hash"] = data_hash(_target_examples(config))
+    if scorer.params is not None:
+        params.update(scorer.params(config, models))
     identity = scores.Identity(
         name=f"score:{kind}",
-        model=_tokenizer_identity(tokenizer) if kind in MODEL_FREE else models.identity(),
+        model=models.identity() if scorer.uses_model else _tokenizer_identity(models.tokenizer),
         data_hash=pool.hash,
         examples=len(pool.examples),
         params=params,
     )
-    if kind == "divergence":
-        identity.params["teacher"] = (
-            f"{describe(config.teacher)} weights={weights_fingerprint(models.teacher[0])}"
-        )
+    values = scores.saved_array(directory, identity, lambda: scorer.compute(config, pool, models))
+    return np.asarray(values, dtype=np.float64)
 
-    def compute() -> np.ndarray:
-        if kind == "length":
-            return scores.response_tokens(pool.items).astype(np.float64)
-        if kind == "perplexity":
-            return np.exp(scores.response_nll(models.scorer(), pool.items, pad, sel.batch_size))
-        if kind == "ifd":
-            return scores.ifd_scores(
-                models.scorer(), pool.examples, tokenizer, config.data.max_length, sel.batch_size
-            )
-        if kind == "divergence":
-            teacher = models.teacher[0]
-            teacher.to(models.device)  # type: ignore[arg-type]  # transformers' wrapped `to`
-            student = models.scorer()
-            vocab = shared_vocab_size(teacher, student, tokenizer)
-            return scores.divergence_scores(
-                teacher, student, pool.items, pad, vocab, sel.batch_size
-            )
-        features = compute_features(config, pool, models, "gradient")
-        return gradients.less_scores(features, _target_features(config, models))
 
-    return np.asarray(scores.saved_array(directory, identity, compute), dtype=np.float64)
+@register_scorer("length", uses_model=False)
+def _length(config: RunConfig, pool: Pool, models: Models) -> np.ndarray:
+    return scores.response_tokens(pool.items).astype(np.float64)
+
+
+@register_scorer("perplexity")
+def _perplexity(config: RunConfig, pool: Pool, models: Models) -> np.ndarray:
+    pad, batch_size = models.tokenizer.pad_token_id, config.select.batch_size
+    return np.exp(scores.response_nll(models.scorer(), pool.items, pad, batch_size))
+
+
+# Superfiltering drops IFD >= 1: the instruction does not help predict the response.
+@register_scorer("ifd", rank_last=(lambda v: v >= 1.0, "ifd_at_least_1_ranked_last"))
+def _ifd(config: RunConfig, pool: Pool, models: Models) -> np.ndarray:
+    return scores.ifd_scores(
+        models.scorer(),
+        pool.examples,
+        models.tokenizer,
+        config.data.max_length,
+        config.select.batch_size,
+    )
+
+
+def _teacher_identity(config: RunConfig, models: Models) -> dict[str, Any]:
+    return {
+        "teacher": f"{describe(config.teacher)} weights={weights_fingerprint(models.teacher[0])}"
+    }
+
+
+@register_scorer("divergence", params=_teacher_identity)
+def _divergence(config: RunConfig, pool: Pool, models: Models) -> np.ndarray:
+    teacher = models.teacher[0]
+    teacher.to(models.device)  # type: ignore[arg-type]  # transformers' wrapped `to`
+    student = models.scorer()
+    vocab = shared_vocab_size(teacher, student, models.tokenizer)
+    pad = models.tokenizer.pad_token_id
+    return scores.divergence_scores(
+        teacher, student, pool.items, pad, vocab, config.select.batch_size
+    )
+
+
+def _gradient_score_params(config: RunConfig, models: Models) -> dict[str, Any]:
+    sel = config.select
+    return {
+        **_gradient_params(sel),
+        "target": sel.target,
+        "target_size": sel.target_size,
+        "target_hash": data_hash(_target_examples(config)),
+    }
+
+
+@register_scorer("gradient", params=_gradient_score_params)
+def _gradient(config: RunConfig, pool: Pool, models: Models) -> np.ndarray:
+    features = compute_features(config, pool, models, "gradient")
+    return gradients.less_scores(features, _target_features(config, models))
 
 
 def _tag(model: str) -> str:
@@ -222,45 +287,66 @@ def compute_features(
     *,
     stop_after: int | None = None,
 ) -> np.ndarray:
-    sel = config.select
-    pad = models.tokenizer.pad_token_id
-    if kind == "embedding":
-        model_name = sel.embedding_model
-        directory = scores_dir(config) / f"features-embedding-{_tag(model_name)}"
-        identity = scores.Identity(
-            "features:embedding", model_name, pool.hash, len(pool.examples), {}
+    return FEATURES.lookup(kind)(config, pool, models, stop_after)
+
+
+@FEATURES.register("embedding")
+def _embedding(config: RunConfig, pool: Pool, models: Models, stop_after: int | None) -> np.ndarray:
+    model_name = config.select.embedding_model
+    directory = scores_dir(config) / f"features-embedding-{_tag(model_name)}"
+    identity = scores.Identity("features:embedding", model_name, pool.hash, len(pool.examples), {})
+    return np.asarray(
+        scores.saved_array(
+            directory,
+            identity,
+            lambda: scores.sentence_embeddings(
+                embedding_dir(model_name), pool.examples, device=models.device
+            ),
         )
-        return np.asarray(
-            scores.saved_array(
-                directory,
-                identity,
-                lambda: scores.sentence_embeddings(
-                    embedding_dir(model_name), pool.examples, device=models.device
-                ),
-            )
-        )
-    directory = scores_dir(config) / f"features-{kind}-{_tag(sel.model)}"
-    params: dict[str, Any] = {"max_length": config.data.max_length}
-    if kind == "gradient":
-        params.update(_gradient_params(sel))
-    identity = scores.Identity(
-        f"features:{kind}", models.identity(), pool.hash, len(pool.examples), params
     )
-    if kind == "hidden":
-        return np.asarray(
-            scores.saved_array(
-                directory,
-                identity,
-                lambda: scores.hidden_features(models.scorer(), pool.items, pad, sel.batch_size),
-            )
+
+
+def _model_features(
+    config: RunConfig, pool: Pool, models: Models, kind: str, params: dict[str, Any]
+) -> tuple[Path, scores.Identity]:
+    """Where a model's features of `kind` are saved, and what they depend on."""
+    directory = scores_dir(config) / f"features-{kind}-{_tag(config.select.model)}"
+    identity = scores.Identity(
+        f"features:{kind}",
+        models.identity(),
+        pool.hash,
+        len(pool.examples),
+        {"max_length": config.data.max_length, **params},
+    )
+    return directory, identity
+
+
+@FEATURES.register("hidden")
+def _hidden(config: RunConfig, pool: Pool, models: Models, stop_after: int | None) -> np.ndarray:
+    directory, identity = _model_features(config, pool, models, "hidden", {})
+    pad, batch_size = models.tokenizer.pad_token_id, config.select.batch_size
+    return np.asarray(
+        scores.saved_array(
+            directory,
+            identity,
+            lambda: scores.hidden_features(models.scorer(), pool.items, pad, batch_size),
         )
+    )
+
+
+@FEATURES.register("gradient")
+def _gradient_features(
+    config: RunConfig, pool: Pool, models: Models, stop_after: int | None
+) -> np.ndarray:
+    sel = config.select
+    directory, identity = _model_features(config, pool, models, "gradient", _gradient_params(sel))
     if scores.check_manifest(directory, identity):
         return np.load(directory / "features.npy", mmap_mode="r")
     started = time.perf_counter()
     features = gradients.gradient_features(
         models.scorer(),
         pool.items,
-        pad,
+        models.tokenizer.pad_token_id,
         directory=directory,
         identity=identity.as_dict(),
         modules=list(sel.lora_modules),
@@ -344,10 +430,10 @@ def run_select(config: RunConfig, *, stop_after: int | None = None) -> dict[str,
     models = Models(config)
     pool = load_pool(config, models.tokenizer)
     score_values = compute_scores(config, pool, models)
-    excluded = 0
-    if sel.scorer == "ifd" and score_values is not None and sel.selector in ("top", "deita"):
-        # Superfiltering drops IFD >= 1: the instruction does not help predict the response.
-        unhelpful = score_values >= 1.0
+    excluded, rank_last = 0, SCORERS[sel.scorer].rank_last if sel.scorer else None
+    if rank_last is not None and score_values is not None and SELECTORS[sel.selector].high_first:
+        last, label = rank_last
+        unhelpful = last(score_values)
         excluded = int(unhelpful.sum())
         score_values = np.where(unhelpful, -np.inf, score_values)
     features = None
@@ -366,7 +452,7 @@ def run_select(config: RunConfig, *, stop_after: int | None = None) -> dict[str,
         clusters=sel.clusters,
     )
     if excluded:
-        selection.info["ifd_at_least_1_ranked_last"] = excluded
+        selection.info[label] = excluded
     return materialise(config, pool, selection, time.perf_counter() - started)
 
 

@@ -33,27 +33,20 @@ from collections.abc import Callable
 from lmdistill.config import ObjectiveConfig
 from lmdistill.data import Example
 from lmdistill.data.gsm8k import ANSWER_MARK
+from lmdistill.registry import Registry
 
 Objective = Callable[[list[Example], ObjectiveConfig], list[Example]]
-OBJECTIVES: dict[str, Objective] = {}
+OBJECTIVES: Registry[Objective] = Registry("objective", "objective.kind")
 _KEYPOINT = re.compile(r"-?\d[\d,.]*|<<[^<>]*>>")
 
 
 def register_objective(name: str) -> Callable[[Objective], Objective]:
-    def decorator(fn: Objective) -> Objective:
-        if name in OBJECTIVES:
-            raise ValueError(f"objective {name!r} is already registered")
-        OBJECTIVES[name] = fn
-        return fn
-
-    return decorator
+    return OBJECTIVES.register(name)
 
 
 def apply_objective(examples: list[Example], config: ObjectiveConfig) -> list[Example]:
     """The training examples `config.kind` makes of `examples`."""
-    if config.kind not in OBJECTIVES:
-        raise ValueError(f"unknown objective {config.kind!r}; choose one of {sorted(OBJECTIVES)}")
-    return OBJECTIVES[config.kind](examples, config)
+    return OBJECTIVES.lookup(config.kind)(examples, config)
 
 
 def eval_prompts(examples: list[Example], config: ObjectiveConfig) -> list[Example]:

@@ -13,7 +13,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -34,9 +33,7 @@ from lmdistill.kd.objective import PARTS, KDObjective
 from lmdistill.kd.optim import build_optimizer, build_scheduler
 from lmdistill.models.forward import uses_attention
 from lmdistill.models.loading import resolve_device
-
-if TYPE_CHECKING:  # teachers import the objective; the loop only calls their methods
-    from lmdistill.teachers.base import Teacher
+from lmdistill.teachers.base import Teacher
 
 
 @dataclass

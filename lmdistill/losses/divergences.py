@@ -36,10 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmdistill.registry import Registry
+
 LossFn = Callable[..., Tensor]
 """``fn(student_logits (N, V), teacher_logits (N, V), *, temperature, **params) -> (N,)``."""
 
-LOSSES: dict[str, LossFn] = {}
+LOSSES: Registry[LossFn] = Registry("divergence", "loss.divergence")
 """Registry of per-token divergences, filled by ``@register_loss("name")``."""
 
 _LossT = TypeVar("_LossT", bound=LossFn)
@@ -51,23 +53,12 @@ _LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
 
 def register_loss(name: str) -> Callable[[_LossT], _LossT]:
     """Register ``fn`` in ``LOSSES`` under ``name``; the decorated function is unchanged."""
-
-    def decorator(fn: _LossT) -> _LossT:
-        if name in LOSSES:
-            raise ValueError(f"loss {name!r} is already registered")
-        LOSSES[name] = fn
-        return fn
-
-    return decorator
+    return LOSSES.register(name)
 
 
 def get_loss(name: str) -> LossFn:
     """Return ``LOSSES[name]``; an unknown name raises ``ValueError`` listing the valid ones."""
-    try:
-        return LOSSES[name]
-    except KeyError:
-        valid = ", ".join(sorted(LOSSES))
-        raise ValueError(f"unknown loss {name!r}; valid names: {valid}") from None
+    return LOSSES.lookup(name)
 
 
 def _log_probs(

@@ -12,8 +12,7 @@ Caches live in `cache.dir` (default OUTPUT_DIR/teacher_cache), one per split: tr
 from __future__ import annotations
 
 import dataclasses
-import gc
-from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from accelerate import PartialState
 from transformers import PreTrainedModel
 
 from lmdistill.config import RunConfig
+from lmdistill.config.checks import check
 from lmdistill.data import (
     Example,
     TokenizedExample,
@@ -29,6 +29,7 @@ from lmdistill.data import (
     tokenize_examples,
 )
 from lmdistill.models import describe, load_model, resolve_device, weights_fingerprint
+from lmdistill.teachers.backends import TEACHERS, TeacherSetup, register_teacher
 from lmdistill.teachers.base import CachedTeacher, LocalTeacher, ServedTeacher, Teacher
 from lmdistill.teachers.cache import (
     REBUILD,
@@ -54,23 +55,6 @@ from lmdistill.teachers.served import conformance_probe, rows_scorer
 SPLITS = ("train", "eval")
 
 
-@dataclass
-class RunTeacher:
-    """What a stage needs from the teacher side of a run."""
-
-    tokenizer: Any
-    model: PreTrainedModel | None  # the local weights (student init, samples); None once freed
-    examples: dict[str, list[Example]]  # "train", "eval"
-    signal: dict[str, Teacher]  # who scores each split
-    report: dict[str, Any] = field(default_factory=dict)
-
-    def release_model(self) -> None:
-        """Drop the local weights when training does not need them (served, cache)."""
-        if not isinstance(self.signal["train"], LocalTeacher):
-            self.model = None
-            gc.collect()
-
-
 def cache_dir(config: RunConfig) -> Path:
     return Path(config.cache.dir or Path(config.output_dir) / "teacher_cache")
 
@@ -79,50 +63,155 @@ def generation_path(config: RunConfig) -> Path:
     return Path(config.output_dir) / "generate" / "teacher_responses.jsonl"
 
 
-def open_teacher(config: RunConfig, *, write_local_cache: bool = False) -> RunTeacher:
-    """Load what `config.teacher` describes; generate and cache what the kind needs."""
+def open_teacher(config: RunConfig, *, write_local_cache: bool = False) -> TeacherSetup:
+    """Load what `config.teacher` describes; generate and cache what its backend needs."""
+    return TEACHERS.lookup(config.teacher.kind).open(config, write_local_cache)
+
+
+def generating_teacher(config: RunConfig) -> tuple[Teacher, dict[str, Any]]:
+    """The teacher `lmdistill generate` writes with (a cache returns what it stored)."""
+    return TEACHERS.lookup(config.teacher.kind).generating(config)
+
+
+def _no_features(config: RunConfig) -> None:
+    """Feature losses need the teacher's hidden states and attention: in this process only."""
+    loss = config.loss
+    check(
+        loss.hidden_weight == 0 and loss.attention_weight == 0,
+        "loss.hidden_weight/attention_weight",
+        [loss.hidden_weight, loss.attention_weight],
+        f"0 with teacher.kind={config.teacher.kind} (feature losses need the teacher in memory)",
+    )
+
+
+def _check_served(config: RunConfig) -> None:
+    teacher = config.teacher
+    _no_features(config)
+    if config.cache.k != teacher.top_logprobs:
+        warnings.warn(
+            f"cache.k={config.cache.k} is not used with teacher.kind=served: its cache holds the "
+            f"teacher.top_logprobs={teacher.top_logprobs} log-probs the server returns per token "
+            f"(set cache.k={teacher.top_logprobs} to say so)",
+            stacklevel=4,
+        )
+    for name in ("base_url", "model"):
+        value = getattr(teacher, name)
+        check(bool(value), f"teacher.{name}", value, "a value when teacher.kind=served")
+    check(
+        config.generate.enabled,
+        "generate.enabled",
+        config.generate.enabled,
+        "true with teacher.kind=served (a server returns log-probs only for text it writes)",
+    )
+    check(
+        config.loss.temperature == 1.0,
+        "loss.temperature",
+        config.loss.temperature,
+        "1.0 with teacher.kind=served (servers report log-probs at temperature 1, and the "
+        "tail mass outside their top-k cannot be re-tempered)",
+    )
+
+
+def _local_generating(config: RunConfig) -> tuple[Teacher, dict[str, Any]]:
     model, tokenizer = load_model(config.teacher)
-    kind = config.teacher.kind
-    device = resolve_device(config.train.device)  # where it generates, scores or caches
+    model.to(resolve_device(config.train.device))  # type: ignore[arg-type]
+    return LocalTeacher(model, tokenizer, describe(config.teacher)), {}
+
+
+def _served_generating(config: RunConfig) -> tuple[Teacher, dict[str, Any]]:
+    model, tokenizer = load_model(config.teacher)
+    report: dict[str, Any] = {}
+    return _probed(config, tokenizer, model, report), report
+
+
+def _cache_generating(config: RunConfig) -> tuple[Teacher, dict[str, Any]]:
+    _, tokenizer = load_model(config.teacher)
+    caches = [_open(config, tokenizer, split) for split in SPLITS]
+    return CachedTeacher(caches[0], others=caches[1:]), {}
+
+
+@register_teacher(
+    "local",
+    generating=_local_generating,
+    check=lambda config: None,
+    in_process=True,
+    caches_signal=False,
+    writes_text=True,
+)
+def _open_local(config: RunConfig, write_local_cache: bool) -> TeacherSetup:
+    """The model in this process scores every batch (and writes responses when
+    `generate.enabled`)."""
+    model, tokenizer = load_model(config.teacher)
     train, held_out = load_splits(config)
     examples = {"train": train, "eval": held_out}
-    if kind == "cache":
-        written: dict[str, Any] = {}
-        if not _cache_complete(config):
-            # Pay for the teacher once: write the cache with the local copy, then train from it.
-            model.to(device)  # type: ignore[arg-type]  # transformers' wrapped `to`
-            writer = LocalTeacher(model, tokenizer, describe(config.teacher))
-            if config.generate.enabled:
-                examples, written["generate"] = _generate(config, writer, examples)
-            staged = RunTeacher(tokenizer, model, examples, {})
-            prompts = {"train": train, "eval": held_out}
-            written["cache"] = _write_local_caches(config, staged, prompts)
-            model.to("cpu")  # type: ignore[arg-type]  # training reads the cache, not the model
-        setup = _from_cache(config, model, tokenizer, {"train": train, "eval": held_out})
-        if "cache" in written:  # what this call wrote, with its size
-            for split, summary in written["cache"].items():
-                setup.report["cache"][split].update(summary)
-        if "generate" in written:
-            setup.report["generate"] = written["generate"]
-        return setup
     report: dict[str, Any] = {}
-    if kind == "local":
-        model.to(device)  # type: ignore[arg-type]
-        local = LocalTeacher(model, tokenizer, describe(config.teacher))
-        if config.generate.enabled:
-            examples, report["generate"] = _generate(config, local, examples)
-        setup = RunTeacher(tokenizer, model, examples, {s: local for s in SPLITS}, report)
-        if write_local_cache:
-            prompts = {"train": train, "eval": held_out}
-            report["cache"] = _write_local_caches(config, setup, prompts)
-        return setup
+    model.to(resolve_device(config.train.device))  # type: ignore[arg-type]
+    local = LocalTeacher(model, tokenizer, describe(config.teacher))
+    if config.generate.enabled:
+        examples, report["generate"] = _generate(config, local, examples)
+    setup = TeacherSetup(tokenizer, model, examples, {s: local for s in SPLITS}, report)
+    if write_local_cache:
+        prompts = {"train": train, "eval": held_out}
+        report["cache"] = _write_local_caches(config, setup, prompts)
+    return setup
+
+
+@register_teacher(
+    "served",
+    generating=_served_generating,
+    check=_check_served,
+    in_process=False,
+    caches_signal=True,
+    writes_text=True,
+)
+def _open_served(config: RunConfig, write_local_cache: bool) -> TeacherSetup:
+    """The conformance probe (when `teacher.probe`), then the server writes the responses with
+    their top-k log-probs, which are stored as a cache: training reads the cache."""
+    model, tokenizer = load_model(config.teacher)
+    train, held_out = load_splits(config)
+    examples = {"train": train, "eval": held_out}
+    report: dict[str, Any] = {}
     served = _probed(config, tokenizer, model, report)
     examples, report["generate"] = _generate(config, served, examples)
     report["served"] = served.client.stats.as_dict()
     prompts = {"train": train, "eval": held_out}
     report["cache"] = _write_served_caches(config, tokenizer, served, examples, prompts)
     caches = {s: CachedTeacher(_open(config, tokenizer, s)) for s in SPLITS}
-    return RunTeacher(tokenizer, model, examples, dict(caches), report)
+    return TeacherSetup(tokenizer, model, examples, dict(caches), report)
+
+
+@register_teacher(
+    "cache",
+    generating=_cache_generating,
+    check=_no_features,
+    in_process=False,
+    caches_signal=True,
+    writes_text=False,
+)
+def _open_cache(config: RunConfig, write_local_cache: bool) -> TeacherSetup:
+    """The examples and the signal `lmdistill cache` stored; no teacher in memory. A cache
+    not yet complete is written first with the local copy of the teacher (paid for once)."""
+    model, tokenizer = load_model(config.teacher)
+    train, held_out = load_splits(config)
+    examples = {"train": train, "eval": held_out}
+    written: dict[str, Any] = {}
+    if not _cache_complete(config):
+        device = resolve_device(config.train.device)
+        model.to(device)  # type: ignore[arg-type]  # transformers' wrapped `to`
+        writer = LocalTeacher(model, tokenizer, describe(config.teacher))
+        if config.generate.enabled:
+            examples, written["generate"] = _generate(config, writer, examples)
+        staged = TeacherSetup(tokenizer, model, examples, {})
+        prompts = {"train": train, "eval": held_out}
+        written["cache"] = _write_local_caches(config, staged, prompts)
+        model.to("cpu")  # type: ignore[arg-type]  # training reads the cache, not the model
+    setup = _from_cache(config, model, tokenizer, {"train": train, "eval": held_out})
+    if "cache" in written:  # what this call wrote, with its size
+        for split, summary in written["cache"].items():
+            setup.report["cache"][split].update(summary)
+    if "generate" in written:
+        setup.report["generate"] = written["generate"]
+    return setup
 
 
 def _probed(
@@ -139,21 +228,6 @@ def _probed(
             tolerance=config.teacher.probe_tolerance,
         )
     return served
-
-
-def generating_teacher(config: RunConfig) -> tuple[Teacher, dict[str, Any]]:
-    """The teacher `lmdistill generate` writes with (a cache returns what it stored)."""
-    report: dict[str, Any] = {}
-    if config.teacher.kind == "cache":
-        _, tokenizer = load_model(config.teacher)
-        caches = [_open(config, tokenizer, split) for split in SPLITS]
-        return CachedTeacher(caches[0], others=caches[1:]), report
-    model, tokenizer = load_model(config.teacher)
-    if config.teacher.kind == "local":
-        model.to(resolve_device(config.train.device))  # type: ignore[arg-type]
-        return LocalTeacher(model, tokenizer, describe(config.teacher)), report
-    served = _probed(config, tokenizer, model, report)
-    return served, report
 
 
 def load_splits(config: RunConfig) -> tuple[list[Example], list[Example]]:
@@ -252,7 +326,7 @@ def _cache_complete(config: RunConfig) -> bool:
 
 
 def _write_local_caches(
-    config: RunConfig, setup: RunTeacher, prompts: dict[str, list[Example]]
+    config: RunConfig, setup: TeacherSetup, prompts: dict[str, list[Example]]
 ) -> dict[str, Any]:
     assert setup.model is not None
     out: dict[str, Any] = {}
@@ -375,7 +449,7 @@ def _from_cache(
     model: PreTrainedModel,
     tokenizer: Any,
     prompts: dict[str, list[Example]],
-) -> RunTeacher:
+) -> TeacherSetup:
     caches = {split: _open(config, tokenizer, split, prompts[split]) for split in SPLITS}
     weights = weights_fingerprint(model)
     examples = {}
@@ -394,7 +468,7 @@ def _from_cache(
             )
     report = {"cache": {s: {"teacher": c.teacher, **_counts(c)} for s, c in caches.items()}}
     signal: dict[str, Teacher] = {s: CachedTeacher(c) for s, c in caches.items()}
-    return RunTeacher(tokenizer, model, examples, signal, report)
+    return TeacherSetup(tokenizer, model, examples, signal, report)
 
 
 def check_writer(cache: TeacherCache, config: RunConfig, weights: str) -> None:
