@@ -15,7 +15,7 @@ LLAMA_VERSION ?= 0.3.36
 LLAMA_PIN ?= llama-cpp-python[server]==$(LLAMA_VERSION)
 LLAMA_WHEELS ?= $(HOME)/.cache/lmdistill/wheels/llama-cpp-python-$(LLAMA_VERSION)-portable
 
-.PHONY: demo test lint typecheck clean lab lab-e1 lab-e2 lab-dd e1-demo demo-dd
+.PHONY: demo demo-results test lint typecheck clean lab lab-e1 lab-e2 lab-dd e1-demo demo-dd
 
 $(VENV)/.base: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,12 @@ $(VENV)/.dev: $(VENV)/.base
 demo: $(VENV)/.base
 	$(VENV)/bin/lmdistill demo
 
-# The reasoning lab (README, "Reasoning distillation"): each artifact is made once and reused;
+# The demo, then its figures (with commit, command, machine) into docs/results/demo.json,
+# which the README's table is checked against (tests/test_docs.py).
+demo-results: demo
+	$(PY) benchmarks/lab_results.py demo
+
+# The reasoning lab (docs/reasoning.md): each artifact is made once and reused;
 # make remakes it only when its config changes.
 LAB := outputs/lab
 LAB_TEACHER := $(LAB)/teacher/student/config.json
@@ -63,7 +68,7 @@ lab-e1: $(LAB_RATIONALES)
 	  train.max_steps=300 --out $(LAB)/e1 --reference loss.alpha=1.0
 	$(PY) benchmarks/lab_results.py e1
 
-# Dataset distillation on the lab (README, "Dataset distillation"): the data-efficiency
+# Dataset distillation on the lab (docs/dataset-distillation.md): the data-efficiency
 # protocol over the teacher's rationales (58 arms, ~4 h on 2 cores; finished arms are kept).
 lab-dd: $(LAB_RATIONALES)
 	$(LMDISTILL) protocol configs/lab/protocol.yaml --out $(LAB)/dd

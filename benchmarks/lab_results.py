@@ -1,10 +1,14 @@
-"""Collect a finished reasoning-lab experiment into a committed result file.
+"""Collect a finished experiment into a committed result file.
 
-    make lab-e1     # runs the sweep, then: python benchmarks/lab_results.py e1
+    make lab-e1        # runs the sweep, then: python benchmarks/lab_results.py e1
+    make demo-results  # runs the demo, then:  python benchmarks/lab_results.py demo
 
-The sweep's own files stay in git-ignored outputs/lab/; this copies its summary (every run's
-headline numbers and the mean/std table), the lab teacher's task metrics, the commit, the
-command and the machine into benchmarks/results/lab-E.json, which the README's tables cite.
+The runs' own files stay in git-ignored directories (outputs/lab/, lmdistill-demo/); this
+copies what the docs quote into docs/results/: for a lab sweep its summary (every run's
+headline numbers and the mean/std table) and the lab teacher's task metrics
+(lab-E.json, cited by docs/reasoning.md); for the demo its metrics.json without the sampled
+texts (demo.json, cited by the README). Each file records the commit, the command and the
+machine.
 """
 
 from __future__ import annotations
@@ -19,7 +23,24 @@ from typing import Any
 from losses import code_info, machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = {"e1": "make lab-e1", "e2": "make lab-e2"}
+COMMANDS = {"e1": "make lab-e1", "e2": "make lab-e2", "demo": "make demo-results"}
+OUTPUTS = {"demo": "demo.json", "e1": "lab-e1.json", "e2": "lab-e2.json"}
+
+
+def collect_demo(run: Path) -> dict[str, Any]:
+    metrics_path = run / "metrics.json"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{metrics_path}: not found; run `make demo` first")
+    metrics = json.loads(metrics_path.read_text())
+    metrics.pop("samples", None)  # side-by-side texts: in report.md, not figures
+    return {
+        "experiment": "demo",
+        "command": COMMANDS["demo"],
+        "collected": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "code": code_info(),
+        "machine": machine_info(),
+        "metrics": metrics,
+    }
 
 
 def collect(experiment: str, lab: Path) -> dict[str, Any]:
@@ -47,13 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiment", choices=sorted(COMMANDS))
     parser.add_argument("--lab", type=Path, default=ROOT / "outputs" / "lab")
+    parser.add_argument("--demo", type=Path, default=ROOT / "lmdistill-demo")
     args = parser.parse_args(argv)
     try:
-        result = collect(args.experiment, args.lab)
+        if args.experiment == "demo":
+            result = collect_demo(args.demo)
+        else:
+            result = collect(args.experiment, args.lab)
     except (OSError, ValueError, KeyError) as error:
         print(f"lab_results: {error}", file=sys.stderr)
         return 2
-    out = ROOT / "benchmarks" / "results" / f"lab-{args.experiment}.json"
+    out = ROOT / "docs" / "results" / OUTPUTS[args.experiment]
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     tmp.replace(out)
