@@ -13,6 +13,7 @@ import os
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,23 @@ from accelerate import PartialState
 from transformers import PreTrainedModel
 
 from lmdistill import __version__
-from lmdistill.config import ConfigError, ModelConfig, RunConfig, config_hash, save_config, to_dict
-from lmdistill.data import Example, data_hash, load_examples, tokenize_examples
+from lmdistill.config import (
+    ConfigError,
+    LossConfig,
+    ModelConfig,
+    RunConfig,
+    config_hash,
+    save_config,
+    to_dict,
+)
+from lmdistill.data import (
+    Example,
+    TokenizedExample,
+    TruncationReport,
+    data_hash,
+    load_examples,
+    tokenize_examples,
+)
 from lmdistill.eval import fidelity
 from lmdistill.eval.choice import load_choice_questions, multiple_choice
 from lmdistill.eval.task import greedy_answers, task_accuracy
@@ -41,6 +57,8 @@ from lmdistill.models import (
 )
 from lmdistill.models.generate import greedy_responses
 from lmdistill.report import write_report
+from lmdistill.teachers.backends import TeacherSetup
+from lmdistill.teachers.base import Teacher
 from lmdistill.teachers.consistency import with_rationale_prompt
 from lmdistill.teachers.setup import (
     TEACHERS,
@@ -134,184 +152,295 @@ def check_inputs(config: RunConfig) -> None:
 def _run(
     config: RunConfig, *, resume: bool, started: float, device: torch.device
 ) -> dict[str, Any]:
-    state = PartialState()
+    """The stages of a run, in order: teacher signal, student, data, evaluation set-up,
+    evaluation before training, the KD student, the CE-only baseline, the report."""
     out = Path(config.output_dir)
     chash = config_hash(config)
-
     setup = open_teacher(config)
-    tokenizer, teacher_model = setup.tokenizer, setup.model
+    teacher_model = setup.model
     assert teacher_model is not None
     torch.manual_seed(config.train.seed)  # fresh student weights are reproducible
-    student, _ = build_student(config.student, teacher_model, tokenizer)
-    vocab_size = shared_vocab_size(teacher_model, student, tokenizer)
+    student, _ = build_student(config.student, teacher_model, setup.tokenizer)
+    vocab_size = shared_vocab_size(teacher_model, student, setup.tokenizer)
     metrics: dict[str, Any] = {"lmdistill_version": __version__, "config_hash": chash}
     metrics.update(setup.report)
-    train_examples, eval_examples = setup.examples["train"], setup.examples["eval"]
-    # The rationale objective decides what the student trains on and how it is asked.
-    train_examples = apply_objective(train_examples, config.objective)
+    data = prepare_data(config, setup)
+    metrics["data"] = data.summary(config)
+    metrics["models"] = describe_models(config, setup, student, vocab_size)
+    evaluate = Evaluator.build(config, setup, data.eval_set, vocab_size, metrics)
 
-    train_set, truncation = tokenize_examples(
-        train_examples,
-        tokenizer,
-        config.data.max_length,
-        config.data.on_truncation,
-        on_empty=config.data.on_empty,
+    samples = eval_prompts(data.eval_examples[: config.eval.num_samples], config.objective)
+    initial = copy.deepcopy(student) if config.baseline else None  # on the CPU until it trains
+    student.to(device)  # type: ignore[arg-type]
+    if config.eval.enabled and config.eval.before:
+        metrics["before"] = evaluate(student)
+    if TEACHERS[config.teacher.kind].in_process:
+        texts = {"teacher": sample(teacher_model, setup.tokenizer, samples, config)}
+    else:  # the teacher's own (served or cached) responses
+        texts = {"teacher": [ex.response or "" for ex in samples]}
+    texts["student before"] = sample(student, setup.tokenizer, samples, config)
+    setup.release_model()  # served / cache: training holds no teacher weights
+    del teacher_model
+
+    arms = Arms(config, setup.tokenizer, data.train_set, vocab_size, chash, resume, evaluate)
+    metrics["kd"] = arms.train_and_evaluate(
+        student, setup.signal["train"], config.loss, out, "distil", "KD student", samples, texts
+    )
+    if initial is not None:
+        ce_only = dataclasses.replace(
+            config.loss, alpha=1.0, hidden_weight=0.0, attention_weight=0.0
+        )
+        metrics["baseline"] = arms.train_and_evaluate(
+            initial,
+            None,
+            ce_only,
+            out / "baseline",
+            "CE baseline",
+            "CE-only student",
+            samples,
+            texts,
+        )
+    finish(config, metrics, samples, texts, started=started, device=device)
+    return metrics
+
+
+@dataclass
+class PreparedData:
+    """The run's examples as the objective makes them, tokenised."""
+
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    train_set: list[TokenizedExample]
+    eval_set: list[TokenizedExample]
+    train_truncation: TruncationReport
+    eval_truncation: TruncationReport
+
+    def summary(self, config: RunConfig) -> dict[str, Any]:
+        return {
+            "source": config.data.train,
+            "train_examples": len(self.train_set),
+            "eval_examples": len(self.eval_set),
+            "train_hash": data_hash(self.train_examples),
+            "train_truncation": self.train_truncation.as_dict(),
+            "eval_truncation": self.eval_truncation.as_dict(),
+        }
+
+
+def prepare_data(config: RunConfig, setup: TeacherSetup) -> PreparedData:
+    """The rationale objective decides what the student trains on; both splits tokenised."""
+    train_examples = apply_objective(setup.examples["train"], config.objective)
+    eval_examples = setup.examples["eval"]
+    data = config.data
+    train_set, train_truncation = tokenize_examples(
+        train_examples, setup.tokenizer, data.max_length, data.on_truncation, on_empty=data.on_empty
     )
     eval_set, eval_truncation = tokenize_examples(
-        eval_examples,
-        tokenizer,
-        config.data.max_length,
-        config.data.on_truncation,
-        on_empty=config.data.on_empty,
+        eval_examples, setup.tokenizer, data.max_length, data.on_truncation, on_empty=data.on_empty
     )
-    metrics["data"] = {
-        "source": config.data.train,
-        "train_examples": len(train_set),
-        "eval_examples": len(eval_set),
-        "train_hash": data_hash(train_examples),
-        "train_truncation": truncation.as_dict(),
-        "eval_truncation": eval_truncation.as_dict(),
-    }
-    metrics["models"] = {
+    return PreparedData(
+        train_examples, eval_examples, train_set, eval_set, train_truncation, eval_truncation
+    )
+
+
+def describe_models(
+    config: RunConfig, setup: TeacherSetup, student: PreTrainedModel, vocab_size: int
+) -> dict[str, Any]:
+    teacher = setup.model
+    assert teacher is not None
+    return {
         "teacher": describe(config.teacher),
         "teacher_kind": config.teacher.kind,
         "teacher_signal": setup.signal["train"].identity,
-        "teacher_parameters": count_parameters(teacher_model),
+        "teacher_parameters": count_parameters(teacher),
         "student_parameters": count_parameters(student),
         "student_layers": student.config.num_hidden_layers,
-        "teacher_layers": teacher_model.config.num_hidden_layers,
+        "teacher_layers": teacher.config.num_hidden_layers,
         "vocab_size": vocab_size,
     }
 
-    # The teacher is asked the task questions as they are; the student as its objective says.
-    questions = {
-        source: load_examples(source, split=config.data.split, format=config.data.format)
-        for source in config.eval.tasks
-        if not source.startswith("mc:")
-    }
-    task_sets = {s: eval_prompts(q, config.objective) for s, q in questions.items()}
-    teacher_answers: dict[str, list[str]] = {}
-    if questions and config.eval.enabled and config.eval.task_teacher:
-        longest, batch = config.eval.task_max_new_tokens, config.eval.task_batch_size
-        teacher_tasks = {}
-        answers_dir = Path(config.eval.teacher_answers_dir or out / "teacher_answers")
-        for source, examples in questions.items():
-            # Asked as it was when it wrote the training rationales.
-            asked = with_rationale_prompt(examples, config.generate.rationale_prompt)
-            answers = _teacher_answers(
-                teacher_model,
-                tokenizer,
-                asked,
-                answers_dir,
-                key={
-                    "teacher": describe(config.teacher),
-                    "source": source,
-                    "max": longest,
-                    "rationale_prompt": config.generate.rationale_prompt,
-                },
-                batch_size=batch,
-            )
-            teacher_answers[source] = answers
-            teacher_tasks[source] = task_accuracy(
-                teacher_model,
-                tokenizer,
-                examples,
-                max_new_tokens=longest,
-                batch_size=batch,
-                answers=answers,
-            )
-        metrics["teacher"] = {"tasks": teacher_tasks}
-    choice_sets = {
-        source: load_choice_questions(source.removeprefix("mc:"))
-        for source in config.eval.tasks
-        if source.startswith("mc:")
-    }
 
-    def evaluate(model: PreTrainedModel) -> dict[str, Any]:
-        """Fidelity to the teacher on held-out responses, and accuracy on each task set."""
+@dataclass
+class Evaluator:
+    """Fidelity to the teacher on held-out responses, and accuracy on each task set; built
+    once per run (the teacher answers the task questions then), called on each student."""
+
+    config: RunConfig
+    signal: Teacher
+    eval_set: list[TokenizedExample]
+    vocab_size: int
+    tokenizer: Any
+    task_sets: dict[str, list[Example]]
+    choice_sets: dict[str, Any]
+    teacher_answers: dict[str, list[str]]
+
+    @classmethod
+    def build(
+        cls,
+        config: RunConfig,
+        setup: TeacherSetup,
+        eval_set: list[TokenizedExample],
+        vocab_size: int,
+        metrics: dict[str, Any],
+    ) -> Evaluator:
+        """The task sets as the student is asked them; the teacher's answers (and its
+        accuracy, into `metrics["teacher"]`) as it is asked them."""
+        questions = {
+            source: load_examples(source, split=config.data.split, format=config.data.format)
+            for source in config.eval.tasks
+            if not source.startswith("mc:")
+        }
+        teacher_answers: dict[str, list[str]] = {}
+        if questions and config.eval.enabled and config.eval.task_teacher:
+            teacher_answers, metrics["teacher"] = _teacher_tasks(config, setup, questions)
+        choice_sets = {
+            source: load_choice_questions(source.removeprefix("mc:"))
+            for source in config.eval.tasks
+            if source.startswith("mc:")
+        }
+        task_sets = {s: eval_prompts(q, config.objective) for s, q in questions.items()}
+        return cls(
+            config,
+            setup.signal["eval"],
+            eval_set,
+            vocab_size,
+            setup.tokenizer,
+            task_sets,
+            choice_sets,
+            teacher_answers,
+        )
+
+    def __call__(self, model: PreTrainedModel) -> dict[str, Any]:
+        settings, tokenizer = self.config.eval, self.tokenizer
         result: dict[str, Any] = {}
-        if config.eval.fidelity:
+        if settings.fidelity:
             result = dict(
                 fidelity(
                     model,
-                    setup.signal["eval"],
-                    eval_set,
-                    vocab_size=vocab_size,
+                    self.signal,
+                    self.eval_set,
+                    vocab_size=self.vocab_size,
                     pad_token_id=tokenizer.pad_token_id,
-                    batch_size=config.eval.batch_size,
+                    batch_size=settings.batch_size,
                 )
             )
-        if choice_sets:
+        if self.choice_sets:
             result.setdefault("tasks", {}).update(
-                {s: multiple_choice(model, tokenizer, q) for s, q in choice_sets.items()}
+                {s: multiple_choice(model, tokenizer, q) for s, q in self.choice_sets.items()}
             )
-        if task_sets:
+        if self.task_sets:
             result.setdefault("tasks", {}).update(
                 {
                     source: task_accuracy(
                         model,
                         tokenizer,
                         examples,
-                        max_new_tokens=config.eval.task_max_new_tokens,
-                        batch_size=config.eval.task_batch_size,
-                        teacher_answers=teacher_answers.get(source),
-                        samples=config.eval.task_samples,
+                        max_new_tokens=settings.task_max_new_tokens,
+                        batch_size=settings.task_batch_size,
+                        teacher_answers=self.teacher_answers.get(source),
+                        samples=settings.task_samples,
                     )
-                    for source, examples in task_sets.items()
+                    for source, examples in self.task_sets.items()
                 }
             )
         return result
 
-    samples = eval_prompts(eval_examples[: config.eval.num_samples], config.objective)
-    initial = copy.deepcopy(student) if config.baseline else None  # on the CPU until it trains
-    student.to(device)  # type: ignore[arg-type]
-    if config.eval.enabled and config.eval.before:
-        metrics["before"] = evaluate(student)
-    if TEACHERS[config.teacher.kind].in_process:
-        texts = {"teacher": sample(teacher_model, tokenizer, samples, config)}
-    else:  # the teacher's own (served or cached) responses
-        texts = {"teacher": [ex.response or "" for ex in samples]}
-    texts["student before"] = sample(student, tokenizer, samples, config)
-    setup.release_model()  # served / cache: training holds no teacher weights
-    del teacher_model
 
-    common = dict(
-        train=config.train,
-        vocab_size=vocab_size,
-        pad_token_id=tokenizer.pad_token_id,
-        config_hash=chash,
-        resume=resume,
+def _teacher_tasks(
+    config: RunConfig, setup: TeacherSetup, questions: dict[str, list[Example]]
+) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """The teacher's answers to each task set and its accuracy on them."""
+    teacher_model = setup.model
+    assert teacher_model is not None
+    longest, batch = config.eval.task_max_new_tokens, config.eval.task_batch_size
+    answers_dir = Path(
+        config.eval.teacher_answers_dir or Path(config.output_dir) / "teacher_answers"
     )
-    kd = train_student(
-        student,
-        setup.signal["train"],
-        train_set,
-        loss=config.loss,
-        checkpoint_dir=out / "checkpoints",
-        desc="distil",
-        **common,
-    )
-    metrics["kd"] = summarise(kd, evaluate(student) if config.eval.enabled else None)
-    texts["KD student"] = sample(student, tokenizer, samples, config)
-    save_student(student, tokenizer, out / "student")
-
-    if initial is not None:
-        ce_only = dataclasses.replace(
-            config.loss, alpha=1.0, hidden_weight=0.0, attention_weight=0.0
+    answers_by_source, tasks = {}, {}
+    for source, examples in questions.items():
+        # Asked as it was when it wrote the training rationales.
+        asked = with_rationale_prompt(examples, config.generate.rationale_prompt)
+        answers = _teacher_answers(
+            teacher_model,
+            setup.tokenizer,
+            asked,
+            answers_dir,
+            key={
+                "teacher": describe(config.teacher),
+                "source": source,
+                "max": longest,
+                "rationale_prompt": config.generate.rationale_prompt,
+            },
+            batch_size=batch,
         )
-        base = train_student(
-            initial,
-            None,
-            train_set,
-            loss=ce_only,
-            checkpoint_dir=out / "baseline" / "checkpoints",
-            desc="CE baseline",
-            **common,
+        answers_by_source[source] = answers
+        tasks[source] = task_accuracy(
+            teacher_model,
+            setup.tokenizer,
+            examples,
+            max_new_tokens=longest,
+            batch_size=batch,
+            answers=answers,
         )
-        metrics["baseline"] = summarise(base, evaluate(initial) if config.eval.enabled else None)
-        texts["CE-only student"] = sample(initial, tokenizer, samples, config)
-        save_student(initial, tokenizer, out / "baseline" / "student")
+    return answers_by_source, {"tasks": tasks}
 
+
+@dataclass
+class Arms:
+    """What the KD student and the CE-only baseline share: the data, the settings, how they
+    are evaluated."""
+
+    config: RunConfig
+    tokenizer: Any
+    train_set: list[TokenizedExample]
+    vocab_size: int
+    config_hash: str
+    resume: bool
+    evaluate: Evaluator
+
+    def train_and_evaluate(
+        self,
+        model: PreTrainedModel,
+        teacher: Teacher | None,
+        loss: LossConfig,
+        directory: Path,
+        desc: str,
+        label: str,
+        samples: list[Example],
+        texts: dict[str, list[str]],
+    ) -> dict[str, Any]:
+        """Train `model` (from `teacher`'s signal, or CE only without one), evaluate it, add
+        its answers to `texts` under `label`, save it under `directory/student`."""
+        result = train_student(
+            model,
+            teacher,
+            self.train_set,
+            train=self.config.train,
+            loss=loss,
+            vocab_size=self.vocab_size,
+            pad_token_id=self.tokenizer.pad_token_id,
+            checkpoint_dir=directory / "checkpoints",
+            config_hash=self.config_hash,
+            resume=self.resume,
+            desc=desc,
+        )
+        after = self.evaluate(model) if self.config.eval.enabled else None
+        summary = summarise(result, after)
+        texts[label] = sample(model, self.tokenizer, samples, self.config)
+        save_student(model, self.tokenizer, directory / "student")
+        return summary
+
+
+def finish(
+    config: RunConfig,
+    metrics: dict[str, Any],
+    samples: list[Example],
+    texts: dict[str, list[str]],
+    *,
+    started: float,
+    device: torch.device,
+) -> None:
+    """Side-by-side answers, time and memory into the metrics; metrics.json and the report."""
+    out = Path(config.output_dir)
     metrics["samples"] = [
         {"prompt": ex.messages[-1]["content"], **{k: v[i] for k, v in texts.items()}}
         for i, ex in enumerate(samples)
@@ -320,11 +449,11 @@ def _run(
     metrics["peak_rss_mb"] = peak_rss_mb()
     if device.type == "cuda":
         metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    state = PartialState()
     if state.is_main_process:
         atomic_write_json(out / "metrics.json", metrics)
         write_report(out, metrics, to_dict(config))
     state.wait_for_everyone()
-    return metrics
 
 
 def _teacher_answers(
