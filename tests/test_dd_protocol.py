@@ -10,6 +10,7 @@ import pytest
 
 from lmdistill import protocol
 from lmdistill.config import ConfigError, changed_settings
+from lmdistill.report.protocol import render_protocol
 from lmdistill.validate import load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dd" / "tiny-protocol.yaml"
@@ -98,7 +99,7 @@ def test_verdicts_pick_the_best_method_and_judge_both_bars() -> None:
         False,
     )
     assert again["mean"] == pytest.approx(0.72) and again["beats_random_by_1_std"] is True
-    md = protocol.render(protocol.summarise(config, records, protocol.plan(config)))
+    md = render_protocol(protocol.summarise(config, records, protocol.plan(config)))
     assert (
         "| 10% | selection | kcenter-hidden | 0.720 ± 0.028 (n=2) | 90% | 0.550 ± 0.071 "
         "| no | yes |" in md

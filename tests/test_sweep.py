@@ -10,7 +10,8 @@ import pytest
 from conftest import ROOT
 
 from lmdistill.config import ConfigError
-from lmdistill.sweep import aggregate, cells, headline, render, split_overrides
+from lmdistill.report.sweep import render_sweep as render
+from lmdistill.sweep import aggregate, cells, headline, split_overrides
 
 
 def test_axes_are_the_overrides_with_several_values() -> None:

@@ -142,8 +142,9 @@ def test_teacher_calibration_from_a_sparse_signal_equals_the_dense_one() -> None
 
 
 def test_unreadable_annotations_count_as_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The share is of every annotation written (docs/reasoning.md's definition): one the checker cannot
-    read does not leave the denominator (it did, which flattered malformed students)."""
+    """The share is of every annotation written (docs/reasoning.md's definition): one the
+    checker cannot read does not leave the denominator (it did, which flattered malformed
+    students)."""
     examples = load_examples("lab:test:2:0:steps=2")
     written = ["a <<2+2=4>>4 b <<foo(1)=2>>2\n#### 2", "c <<3*3=9>>9 d <<bar=1>>1\n#### 1"]
 

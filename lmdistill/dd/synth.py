@@ -40,6 +40,7 @@ from lmdistill.data.gsm8k import (
 )
 from lmdistill.data.lab import solve_question
 from lmdistill.io import atomic_write_json, atomic_write_text
+from lmdistill.report.synthesis import render_synthesis
 
 INSTRUCTION = (
     "Here are example problems with their worked solutions. Write one NEW problem in the "
@@ -199,30 +200,5 @@ def synthesise(config: RunConfig) -> dict[str, Any]:
         ],
     }
     atomic_write_json(out / "synthesis.json", summary)
-    atomic_write_text(out / "synthesise.md", render(summary))
+    atomic_write_text(out / "synthesise.md", render_synthesis(summary))
     return summary
-
-
-def render(summary: dict[str, Any]) -> str:
-    lines = [
-        "# Synthetic data",
-        "",
-        f"- teacher: `{summary['teacher']}`; seeds: `{summary['seeds']}` "
-        f"({summary['seed_examples']} examples)",
-        f"- attempts: {summary['attempts']}, kept: **{summary['kept']}** "
-        f"({100 * summary['acceptance']:.1f}%), verification: {summary['verify']}",
-        f"- time: {summary['seconds']:.0f} s",
-        "",
-        "| dropped because | count |",
-        "|---|---|",
-    ]
-    lines += [f"| {reason} | {count} |" for reason, count in sorted(summary["dropped"].items())]
-    lines += ["", "First kept examples:", ""]
-    for example in summary["examples"]:
-        lines += [
-            f"> **Problem:** {example['problem']}",
-            ">",
-            "> " + example["solution"].replace("\n", "\n> "),
-            "",
-        ]
-    return "\n".join(lines) + "\n"
