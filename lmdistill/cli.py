@@ -15,7 +15,6 @@ import yaml
 
 from lmdistill.config import ConfigError, RunConfig
 from lmdistill.io import directory_lock
-from lmdistill.validate import load_config
 
 DESCRIPTION = """\
 Distil a large causal language model (the teacher) into a small one (the student).
@@ -99,7 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_distillation_commands(commands)
+    _add_experiment_commands(commands)
+    _add_data_commands(commands)
+    return parser
 
+
+def _add_distillation_commands(commands: Any) -> None:
+    """demo, run, generate, cache, eval."""
     demo = commands.add_parser(
         "demo",
         help="distil SmolLM2-135M-Instruct into a 6-layer student and write a report",
@@ -146,6 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     _common(cache, resume=False)
     cache.set_defaults(handler=cmd_cache)
 
+    evaluate = commands.add_parser(
+        "eval",
+        help="measure a saved student's fidelity to the teacher on held-out data",
+        description="KL(teacher || student) per token, top-1 agreement and perplexity on the "
+        "held-out split of the config's data. Prints JSON.",
+    )
+    _common(evaluate, resume=False)
+    evaluate.add_argument("--student", required=True, help="student directory (HF format)")
+    evaluate.set_defaults(handler=cmd_eval)
+
+
+def _add_experiment_commands(commands: Any) -> None:
+    """sweep, protocol."""
     sweep = commands.add_parser(
         "sweep",
         help="run a grid of configs over several seeds; one table and plot of the results",
@@ -171,6 +190,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.set_defaults(handler=cmd_sweep)
 
+    protocol = commands.add_parser(
+        "protocol",
+        help="the data-efficiency protocol: budgets x selection methods x KD, against random",
+        description="For each protocol.budgets fraction: random subsets over protocol.seeds, "
+        "each protocol.methods selection, the same with the protocol.kd overrides, and "
+        "condensed synthetic sets at the small budgets; plus the full data. Every student "
+        "trains with the config's train settings and is scored on eval.tasks[0]. Finished "
+        "arms are read back (a killed protocol resumes). Writes OUT/protocol.md, "
+        "protocol.json and protocol.png.",
+    )
+    _common(protocol, resume=False)
+    protocol.add_argument("--out", help="protocol directory (default: OUTPUT_DIR/protocol)")
+    protocol.add_argument(
+        "--report-only", action="store_true", help="write the table from finished arms only"
+    )
+    protocol.set_defaults(handler=cmd_protocol)
+
+
+def _add_data_commands(commands: Any) -> None:
+    """select, synthesise."""
     choose = commands.add_parser(
         "select",
         help="score the training data, select a subset within a budget, write it (JSONL)",
@@ -196,33 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(synth, resume=False)
     synth.set_defaults(handler=cmd_synthesise)
 
-    protocol = commands.add_parser(
-        "protocol",
-        help="the data-efficiency protocol: budgets x selection methods x KD, against random",
-        description="For each protocol.budgets fraction: random subsets over protocol.seeds, "
-        "each protocol.methods selection, the same with the protocol.kd overrides, and "
-        "condensed synthetic sets at the small budgets; plus the full data. Every student "
-        "trains with the config's train settings and is scored on eval.tasks[0]. Finished "
-        "arms are read back (a killed protocol resumes). Writes OUT/protocol.md, "
-        "protocol.json and protocol.png.",
-    )
-    _common(protocol, resume=False)
-    protocol.add_argument("--out", help="protocol directory (default: OUTPUT_DIR/protocol)")
-    protocol.add_argument(
-        "--report-only", action="store_true", help="write the table from finished arms only"
-    )
-    protocol.set_defaults(handler=cmd_protocol)
 
-    evaluate = commands.add_parser(
-        "eval",
-        help="measure a saved student's fidelity to the teacher on held-out data",
-        description="KL(teacher || student) per token, top-1 agreement and perplexity on the "
-        "held-out split of the config's data. Prints JSON.",
-    )
-    _common(evaluate, resume=False)
-    evaluate.add_argument("--student", required=True, help="student directory (HF format)")
-    evaluate.set_defaults(handler=cmd_eval)
-    return parser
+def load_config(path: Any, overrides: list[str]) -> RunConfig:
+    """The validated config. Imported here, not at the top: validation knows every registry
+    (torch, transformers), and `lmdistill --help` should not wait for them."""
+    from lmdistill.validate import load_config as load
+
+    return load(path, overrides)
 
 
 def _common(parser: argparse.ArgumentParser, config: bool = True, resume: bool = True) -> None:

@@ -118,3 +118,18 @@ def test_config_is_at_the_bottom():
 def test_cycle_finder_finds_cycles():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_cli_starts_without_torch():
+    """`lmdistill --help` and argument errors answer at once: the CLI module imports neither
+    torch nor transformers (validation and the pipeline load them when a command runs)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lmdistill.cli\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules)\n"
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
