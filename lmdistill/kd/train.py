@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -72,13 +73,7 @@ def train_student(
     `stop_after` ends the call after that many steps (as a kill would), leaving the
     checkpoints a resumed call continues from."""
     accelerator = make_accelerator(train.device)
-    needs_teacher = loss.alpha < 1.0 or loss.hidden_weight > 0 or uses_attention(loss)
-    if needs_teacher and teacher is None:
-        raise ValueError(
-            "loss.alpha < 1 and the feature losses need a teacher signal, but no teacher was given"
-        )
-    if not needs_teacher:
-        teacher = None  # CE only: do not pay for a teacher forward pass
+    teacher = used_teacher(teacher, loss)
     torch.manual_seed(train.seed)
     teacher_config = teacher.model_config if teacher is not None else None
     objective = KDObjective(student, loss, vocab_size, teacher_config)
@@ -91,14 +86,7 @@ def train_student(
     state = TrainState(config_hash=config_hash)
     if resume and (checkpoints := list_checkpoints(checkpoint_dir)):
         unwrapped = accelerator.unwrap_model(objective)
-        state = load_checkpoint(checkpoints[-1], unwrapped, optimizer, scheduler)
-        if state.config_hash != config_hash:
-            raise ValueError(
-                f"{checkpoints[-1]} was written by a different config "
-                f"({state.config_hash} != {config_hash}: the settings that differ from the "
-                "defaults are hashed; checkpoints from before that rule hashed every setting); "
-                "use a new output_dir or drop --resume"
-            )
+        state = resumed_state(checkpoints[-1], unwrapped, optimizer, scheduler, config_hash)
     resumed_from = state.step
     if train.checkpoint_every and state.step < train.max_steps:
         # Every process checks (none is left waiting in a collective for one that stopped).
@@ -117,10 +105,7 @@ def train_student(
         disable=not accelerator.is_main_process,
         dynamic_ncols=True,
     )
-    difficulty_order = None
-    if train.curriculum == "easy_to_hard":
-        lengths = [sum(1 for y in item.labels if y != IGNORE_INDEX) for item in train_set]
-        difficulty_order = sorted(range(len(train_set)), key=lambda i: (lengths[i], i))
+    difficulty_order = easy_to_hard(train_set) if train.curriculum == "easy_to_hard" else None
     deepest = max((max(item.ranks) for item in train_set if item.ranks), default=0)
     started, tokens_at_start = time.perf_counter(), state.tokens
     objective.train()
@@ -131,23 +116,8 @@ def train_student(
             else step_indices(state.step, len(train_set), global_batch, train.seed)
         )
         chunks = rank_slices(indices, train, accelerator.process_index, world)
-        progressive = train.curriculum == "progressive_steps"
-        micro = [
-            collate([train_set[i] for i in chunk], pad_token_id, ranks=progressive)
-            for chunk in chunks
-        ]
-        if progressive:
-            visible = visible_steps(state.step, deepest, train)
-            micro = [gate_steps(b, visible) for b in micro]
-        # Normalise by the *global* number of response tokens in this optimizer step, so that
-        # gradient accumulation and N processes give the gradient of one big batch.
-        # The progressive curriculum normalises by the tokens it trains on this step (lines
-        # not yet visible carry weight 0), so the early steps are not scaled down.
-        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        local_trained = sum(trained_tokens(b) for b in micro) if progressive else 0
-        local = torch.tensor([local_tokens, local_trained], device=accelerator.device)
-        global_tokens, global_trained = (int(v) for v in accelerator.reduce(local, "sum"))
-        normaliser = global_trained if progressive else global_tokens
+        micro = micro_batches(train_set, chunks, pad_token_id, train, state.step, deepest)
+        global_tokens, normaliser = token_counts(micro, accelerator, train)
         sums = accumulate_gradients(
             accelerator, objective, teacher, micro, chunks, loss, max(normaliser, 1)
         )
@@ -159,8 +129,7 @@ def train_student(
         sums = accelerator.reduce(sums, "sum") / max(normaliser, 1)
         state.step += 1
         state.tokens += global_tokens
-        elapsed = time.perf_counter() - started
-        rate = (state.tokens - tokens_at_start) / max(elapsed, 1e-9)
+        rate = (state.tokens - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
         record: dict[str, float] = {
             "step": state.step,
             **{k: float(v) for k, v in zip(PARTS, sums, strict=True) if k in logged},
@@ -176,22 +145,104 @@ def train_student(
         if train.checkpoint_every and (
             state.step % train.checkpoint_every == 0 or state.step == train.max_steps
         ):
-            if accelerator.is_main_process:
-                save_checkpoint(
-                    checkpoint_dir,
-                    accelerator.unwrap_model(objective),
-                    optimizer,
-                    scheduler,
-                    state,
-                    train.keep_checkpoints,
-                )
-            accelerator.wait_for_everyone()
+            checkpoint(accelerator, checkpoint_dir, objective, optimizer, scheduler, state, train)
     bar.close()
     objective.eval()
     elapsed = time.perf_counter() - started
     return TrainResult(
         state, elapsed, (state.tokens - tokens_at_start) / max(elapsed, 1e-9), resumed_from
     )
+
+
+def used_teacher(teacher: Teacher | None, loss: LossConfig) -> Teacher | None:
+    """The teacher the loss needs, or None for CE only (no teacher forward pass is paid)."""
+    needs_teacher = loss.alpha < 1.0 or loss.hidden_weight > 0 or uses_attention(loss)
+    if needs_teacher and teacher is None:
+        raise ValueError(
+            "loss.alpha < 1 and the feature losses need a teacher signal, but no teacher was given"
+        )
+    return teacher if needs_teacher else None
+
+
+def easy_to_hard(train_set: list[TokenizedExample]) -> list[int]:
+    """Example indices by response length (ties by position): the easy-to-hard order."""
+    lengths = [sum(1 for y in item.labels if y != IGNORE_INDEX) for item in train_set]
+    return sorted(range(len(train_set)), key=lambda i: (lengths[i], i))
+
+
+def resumed_state(
+    path: Path, objective: torch.nn.Module, optimizer: Any, scheduler: Any, config_hash: str
+) -> TrainState:
+    """The state of the checkpoint at `path`, loaded into the objective, optimizer and
+    scheduler; a checkpoint another config wrote is refused."""
+    state = load_checkpoint(path, objective, optimizer, scheduler)
+    if state.config_hash != config_hash:
+        raise ValueError(
+            f"{path} was written by a different config "
+            f"({state.config_hash} != {config_hash}: the settings that differ from the "
+            "defaults are hashed; checkpoints from before that rule hashed every setting); "
+            "use a new output_dir or drop --resume"
+        )
+    return state
+
+
+def micro_batches(
+    train_set: list[TokenizedExample],
+    chunks: list[list[int]],
+    pad_token_id: int,
+    train: TrainConfig,
+    step: int,
+    deepest: int,
+) -> list[dict[str, torch.Tensor]]:
+    """This process's micro-batches of one step; under the progressive curriculum, with the
+    rationale lines not yet visible at `step` weighted 0."""
+    progressive = train.curriculum == "progressive_steps"
+    micro = [
+        collate([train_set[i] for i in chunk], pad_token_id, ranks=progressive) for chunk in chunks
+    ]
+    if progressive:
+        visible = visible_steps(step, deepest, train)
+        micro = [gate_steps(b, visible) for b in micro]
+    return micro
+
+
+def token_counts(
+    micro: list[dict[str, torch.Tensor]], accelerator: Accelerator, train: TrainConfig
+) -> tuple[int, int]:
+    """(response tokens in this optimizer step over every process, the loss's normaliser).
+
+    Normalise by the *global* number of response tokens in this optimizer step, so that
+    gradient accumulation and N processes give the gradient of one big batch. The
+    progressive curriculum normalises by the tokens it trains on this step (lines not yet
+    visible carry weight 0), so the early steps are not scaled down."""
+    progressive = train.curriculum == "progressive_steps"
+    local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    local_trained = sum(trained_tokens(b) for b in micro) if progressive else 0
+    local = torch.tensor([local_tokens, local_trained], device=accelerator.device)
+    global_tokens, global_trained = (int(v) for v in accelerator.reduce(local, "sum"))
+    return global_tokens, global_trained if progressive else global_tokens
+
+
+def checkpoint(
+    accelerator: Accelerator,
+    directory: Path,
+    objective: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    state: TrainState,
+    train: TrainConfig,
+) -> None:
+    """The main process writes the checkpoint; every process waits for it."""
+    if accelerator.is_main_process:
+        save_checkpoint(
+            directory,
+            accelerator.unwrap_model(objective),
+            optimizer,
+            scheduler,
+            state,
+            train.keep_checkpoints,
+        )
+    accelerator.wait_for_everyone()
 
 
 def accumulate_gradients(
