@@ -168,3 +168,31 @@ def test_a_new_teacher_backend_is_one_function(temporary, tmp_path: Path) -> Non
     assert tmp_path / "teacher_cache" in teacher_directories(config)
     setup = open_teacher(config)
     assert opened == ["local_twin"] and set(setup.signal) == {"train", "eval"}
+
+
+def test_every_teacher_backend_honours_what_it_claims() -> None:
+    """A backend is a `Teacher` (scores sequences) and/or a `ResponseWriter` (writes
+    responses), with every method of each implemented: none only raises (the served
+    teacher's `score` once did; its signal is the cache it writes)."""
+    import ast
+    import inspect
+
+    from lmdistill.teachers import base
+
+    claims = {
+        base.LocalTeacher: (True, True),
+        base.CachedTeacher: (True, True),
+        base.ServedTeacher: (False, True),
+    }
+    for cls, (scores, writes) in claims.items():
+        assert not inspect.isabstract(cls), cls
+        assert issubclass(cls, base.Teacher) == scores, cls
+        assert issubclass(cls, base.ResponseWriter) == writes, cls
+    tree = ast.parse(Path(base.__file__).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name in {c.__name__ for c in claims}:
+            for method in node.body:
+                if isinstance(method, ast.FunctionDef):
+                    body = [s for s in method.body if not isinstance(s, ast.Expr)]
+                    only_raises = len(body) == 1 and isinstance(body[0], ast.Raise)
+                    assert not only_raises, f"{node.name}.{method.name} only raises"

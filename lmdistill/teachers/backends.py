@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from lmdistill.config import RunConfig
 from lmdistill.data import Example
 from lmdistill.registry import Registry
-from lmdistill.teachers.base import LocalTeacher, Teacher
+from lmdistill.teachers.base import LocalTeacher, ResponseWriter, Teacher
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Backend:
     # What a run trains and evaluates on; the flag: also cache a local teacher's signal.
     open: Open
     # The teacher `lmdistill generate` (and synthesis) writes with, and what setting it up found.
-    generating: Callable[[RunConfig], tuple[Teacher, dict[str, Any]]]
+    generating: Callable[[RunConfig], tuple[ResponseWriter, dict[str, Any]]]
     # Config-time refusals: what this backend cannot do with these settings, with the reason.
     check: Callable[[RunConfig], None]
     in_process: bool  # the teacher's weights score and write in this process
@@ -58,7 +58,7 @@ TEACHERS: Registry[Backend] = Registry("teacher backend", "teacher.kind")
 def register_teacher(
     name: str,
     *,
-    generating: Callable[[RunConfig], tuple[Teacher, dict[str, Any]]],
+    generating: Callable[[RunConfig], tuple[ResponseWriter, dict[str, Any]]],
     check: Callable[[RunConfig], None],
     in_process: bool,
     caches_signal: bool,

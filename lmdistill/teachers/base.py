@@ -1,10 +1,15 @@
-"""One teacher interface for the trainer, the evaluator and the stages.
+"""What a teacher does, as two interfaces that each backend honours in full.
 
-A teacher does two things: `score` a batch of token sequences (the signal at every position
-that predicts a response token: dense logits through hidden states and the output head, or a
-sparse top-k), and `generate` responses for prompts. Backends: `LocalTeacher` (a model in
-this process), `ServedTeacher` (an OpenAI-compatible server) and `CachedTeacher` (a signal
-cache on disk). The trainer never asks which one it has.
+- `Teacher` scores a batch of token sequences: the signal at every position that predicts a
+  response token (dense logits through hidden states and the output head, or a sparse top-k).
+  The trainer and the evaluator see only this.
+- `ResponseWriter` writes responses for prompts, resumably, into JSONL (sequence-level KD).
+
+Backends: `LocalTeacher` (a model in this process) is both; `CachedTeacher` (a signal cache on
+disk) is both (it scores the sequences it stored and returns the responses it stored);
+`ServedTeacher` (an OpenAI-compatible server) is a writer: the log-probs it returns for the
+text it writes become a cache, and the cache scores. No backend has a method that only
+raises.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from lmdistill.losses import SparseSignal
 from lmdistill.models.forward import teacher_outputs, uses_attention
 from lmdistill.teachers.cache import CacheError, TeacherCache
 from lmdistill.teachers.generate import GenerationReport, generate_responses
-from lmdistill.teachers.served import ServedClient, ServedTeacherError, served_generate
+from lmdistill.teachers.served import ServedClient, served_generate
 
 
 @dataclass
@@ -40,6 +45,8 @@ class TeacherSignal:
 
 
 class Teacher(ABC):
+    """Scores token sequences: what training and evaluation learn from and measure against."""
+
     identity: str
     model_config: Any | None = None  # the model's config where feature losses can use it
 
@@ -53,6 +60,12 @@ class Teacher(ABC):
     ) -> TeacherSignal:
         """The signal on `batch`, whose rows are examples `indices` of the scored dataset."""
 
+
+class ResponseWriter(ABC):
+    """Writes responses for prompts (sequence-level KD data)."""
+
+    identity: str
+
     @abstractmethod
     def generate(
         self, prompts: list[Example], out_path: Path, config: GenerateConfig
@@ -60,7 +73,7 @@ class Teacher(ABC):
         """Responses for `prompts`, written (resumably) to `out_path` as JSONL."""
 
 
-class LocalTeacher(Teacher):
+class LocalTeacher(Teacher, ResponseWriter):
     def __init__(self, model: PreTrainedModel, tokenizer: Any, identity: str) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -92,7 +105,7 @@ class LocalTeacher(Teacher):
         )
 
 
-class CachedTeacher(Teacher):
+class CachedTeacher(Teacher, ResponseWriter):
     """The signal `lmdistill cache` stored; example `i` of the cache is dataset index `i`."""
 
     def __init__(self, cache: TeacherCache, others: list[TeacherCache] | None = None) -> None:
@@ -131,23 +144,16 @@ class CachedTeacher(Teacher):
         return answered, GenerationReport(len(prompts), 0, 0, 0, 0.0)
 
 
-class ServedTeacher(Teacher):
+class ServedTeacher(ResponseWriter):
     """Generation through the server; its token-level signal is the top-k log-probs of the
-    tokens it generated, stored with each row and turned into a cache for training."""
+    tokens it generated, stored with each row and turned into a cache for training (the
+    cache is the `Teacher` a run scores with)."""
 
     def __init__(self, spec: TeacherConfig, tokenizer: Any) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
         self.client = ServedClient(spec)
         self.identity = f"served:{spec.model}@{spec.base_url}"
-
-    def score(
-        self, batch: dict[str, torch.Tensor], indices: list[int], loss: LossConfig
-    ) -> TeacherSignal:
-        raise ServedTeacherError(
-            "a served teacher returns log-probs only for text it generates; `lmdistill cache` "
-            "turns those into a cache to train from"
-        )
 
     def generate(
         self, prompts: list[Example], out_path: Path, config: GenerateConfig

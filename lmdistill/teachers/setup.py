@@ -30,7 +30,13 @@ from lmdistill.data import (
 )
 from lmdistill.models import describe, load_model, resolve_device, weights_fingerprint
 from lmdistill.teachers.backends import TEACHERS, TeacherSetup, register_teacher
-from lmdistill.teachers.base import CachedTeacher, LocalTeacher, ServedTeacher, Teacher
+from lmdistill.teachers.base import (
+    CachedTeacher,
+    LocalTeacher,
+    ResponseWriter,
+    ServedTeacher,
+    Teacher,
+)
 from lmdistill.teachers.cache import (
     REBUILD,
     CacheError,
@@ -68,7 +74,7 @@ def open_teacher(config: RunConfig, *, write_local_cache: bool = False) -> Teach
     return TEACHERS.lookup(config.teacher.kind).open(config, write_local_cache)
 
 
-def generating_teacher(config: RunConfig) -> tuple[Teacher, dict[str, Any]]:
+def generating_teacher(config: RunConfig) -> tuple[ResponseWriter, dict[str, Any]]:
     """The teacher `lmdistill generate` writes with (a cache returns what it stored)."""
     return TEACHERS.lookup(config.teacher.kind).generating(config)
 
@@ -112,19 +118,19 @@ def _check_served(config: RunConfig) -> None:
     )
 
 
-def _local_generating(config: RunConfig) -> tuple[Teacher, dict[str, Any]]:
+def _local_generating(config: RunConfig) -> tuple[ResponseWriter, dict[str, Any]]:
     model, tokenizer = load_model(config.teacher)
     model.to(resolve_device(config.train.device))  # type: ignore[arg-type]
     return LocalTeacher(model, tokenizer, describe(config.teacher)), {}
 
 
-def _served_generating(config: RunConfig) -> tuple[Teacher, dict[str, Any]]:
+def _served_generating(config: RunConfig) -> tuple[ResponseWriter, dict[str, Any]]:
     model, tokenizer = load_model(config.teacher)
     report: dict[str, Any] = {}
     return _probed(config, tokenizer, model, report), report
 
 
-def _cache_generating(config: RunConfig) -> tuple[Teacher, dict[str, Any]]:
+def _cache_generating(config: RunConfig) -> tuple[ResponseWriter, dict[str, Any]]:
     _, tokenizer = load_model(config.teacher)
     caches = [_open(config, tokenizer, split) for split in SPLITS]
     return CachedTeacher(caches[0], others=caches[1:]), {}
@@ -254,7 +260,7 @@ def load_splits(config: RunConfig) -> tuple[list[Example], list[Example]]:
 
 
 def _generate(
-    config: RunConfig, teacher: Teacher, examples: dict[str, list[Example]]
+    config: RunConfig, teacher: ResponseWriter, examples: dict[str, list[Example]]
 ) -> tuple[dict[str, list[Example]], dict[str, Any]]:
     """The teacher writes every response (sequence-level KD); the main process generates,
     every process then reads the finished file, so all train on the same responses."""
