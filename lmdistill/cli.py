@@ -332,26 +332,14 @@ def _generate_into(
 ) -> int:
     from lmdistill.data import write_examples
     from lmdistill.teachers.base import ServedTeacher
-    from lmdistill.teachers.consistency import (
-        as_asked,
-        expand_samples,
-        filtering,
-        select_rationales,
-        with_rationale_prompt,
-    )
+    from lmdistill.teachers.consistency import filtering
+    from lmdistill.teachers.setup import write_responses
 
-    prompts = expand_samples(train, config.generate.samples) + held_out
-    asked = with_rationale_prompt(prompts, config.generate.rationale_prompt)
-    answered, generation = teacher.generate(asked, out, config.generate)
-    answered = as_asked(answered, prompts)
-    samples = prompts[: len(prompts) - len(held_out)]
-    report.update(generation.as_dict())
+    written, produced = write_responses(config, teacher, train, held_out, out)
+    report.update(produced)
     if filtering(config.generate):
-        kept, report["rationales"] = select_rationales(
-            train, answered[: len(samples)], config.generate
-        )
         kept_path = out.with_name(out.stem + ".kept.jsonl")
-        write_examples(kept_path, kept)
+        write_examples(kept_path, written["train"])
         report["kept_output"] = str(kept_path)
     if isinstance(teacher, ServedTeacher):
         report["served"] = teacher.client.stats.as_dict()

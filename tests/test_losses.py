@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmdistill.data import IGNORE_INDEX
 from lmdistill.losses import (
-    IGNORE_INDEX,
     LOSSES,
     fused_kd_loss,
     get_loss,

@@ -3,11 +3,10 @@ the fused, chunked CE + KD loss, and the feature (hidden-state / attention) loss
 
 from lmdistill.losses.divergences import LOSSES, LossFn, get_loss, register_loss
 from lmdistill.losses.features import HiddenStateMatcher, attention_kl, layer_map
-from lmdistill.losses.fused import IGNORE_INDEX, fused_kd_loss, naive_kd_loss
+from lmdistill.losses.fused import fused_kd_loss, naive_kd_loss
 from lmdistill.losses.sparse import SparseSignal, sparse_divergence, topk_signal
 
 __all__ = [
-    "IGNORE_INDEX",
     "LOSSES",
     "HiddenStateMatcher",
     "LossFn",

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmdistill.data.tokenize import IGNORE_INDEX
 from lmdistill.losses.divergences import _kl, get_loss
 from lmdistill.losses.sparse import (
     SparseSignal,
@@ -38,9 +39,6 @@ from lmdistill.losses.sparse import (
     check_signal,
     sparse_divergence,
 )
-
-IGNORE_INDEX = -100
-"""Label of a token that carries no loss (prompt, padding); never passed to these losses."""
 
 
 @dataclass(frozen=True)

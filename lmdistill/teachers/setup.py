@@ -266,21 +266,35 @@ def _generate(
     every process then reads the finished file, so all train on the same responses."""
     state = PartialState()
     path = generation_path(config)
-    train = expand_samples(examples["train"], config.generate.samples)
-    prompts = train + examples["eval"]
-    asked = with_rationale_prompt(prompts, config.generate.rationale_prompt)
     report: dict[str, Any] = {}
     if state.is_main_process:
-        _, gen = teacher.generate(asked, path, config.generate)
-        report = gen.as_dict()
+        _, report = write_responses(config, teacher, examples["train"], examples["eval"], path)
     state.wait_for_everyone()
-    answered, _ = teacher.generate(asked, path, config.generate)
+    written, read_back = write_responses(config, teacher, examples["train"], examples["eval"], path)
+    return written, report if state.is_main_process else read_back
+
+
+def write_responses(
+    config: RunConfig,
+    teacher: ResponseWriter,
+    train: list[Example],
+    held_out: list[Example],
+    path: Path,
+) -> tuple[dict[str, list[Example]], dict[str, Any]]:
+    """The teacher's response to every prompt, written (resumably) to `path`: each training
+    prompt `generate.samples` times, every prompt asked as `generate.rationale_prompt` says;
+    the training responses then filtered as `generate.keep` and the filters say. Returns
+    {"train": kept, "eval": held-out answered} and the report (generation, rationales)."""
+    sampled = expand_samples(train, config.generate.samples)
+    prompts = sampled + held_out
+    asked = with_rationale_prompt(prompts, config.generate.rationale_prompt)
+    answered, generation = teacher.generate(asked, path, config.generate)
     answered = as_asked(answered, prompts)
-    n = len(train)
-    kept = answered[:n]
+    report: dict[str, Any] = generation.as_dict()
+    kept = answered[: len(sampled)]
     if filtering(config.generate):
-        kept, report["rationales"] = select_rationales(examples["train"], kept, config.generate)
-    return {"train": kept, "eval": answered[n:]}, report
+        kept, report["rationales"] = select_rationales(train, kept, config.generate)
+    return {"train": kept, "eval": answered[len(sampled) :]}, report
 
 
 def _spec(config: RunConfig, tokenizer: Any, **fields: Any) -> CacheSpec:
