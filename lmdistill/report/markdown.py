@@ -20,11 +20,37 @@ def write_report(out: Path, metrics: dict[str, Any], config: dict[str, Any]) -> 
 
 
 def render(metrics: dict[str, Any], config: dict[str, Any], has_eval: bool) -> str:
-    models, data, kd = metrics["models"], metrics["data"], metrics["kd"]
-    loss = config["loss"]
     lines = [
         "# lmdistill report",
         "",
+        *setup_lines(metrics, config),
+        *teacher_lines(metrics),
+    ]
+    if has_eval:
+        lines += [
+            "",
+            "## Fidelity to the teacher (held-out responses)",
+            "",
+            *fidelity_table(metrics),
+        ]
+        lines += ["", "![fidelity](fidelity.png)"]
+    if (metrics["kd"]["after"] or {}).get("tasks"):
+        lines += ["", "## Task accuracy (greedy answers)", "", *task_table(metrics)]
+    lines += ["", "## Training", "", "![loss](loss.png)", ""]
+    lines += [
+        f"Wall time {metrics['wall_seconds'] / 60:.1f} min, peak memory "
+        f"{metrics['peak_rss_mb']:.0f} MB (RSS)"
+        + (f", {metrics['peak_gpu_mb']:.0f} MB on the GPU." if "peak_gpu_mb" in metrics else ".")
+    ]
+    lines += sample_lines(metrics)
+    return "\n".join(lines) + "\n"
+
+
+def setup_lines(metrics: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """Who was distilled into what, with which objective, on which data."""
+    models, data, kd = metrics["models"], metrics["data"], metrics["kd"]
+    loss = config["loss"]
+    return [
         f"Teacher `{models['teacher']}` ({models['teacher_parameters'] / 1e6:.1f} M parameters, "
         f"{models['teacher_layers']} layers) -> student "
         f"({models['student_parameters'] / 1e6:.1f} M parameters, {models['student_layers']} "
@@ -40,6 +66,11 @@ def render(metrics: dict[str, Any], config: dict[str, Any], has_eval: bool) -> s
         f"{data['train_truncation']['dropped']} training examples at max_length "
         f"{config['data']['max_length']}.",
     ]
+
+
+def teacher_lines(metrics: dict[str, Any]) -> list[str]:
+    """What the teacher side did: generation, the server, the probe, the caches."""
+    lines: list[str] = []
     if metrics.get("generate"):
         gen = metrics["generate"]
         lines += [
@@ -86,30 +117,20 @@ def render(metrics: dict[str, Any], config: dict[str, Any], has_eval: bool) -> s
                 f"Teacher-signal cache ({split}): {cache['examples']} examples, "
                 f"{cache['tokens']:,} tokens, k = {cache['k']}{size}{writer}."
             )
-    if has_eval:
-        lines += [
-            "",
-            "## Fidelity to the teacher (held-out responses)",
-            "",
-            *fidelity_table(metrics),
-        ]
-        lines += ["", "![fidelity](fidelity.png)"]
-    if (metrics["kd"]["after"] or {}).get("tasks"):
-        lines += ["", "## Task accuracy (greedy answers)", "", *task_table(metrics)]
-    lines += ["", "## Training", "", "![loss](loss.png)", ""]
-    lines += [
-        f"Wall time {metrics['wall_seconds'] / 60:.1f} min, peak memory "
-        f"{metrics['peak_rss_mb']:.0f} MB (RSS)"
-        + (f", {metrics['peak_gpu_mb']:.0f} MB on the GPU." if "peak_gpu_mb" in metrics else ".")
-    ]
-    if metrics.get("samples"):
-        lines += ["", "## Side by side (greedy, held-out prompts)", ""]
-        for i, row in enumerate(metrics["samples"], start=1):
-            lines += [f"### Prompt {i}", "", quote(row["prompt"]), ""]
-            for name, text in row.items():
-                if name != "prompt":
-                    lines += [f"**{name}:**", "", quote(text), ""]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def sample_lines(metrics: dict[str, Any]) -> list[str]:
+    """Each held-out prompt with every model's greedy answer."""
+    if not metrics.get("samples"):
+        return []
+    lines = ["", "## Side by side (greedy, held-out prompts)", ""]
+    for i, row in enumerate(metrics["samples"], start=1):
+        lines += [f"### Prompt {i}", "", quote(row["prompt"]), ""]
+        for name, text in row.items():
+            if name != "prompt":
+                lines += [f"**{name}:**", "", quote(text), ""]
+    return lines
 
 
 def fidelity_table(metrics: dict[str, Any]) -> list[str]:

@@ -19,6 +19,21 @@ def render_protocol(summary: dict[str, Any]) -> str:
         "student's score.",
         "",
     ]
+    lines += full_data_lines(summary)
+    lines += arm_table(summary, budgets)
+    lines += verdict_lines(summary)
+    lines += decomposition_lines(summary)
+    lines += cost_lines(summary)
+    if summary.get("failed"):
+        lines += ["", f"Failed ({len(summary['failed'])}): " + "; ".join(summary["failed"])]
+    if summary["missing"]:
+        lines += ["", f"Not run yet ({len(summary['missing'])}): " + ", ".join(summary["missing"])]
+    return "\n".join(lines) + "\n"
+
+
+def full_data_lines(summary: dict[str, Any]) -> list[str]:
+    """The full-data student: the reference for `% of full`."""
+    lines: list[str] = []
     full = summary["full"]
     if full:
         steps = summary.get("full_steps") or summary.get("train_steps")
@@ -33,8 +48,13 @@ def render_protocol(summary: dict[str, Any]) -> str:
                 f"Full data at the subsets' {summary['train_steps']} steps: {same['mean']:.3f}"
             )
         lines.append("")
+    return lines
+
+
+def arm_table(summary: dict[str, Any], budgets: list[float]) -> list[str]:
+    """Every arm's score at every budget."""
     header = "| arm | " + " | ".join(f"{100 * b:g}%" for b in budgets) + " |"
-    lines += [header, "|---|" + "---|" * len(budgets)]
+    lines = [header, "|---|" + "---|" * len(budgets)]
     for row in summary["table"]:
         cells = []
         for budget in budgets:
@@ -50,6 +70,12 @@ def render_protocol(summary: dict[str, Any]) -> str:
                 text += f" ({100 * cell['of_full']:.0f}%)"
             cells.append(text)
         lines.append(f"| {row['arm']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def verdict_lines(summary: dict[str, Any]) -> list[str]:
+    """Per budget, the best method against the two bars."""
+    lines: list[str] = []
     if summary.get("verdicts"):
         lines += [
             "",
@@ -69,6 +95,12 @@ def render_protocol(summary: dict[str, Any]) -> str:
                 f"| {v['random_mean']:.3f} ± {v['random_std']:.3f} | "
                 f"{_yes(v['reaches_95_of_full'])} | {_yes(v['beats_random_by_1_std'])} |"
             )
+    return lines
+
+
+def decomposition_lines(summary: dict[str, Any]) -> list[str]:
+    """The gain over random, split into the data's share and KD's."""
+    lines: list[str] = []
     if summary["decomposition"]:
         lines += [
             "",
@@ -89,6 +121,12 @@ def render_protocol(summary: dict[str, Any]) -> str:
                 + f" | {_points(d.get('vs_random_same_tokens'))}"
                 + f" | {_points(d.get('kd_effect'))} | {_points(d.get('both'))} |"
             )
+    return lines
+
+
+def cost_lines(summary: dict[str, Any]) -> list[str]:
+    """Seconds per run: selection, condensation, training."""
+    lines: list[str] = []
     lines += [
         "",
         "Costs (seconds per run: selection incl. scoring when first computed, "
@@ -103,11 +141,7 @@ def render_protocol(summary: dict[str, Any]) -> str:
                 f"| {row['arm']} | {100 * float(key):g}% | {cell['select_seconds']:.0f} | "
                 f"{cell['condense_seconds']:.0f} | {cell['train_seconds']:.0f} |"
             )
-    if summary.get("failed"):
-        lines += ["", f"Failed ({len(summary['failed'])}): " + "; ".join(summary["failed"])]
-    if summary["missing"]:
-        lines += ["", f"Not run yet ({len(summary['missing'])}): " + ", ".join(summary["missing"])]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _yes(value: bool | None) -> str:
