@@ -26,26 +26,45 @@ import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from lmdistill.config import ProtocolConfig, RunConfig, save_config
+from lmdistill.config.build import updated
 from lmdistill.io import DiskFullError, atomic_write_json, atomic_write_text, write_with
 from lmdistill.report.protocol import plot_protocol, render_protocol
-from lmdistill.validate import load_config
+from lmdistill.validate import load_config, validate
 
 
 @dataclass(frozen=True)
 class Arm:
+    """One student of the protocol. Its identity is these fields; `label` and `name` are
+    only how records and tables call it."""
+
+    kind: Literal["full", "random", "method", "matched", "condensed"]
     budget: float | None  # None: full data
-    method: str  # "full", "random", a protocol.methods name, or "condensed-<kind>"
     seed: int
     kd: bool
+    # A protocol.methods name (`method`; `matched`: random with as many tokens as it picked),
+    # or the condensation method (`condensed`: dc, dm or mtt).
+    method: str | None = None
+    steps: int | None = None  # `full` trained for protocol.full_steps instead of train.max_steps
+
+    @property
+    def label(self) -> str:
+        labels = {
+            "full": "full" if self.steps is None else f"full@{self.steps}",
+            "random": "random",
+            "method": str(self.method),
+            "matched": f"random~{self.method}",
+            "condensed": f"condensed-{self.method}",
+        }
+        return labels[self.kind]
 
     @property
     def name(self) -> str:
-        return self.method + ("+KD" if self.kd else "")
+        return self.label + ("+KD" if self.kd else "")
 
     def directory(self, out: Path) -> Path:
         budget = "full" if self.budget is None else f"b{self.budget:g}"
@@ -56,24 +75,26 @@ def plan(config: RunConfig) -> list[Arm]:
     """Every arm, most informative first: the full-data students, each budget's random seeds
     and methods, the condensed sets, the methods' further seeds, then the KD arms."""
     p = config.protocol
-    arms = [Arm(None, "full", s, False) for s in range(p.full_seeds)]
+    arms = [Arm("full", None, s, False) for s in range(p.full_seeds)]
     if p.full_steps is not None:
-        arms += [Arm(None, f"full@{p.full_steps}", s, False) for s in range(p.full_seeds)]
+        arms += [Arm("full", None, s, False, steps=p.full_steps) for s in range(p.full_seeds)]
     for budget in p.budgets:
-        arms += [Arm(budget, "random", s, False) for s in range(p.seeds)]
-        arms += [Arm(budget, m, 0, False) for m in p.methods]
+        arms += [Arm("random", budget, s, False) for s in range(p.seeds)]
+        arms += [Arm("method", budget, 0, False, m) for m in p.methods]
         if budget in p.token_matched_budgets:
-            arms += [Arm(budget, f"random~{m}", 0, False) for m in p.methods]
+            arms += [Arm("matched", budget, 0, False, m) for m in p.methods]
     for budget in p.budgets:
         if budget <= p.condense_max_budget:
             for kind in p.condense:
-                arms += [Arm(budget, f"condensed-{kind}", 0, kd) for kd in (False, True)]
+                arms += [Arm("condensed", budget, 0, kd, kind) for kd in (False, True)]
     seeded = p.budgets if p.method_seed_budgets is None else p.method_seed_budgets
     for budget in [b for b in p.budgets if b in seeded]:
-        arms += [Arm(budget, m, s, False) for m in p.methods for s in range(1, p.method_seeds)]
+        arms += [
+            Arm("method", budget, s, False, m) for m in p.methods for s in range(1, p.method_seeds)
+        ]
     for budget in p.budgets:
-        arms.append(Arm(budget, "random", 0, True))
-        arms += [Arm(budget, m, 0, True) for m in p.methods if _with_kd(p, m)]
+        arms.append(Arm("random", budget, 0, True))
+        arms += [Arm("method", budget, 0, True, m) for m in p.methods if _with_kd(p, m)]
     return arms
 
 
@@ -81,40 +102,48 @@ def _with_kd(p: ProtocolConfig, method: str) -> bool:
     return method in p.kd_methods if isinstance(p.kd_methods, list) else p.kd_methods
 
 
-def arm_overrides(
-    config: RunConfig, arm: Arm, out: Path, records: list[dict[str, Any]] | None = None
-) -> list[str]:
-    p = config.protocol
-    directory = arm.directory(out)
-    extra = [f"output_dir={directory}", f"train.seed={arm.seed}", "eval.before=false"]
-    if arm.method.startswith("full@"):
-        extra.append(f"train.max_steps={arm.method.removeprefix('full@')}")
-    extra += [f"select.out={directory / 'select'}", f"select.scores_dir={out / 'scores'}"]
+def arm_config(
+    base: RunConfig, arm: Arm, out: Path, records: list[dict[str, Any]] | None = None
+) -> RunConfig:
+    """The arm's config: the base config with the arm's selection, seed, steps, output
+    directory and KD settings, checked as a loaded config is."""
+    p, directory = base.protocol, arm.directory(out)
+    train = replace(base.train, seed=arm.seed)
+    if arm.steps is not None:
+        train = replace(train, max_steps=arm.steps)
+    select = replace(base.select, out=str(directory / "select"), scores_dir=str(out / "scores"))
     if arm.budget is not None:
-        extra += [f"select.budget={arm.budget}", "select.budget_unit=fraction"]
-        extra += [f"select.seed={arm.seed}"]
-        if arm.method in p.methods:
-            extra += list(p.methods[arm.method])
-        elif arm.method.startswith("random~"):  # as many tokens as the method's subset
+        select = replace(select, budget=arm.budget, budget_unit="fraction", seed=arm.seed)
+        if arm.kind == "method":
+            assert arm.method is not None
+            select = updated(select, p.methods[arm.method], f"protocol.methods.{arm.method}")
+        else:  # random, the token-matched random subsets, the condensed sets' starting points
+            select = replace(select, selector="random", scorer=None, features=None)
+        if arm.kind == "matched":  # as many tokens as the method's subset
             tokens = matched_tokens(arm, records or [])
-            extra += ["select.selector=random", "select.scorer=null", "select.features=null"]
-            extra += ["select.budget_unit=tokens", f"select.budget={tokens}"]
-        else:  # random and the condensed sets' starting points
-            extra += ["select.selector=random", "select.scorer=null", "select.features=null"]
+            select = replace(select, budget_unit="tokens", budget=float(tokens))
+    config = replace(
+        base,
+        output_dir=str(directory),
+        train=train,
+        eval=replace(base.eval, before=False),
+        select=select,
+    )
     if arm.kd:
-        extra += list(p.kd)
+        config = updated(config, p.kd, "protocol.kd")
     else:
-        extra += ["loss.alpha=1.0", "loss.hidden_weight=0.0", "loss.attention_weight=0.0"]
-    return extra
+        loss = replace(config.loss, alpha=1.0, hidden_weight=0.0, attention_weight=0.0)
+        config = replace(config, loss=loss)
+    validate(config)
+    return config
 
 
 def matched_tokens(arm: Arm, records: list[dict[str, Any]]) -> int:
-    method = arm.method.removeprefix("random~")
     for record in records:
         first_seed = (record["budget"], record["kd"], record["seed"]) == (arm.budget, False, 0)
-        if record["method"] == method and first_seed:
+        if record["method"] == arm.method and first_seed:
             return int(record["selection"]["selected_tokens"])
-    raise ValueError(f"protocol: {arm.name} needs the {method} arm at that budget first")
+    raise ValueError(f"protocol: {arm.name} needs the {arm.method} arm at that budget first")
 
 
 def run_protocol(
@@ -144,7 +173,7 @@ def run_protocol(
         record_path = directory / "arm.json"
         if record_path.is_file():
             record = json.loads(record_path.read_text())
-            _check_arm(record, path, overrides, base, arm, out, records)
+            _check_arm(record, base, arm, out, records)
             records.append(record)
             if not base.protocol.keep_checkpoints and not report_only:
                 drop_checkpoints(directory)  # arms recorded before this rule
@@ -157,7 +186,7 @@ def run_protocol(
             flush=True,
         )
         try:
-            config = load_config(path, [*overrides, *arm_overrides(base, arm, out, records)])
+            config = arm_config(base, arm, out, records)
             record = {**run_arm(config, arm), "settings_hash": arm_hash(config)}
         except DiskFullError:
             raise  # every later arm would fail the same way
@@ -207,8 +236,6 @@ def arm_hash(config: RunConfig) -> str:
 
 def _check_arm(
     record: dict[str, Any],
-    path: str | Path | None,
-    overrides: list[str],
     base: RunConfig,
     arm: Arm,
     out: Path,
@@ -218,7 +245,7 @@ def _check_arm(
     saved = record.get("settings_hash")
     if saved is None:
         return  # written before arms recorded their settings
-    config = load_config(path, [*overrides, *arm_overrides(base, arm, out, records)])
+    config = arm_config(base, arm, out, records)
     if arm_hash(config) != saved:
         raise ValueError(
             f"protocol: {arm.directory(out)} finished with other settings than this config "
@@ -258,7 +285,7 @@ def run_arm(config: RunConfig, arm: Arm) -> dict[str, Any]:
     started = time.perf_counter()
     record: dict[str, Any] = {
         "budget": arm.budget,
-        "method": arm.method,
+        "method": arm.label,
         "kd": arm.kd,
         "seed": arm.seed,
         "name": arm.name,
@@ -269,7 +296,7 @@ def run_arm(config: RunConfig, arm: Arm) -> dict[str, Any]:
         record["selection"] = {k: v for k, v in selection.items() if k != "ids"}
         record["select_seconds"] = time.perf_counter() - started
         train_source = selection["subset"]
-    if arm.method.startswith("condensed-"):
+    if arm.kind == "condensed":
         metrics = run_condensed(config, arm, Path(train_source))
     else:
         # The protocol section lists the other arms; it is no part of this arm's run (and
@@ -302,7 +329,7 @@ def run_condensed(config: RunConfig, arm: Arm, subset: Path) -> dict[str, Any]:
 
     teacher, tokenizer = load_model(config.teacher)
     pad = tokenizer.pad_token_id
-    method = arm.method.removeprefix("condensed-")
+    method = arm.method
     assert method in ("dc", "dm", "mtt")
     spec = replace(config.condense, method=method)  # type: ignore[arg-type]
     # The student trains on what its objective makes of the examples, as in a pipeline arm.

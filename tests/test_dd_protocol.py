@@ -39,10 +39,12 @@ def test_plan_covers_every_arm_once() -> None:
     assert names.index(("random~longest", 0.1, 0)) > names.index(("longest", 0.1, 0))
     # Condensation only at the small budget.
     assert ("condensed-dm", 0.1, 0) in names and ("condensed-dm", 0.25, 0) not in names
-    kd = protocol.arm_overrides(config, protocol.Arm(0.1, "longest", 0, True), Path("/o"))
-    assert "loss.alpha=0.5" in kd and "select.scorer=length" in kd and "select.budget=0.1" in kd
-    plain = protocol.arm_overrides(config, protocol.Arm(0.1, "random", 1, False), Path("/o"))
-    assert "loss.alpha=1.0" in plain and "select.seed=1" in plain
+    kd = protocol.arm_config(config, protocol.Arm("method", 0.1, 0, True, "longest"), Path("/o"))
+    assert kd.loss.alpha == 0.5 and kd.teacher.kind == "cache"
+    assert (kd.select.scorer, kd.select.selector, kd.select.budget) == ("length", "top", 0.1)
+    plain = protocol.arm_config(config, protocol.Arm("random", 0.1, 1, False), Path("/o"))
+    assert plain.loss.alpha == 1.0 and plain.select.seed == 1 and plain.train.seed == 1
+    assert plain.select.selector == "random" and plain.select.scorer is None
 
 
 def test_methods_run_more_seeds_where_asked_before_the_kd_arms() -> None:
@@ -109,7 +111,7 @@ def test_verdicts_pick_the_best_method_and_judge_both_bars() -> None:
 def test_kd_for_all_none_or_the_listed_methods() -> None:
     def kd_arms(value: str) -> set[str]:
         config = load_config(CONFIG, [f"protocol.kd_methods={value}"])
-        return {a.name for a in protocol.plan(config) if a.kd and a.method != "random"}
+        return {a.name for a in protocol.plan(config) if a.kd and a.kind != "random"}
 
     assert kd_arms("true") == {"longest+KD", "kcenter-hidden+KD", "condensed-dm+KD"}
     assert kd_arms("false") == {"condensed-dm+KD"}
@@ -120,7 +122,13 @@ def test_protocol_config_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match=r"protocol\.budgets"):
         load_config(CONFIG, ["protocol.budgets=[0.1,1.5]"])
     with pytest.raises(ConfigError, match=r"protocol\.methods\.random-ish"):
-        load_config(CONFIG, ["protocol.methods={random-ish: [select.selector=top]}"])
+        load_config(CONFIG, ["protocol.methods={random-ish: {selector: top}}"])
+    with pytest.raises(ConfigError, match=r"protocol\.methods\.top: expected a mapping"):
+        load_config(CONFIG, ["protocol.methods={top: [select.selector=top]}"])
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) protocol\.methods\.top\.scorr"):
+        load_config(CONFIG, ["protocol.methods={top: {scorr: ifd}}"])
+    with pytest.raises(ConfigError, match=r"protocol\.kd\.loss\.alpha: expected a number"):
+        load_config(CONFIG, ["protocol.kd={loss: {alpha: high}}"])
     with pytest.raises(ConfigError, match=r"protocol\.condense"):
         load_config(CONFIG, ["protocol.condense=[gm]"])
     with pytest.raises(
@@ -218,13 +226,13 @@ def test_a_finished_arm_with_other_settings_is_refused(tmp_path: Path) -> None:
             "name": arm.name,
             "budget": arm.budget,
             "seed": arm.seed,
-            "method": arm.method,
+            "method": arm.label,
             "kd": arm.kd,
             "accuracy": 0.5,
             "train_seconds": 1.0,
             "condense_seconds": 0.0,
         }
-        arm_config = load_config(CONFIG, [*one_arm, *protocol.arm_overrides(config, arm, out)])
+        arm_config = protocol.arm_config(config, arm, out)
         record["settings_hash"] = protocol.arm_hash(arm_config)
         arm.directory(out).mkdir(parents=True)
         (arm.directory(out) / "arm.json").write_text(json.dumps(record))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lmdistill.config.build import updated
 from lmdistill.config.schema import ConfigError, RunConfig, SelectConfig, SynthesiseConfig
 
 
@@ -163,22 +164,16 @@ def _check_protocol(config: RunConfig) -> None:
         )
     if protocol.full_steps is not None:
         check(protocol.full_steps >= 1, "protocol.full_steps", protocol.full_steps, "null or >= 1")
-    for name, overrides in protocol.methods.items():
+    for name, selection in protocol.methods.items():
         reserved = ("full", "random", "condensed")
         check(
-            isinstance(overrides, list) and not name.startswith(reserved) and "+" not in name,
+            not name.startswith(reserved) and "+" not in name,
             f"protocol.methods.{name}",
-            overrides,
-            "a list of select.* overrides under a name not starting with full / random / "
-            "condensed and without '+'",
+            name,
+            "a name not starting with full / random / condensed and without '+'",
         )
-        for item in overrides:
-            check(
-                isinstance(item, str) and item.startswith("select."),
-                f"protocol.methods.{name}",
-                item,
-                "select.key=value overrides",
-            )
+        updated(config.select, selection, f"protocol.methods.{name}")  # names each bad field
+    updated(config, protocol.kd, "protocol.kd")
     among = f"budgets among protocol.budgets={protocol.budgets}"
     for field_name in ("token_matched_budgets", "method_seed_budgets"):
         chosen = getattr(protocol, field_name) or []

@@ -6,13 +6,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
-import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
+from lmdistill.config.build import build
 from lmdistill.config.checks import check_sections
 from lmdistill.config.schema import ConfigError, RunConfig
 from lmdistill.io import atomic_write_text, read_utf8
@@ -46,7 +45,7 @@ def build_config(path: str | Path | None = None, overrides: list[str] | None = N
         raw = loaded
     for item in overrides or []:
         _apply_override(raw, item)
-    config: RunConfig = _build(RunConfig, raw, prefix="")
+    config: RunConfig = build(RunConfig, raw, prefix="")
     return config
 
 
@@ -80,82 +79,6 @@ def _yaml_problem(error: yaml.YAMLError, line: bool = True) -> str:
         f"line {mark.line + 1}, column {mark.column + 1}" if line else f"column {mark.column + 1}"
     )
     return f"invalid YAML at {where}: {problem}"
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        where = prefix or "the top level"
-        raise ConfigError(
-            f"unknown key(s) {', '.join(_join(prefix, k) for k in unknown)}; "
-            f"allowed at {where}: {', '.join(fields)}"
-        )
-    hints = typing.get_type_hints(cls)
-    values = {name: _coerce(hints[name], raw[name], _join(prefix, name)) for name in raw}
-    return cls(**values)
-
-
-def _coerce(hint: Any, value: Any, name: str) -> Any:
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(typing.cast(type, hint), value, name)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        inner = [o for o in options if o is not type(None)]
-        if len(inner) == 1:
-            return _coerce(inner[0], value, name)
-        for option in inner:  # the first option that takes the value
-            try:
-                return _coerce(option, value, name)
-            except ConfigError:
-                continue
-        kinds = " or ".join(getattr(o, "__name__", str(o)) for o in inner)
-        raise ConfigError(f"{name}: {value!r} is not allowed; expected {kinds}")
-    if origin is Literal:
-        allowed = typing.get_args(hint)
-        if value not in allowed:
-            raise ConfigError(f"{name}: {value!r} is not allowed; choose one of {list(allowed)}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        (item,) = typing.get_args(hint)
-        return [_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads `4e-3` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
-        return float(value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
-        return dict(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-def _join(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
 
 
 def to_dict(config: Any) -> dict[str, Any]:

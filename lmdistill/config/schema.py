@@ -321,15 +321,19 @@ class CondenseConfig:
 @dataclass
 class ProtocolConfig:
     """The data-efficiency protocol (`lmdistill protocol CONFIG`): for each budget (a fraction
-    of data.train), random subsets over `seeds`, each method in `methods` (name -> select.*
-    overrides), each again with the `kd` overrides, random with the same KD, and the
+    of data.train), random subsets over `seeds`, each method in `methods` (name -> a partial
+    `select` section), each again with the `kd` settings, random with the same KD, and the
     condensation methods at budgets up to `condense_max_budget`; every student trained with
     the same `train` settings; plus the full data. Task accuracy on eval.tasks[0]."""
 
     budgets: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.25])
     seeds: int = 3
-    methods: dict[str, list[str]] = field(default_factory=dict)
-    kd: list[str] = field(default_factory=lambda: ["loss.alpha=0.5", "teacher.kind=cache"])
+    # name -> a partial `select` section: {scorer: ifd, features: embedding, selector: deita}
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The KD arms' settings: partial sections, {loss: {alpha: 0.5}, teacher: {kind: cache}}.
+    kd: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {"loss": {"alpha": 0.5}, "teacher": {"kind": "cache"}}
+    )
     # Also train every method (true), or the methods listed, with KD; random + KD always.
     kd_methods: bool | list[str] = True
     condense: list[str] = field(default_factory=list)  # dc | dm | mtt
