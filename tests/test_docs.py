@@ -19,7 +19,7 @@ README = ROOT / "README.md"
 DOCS = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
 MARKER = re.compile(r"<!-- results: (\S+) -->")
 # A figure: not part of a word or a name such as `top-1`, `6-layer` or `k=32`.
-NUMBER = re.compile(r"(?<![\w.\-=/])-?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?(?![\w.\-]*[A-Za-z])")
+NUMBER = re.compile(r"(?<![\w.\-=/])-?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?%?(?![\w.\-]*[A-Za-z])")
 
 
 def tables(text: str) -> list[tuple[str | None, list[str]]]:
@@ -59,6 +59,8 @@ def leaves(data: Any) -> list[float]:
 def written_as(value: float, figure: str) -> bool:
     """Whether `value`, written at `figure`'s precision, is `figure`."""
     plain = figure.replace(",", "")
+    if plain.endswith("%"):  # a share, written as a percentage
+        plain, value = plain[:-1], 100 * value
     if "e" in plain:  # scientific: the same significant digits
         mantissa = plain.split("e")[0]
         digits = len(mantissa.split(".")[1]) if "." in mantissa else 0
@@ -72,6 +74,8 @@ def test_figures_are_read_as_a_reader_would() -> None:
     assert figures(row) == ["48", "2.66", "7.0e7", "2,040"]
     assert written_as(2.6612, "2.66") and not written_as(2.6662, "2.66")
     assert written_as(70_123_456.0, "7.0e7") and written_as(2040, "2,040")
+    assert figures("| `cot` | 0.925 ± 0.063 | 94% |") == ["0.925", "0.063", "94%"]
+    assert written_as(0.9403, "94%") and not written_as(0.9403, "0.94%")
 
 
 @pytest.mark.parametrize("page", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
