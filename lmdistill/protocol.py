@@ -264,7 +264,7 @@ def task_name(config: RunConfig) -> str:
     return config.eval.tasks[0]
 
 
-def score(config: RunConfig, after: dict[str, Any]) -> float:
+def arm_metric(config: RunConfig, after: dict[str, Any]) -> float:
     """The arm's number (the records keep it as `accuracy`): task exact match, or held-out
     top-1 agreement with the teacher."""
     if config.protocol.metric == "agreement":
@@ -306,7 +306,7 @@ def run_arm(config: RunConfig, arm: Arm) -> dict[str, Any]:
         )
         metrics = run(arm_config, resume=True)
     record.update(
-        accuracy=score(config, metrics["kd"]["after"]),
+        accuracy=arm_metric(config, metrics["kd"]["after"]),
         steps=config.train.max_steps,
         train_seconds=metrics["kd"]["train_seconds"],
         condense_seconds=metrics.get("condense", {}).get("seconds", 0.0),

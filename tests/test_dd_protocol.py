@@ -284,11 +284,11 @@ def test_arm_settings_hash_keeps_only_what_differs_from_the_defaults() -> None:
 def test_the_score_is_the_metric_asked_for() -> None:
     task = load_config(CONFIG, [])
     after = {"top1_agreement": 0.4, "tasks": {task.eval.tasks[0]: {"exact_match": 0.25}}}
-    assert protocol.score(task, after) == 0.25
+    assert protocol.arm_metric(task, after) == 0.25
     agreement = load_config(
         CONFIG, ["protocol.metric=agreement", "eval.fidelity=true", "protocol.condense=[]"]
     )
-    assert protocol.score(agreement, after) == 0.4
+    assert protocol.arm_metric(agreement, after) == 0.4
     assert "agreement" in protocol.metric_title(agreement)
 
 
