@@ -61,7 +61,38 @@ def collect(experiment: str, lab: Path) -> dict[str, Any]:
             "wall_seconds": teacher["wall_seconds"],
         },
         "sweep": json.loads(sweep_path.read_text()),
+        "rationale_checks": rationale_checks(lab / experiment),
     }
+
+
+def rationale_checks(root: Path) -> list[dict[str, Any]]:
+    """Per run, what the sweep's table leaves out of the rationale checks: how many
+    annotations a student writes per answer and the share the checker could read (an
+    unreadable one counts as wrong in `annotation_accuracy`)."""
+    rows = []
+    for path in sorted(root.glob("*/seed-*/metrics.json")):
+        metrics = json.loads(path.read_text())
+        tasks = ((metrics.get("kd") or {}).get("after") or {}).get("tasks") or {}
+        rows.append(
+            {
+                "cell": path.parent.parent.name,
+                "seed": int(path.parent.name.removeprefix("seed-")),
+                "tasks": {
+                    source: {
+                        key: task[key]
+                        for key in (
+                            "exact_match",
+                            "annotations_per_answer",
+                            "annotation_accuracy",
+                            "annotations_readable",
+                        )
+                        if key in task
+                    }
+                    for source, task in tasks.items()
+                },
+            }
+        )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
