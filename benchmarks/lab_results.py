@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lab_results: {error}", file=sys.stderr)
         return 2
     out = ROOT / "docs" / "results" / OUTPUTS[args.experiment]
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     tmp.replace(out)

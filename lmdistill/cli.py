@@ -194,7 +194,7 @@ def _add_experiment_commands(commands: Any) -> None:
         "protocol",
         help="the data-efficiency protocol: budgets x selection methods x KD, against random",
         description="For each protocol.budgets fraction: random subsets over protocol.seeds, "
-        "each protocol.methods selection, the same with the protocol.kd overrides, and "
+        "each protocol.methods selection, the same with the protocol.kd settings, and "
         "condensed synthetic sets at the small budgets; plus the full data. Every student "
         "trains with the config's train settings and is scored on eval.tasks[0]. Finished "
         "arms are read back (a killed protocol resumes). Writes OUT/protocol.md, "

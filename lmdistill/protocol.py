@@ -5,7 +5,7 @@ For each budget b (a fraction of data.train) it trains, with the same `train` se
 - `random`: `protocol.seeds` random subsets of size b (the control every method must beat);
 - each method in `protocol.methods` (a selection: scorer / features / selector), seed 0, and
   seeds up to `protocol.method_seeds` at `protocol.method_seed_budgets`;
-- `random+KD` and `<method>+KD`: the same subsets with the `protocol.kd` overrides (the
+- `random+KD` and `<method>+KD`: the same subsets with the `protocol.kd` settings (the
   teacher's soft labels), so the table separates the effect of the data from that of KD;
 - `condensed-<dc|dm|mtt>` (and `+KD`, soft labels from the teacher) at budgets up to
   `protocol.condense_max_budget`: a synthetic set of that many sequences (lmdistill/dd/condense.py);
@@ -249,7 +249,7 @@ def _check_arm(
     if arm_hash(config) != saved:
         raise ValueError(
             f"protocol: {arm.directory(out)} finished with other settings than this config "
-            "gives it (a method's select.* overrides, train.*, data.* or the teacher changed); "
+            "gives it (a method's select settings, train.*, data.* or the teacher changed); "
             "use a new --out or delete that arm's directory"
         )
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from lmdistill import protocol
-from lmdistill.config import ConfigError, changed_settings
+from lmdistill.config import ConfigError, changed_settings, config_hash
 from lmdistill.report.protocol import render_protocol
 from lmdistill.validate import load_config
 
@@ -123,8 +123,8 @@ def test_protocol_config_errors_name_the_field() -> None:
         load_config(CONFIG, ["protocol.budgets=[0.1,1.5]"])
     with pytest.raises(ConfigError, match=r"protocol\.methods\.random-ish"):
         load_config(CONFIG, ["protocol.methods={random-ish: {selector: top}}"])
-    with pytest.raises(ConfigError, match=r"protocol\.methods\.top: expected a mapping"):
-        load_config(CONFIG, ["protocol.methods={top: [select.selector=top]}"])
+    with pytest.raises(ConfigError, match=r"protocol\.methods\.top: 'loss.alpha=1' is not"):
+        load_config(CONFIG, ["protocol.methods={top: [select.selector=top, loss.alpha=1]}"])
     with pytest.raises(ConfigError, match=r"unknown key\(s\) protocol\.methods\.top\.scorr"):
         load_config(CONFIG, ["protocol.methods={top: {scorr: ifd}}"])
     with pytest.raises(ConfigError, match=r"protocol\.kd\.loss\.alpha: expected a number"):
@@ -302,3 +302,41 @@ def test_checkpoints_are_kept_when_asked_and_dropped_on_read_back(tmp_path: Path
     protocol.run_protocol(CONFIG, args, out=out)
     assert not list(out.rglob("step-*"))
     assert (out / "b0.1" / "random" / "seed-0" / "student" / "model.safetensors").is_file()
+
+
+def test_the_older_list_form_reads_as_the_sections_it_stands_for(tmp_path: Path) -> None:
+    """Every config.yaml saved before protocol sections were typed holds protocol.kd (and
+    a protocol's methods) as lists of key=value overrides: it still loads, to the same
+    config."""
+    listed = tmp_path / "old.yaml"
+    listed.write_text(
+        "protocol:\n"
+        "  methods:\n"
+        "    ifd-deita: [select.scorer=ifd, select.features=embedding, select.selector=deita]\n"
+        "  kd: [loss.alpha=0.5, teacher.kind=cache, cache.k=32]\n"
+    )
+    typed = tmp_path / "new.yaml"
+    typed.write_text(
+        "protocol:\n"
+        "  methods:\n"
+        "    ifd-deita: {scorer: ifd, features: embedding, selector: deita}\n"
+        "  kd: {loss: {alpha: 0.5}, teacher: {kind: cache}, cache: {k: 32}}\n"
+    )
+    assert load_config(listed) == load_config(typed)
+    default = tmp_path / "default.yaml"  # what every run saved: the default protocol section
+    default.write_text("protocol:\n  kd: [loss.alpha=0.5, teacher.kind=cache]\n")
+    assert config_hash(load_config(default)) == config_hash(load_config(None))
+
+
+def test_kd_settings_merge_sections_and_replace_values() -> None:
+    """A partial section merges into its section; a mapping-valued field is replaced."""
+    config = load_config(
+        CONFIG,
+        [
+            "teacher.extra_body={b: 2}",
+            "protocol.kd={loss: {alpha: 0.5}, teacher: {extra_body: {a: 1}}}",
+        ],
+    )
+    arm = protocol.arm_config(config, protocol.Arm("random", 0.1, 0, True), Path("/o"))
+    assert arm.teacher.extra_body == {"a": 1} and arm.loss.alpha == 0.5
+    assert arm.loss.divergence == config.loss.divergence  # the rest of the section kept

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lmdistill.config import build_config, check_sections
+from lmdistill.validate import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -113,8 +113,7 @@ def test_the_readme_config_example_loads() -> None:
     raw = yaml.safe_load(block.group(1))
     assert len(block.group(1).strip().splitlines()) <= 5
     overrides = [f"{part}.{k}={json.dumps(v)}" for part, kv in raw.items() for k, v in kv.items()]
-    config = build_config(None, overrides)
-    check_sections(config)
+    config = load_config(None, overrides)  # every check, registered names included
     assert config.teacher.kind == "cache" and config.student.num_layers == 6
 
 

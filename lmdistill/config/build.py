@@ -19,16 +19,20 @@ def updated(config: T, changes: dict[str, Any], where: str) -> T:
     a config file, errors naming the field under `where`."""
     if not isinstance(changes, dict):
         raise ConfigError(f"{where}: expected a mapping of fields, got {changes!r}")
-    raw = _merged(dataclasses.asdict(config), changes)  # type: ignore[call-overload]
+    raw = _merged(config, changes)
     result: T = build(type(config), raw, prefix=where)
     return result
 
 
-def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
+def _merged(config: Any, changes: dict[str, Any]) -> dict[str, Any]:
+    """`config` as a mapping with `changes` applied: a mapping for a nested section is
+    merged into it; any other value (a mapping-valued field such as teacher.extra_body
+    included) replaces the field's."""
+    out = dataclasses.asdict(config)
     for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merged(out[key], value)
+        section = getattr(config, key, None)
+        if isinstance(value, dict) and dataclasses.is_dataclass(section):
+            out[key] = _merged(section, value)
         else:
             out[key] = value
     return out

@@ -45,8 +45,39 @@ def build_config(path: str | Path | None = None, overrides: list[str] | None = N
         raw = loaded
     for item in overrides or []:
         _apply_override(raw, item)
+    _read_listed_protocol(raw)
     config: RunConfig = build(RunConfig, raw, prefix="")
     return config
+
+
+def _read_listed_protocol(raw: dict[str, Any]) -> None:
+    """Protocol methods and KD settings were once lists of `key.path=value` overrides, and
+    every saved config.yaml holds them so: read that form as the sections it stands for."""
+    protocol = raw.get("protocol")
+    if not isinstance(protocol, dict):
+        return
+    methods = protocol.get("methods")
+    if isinstance(methods, dict):
+        for name, value in methods.items():
+            if isinstance(value, list):
+                where = f"protocol.methods.{name}"
+                methods[name] = _listed_sections(value, where, only="select").get("select", {})
+    if isinstance(protocol.get("kd"), list):
+        protocol["kd"] = _listed_sections(protocol["kd"], "protocol.kd")
+
+
+def _listed_sections(items: list[Any], where: str, only: str | None = None) -> dict[str, Any]:
+    sections: dict[str, Any] = {}
+    for item in items:
+        prefix = f"{only}." if only else ""
+        if not isinstance(item, str) or "=" not in item or not item.startswith(prefix):
+            expected = f"{only}.key=value items" if only else "key.path=value items"
+            raise ConfigError(
+                f"{where}: {item!r} is not allowed; expected a mapping of fields (or a list of "
+                f"{expected}, the older form)"
+            )
+        _apply_override(sections, item)
+    return sections
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

@@ -98,7 +98,7 @@ def _check_served(config: RunConfig) -> None:
             f"cache.k={config.cache.k} is not used with teacher.kind=served: its cache holds the "
             f"teacher.top_logprobs={teacher.top_logprobs} log-probs the server returns per token "
             f"(set cache.k={teacher.top_logprobs} to say so)",
-            stacklevel=4,
+            stacklevel=2,  # one place (validate), so it is shown once per process
         )
     for name in ("base_url", "model"):
         value = getattr(teacher, name)
