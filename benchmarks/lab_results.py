@@ -60,9 +60,24 @@ def collect(experiment: str, lab: Path) -> dict[str, Any]:
             "tasks": teacher["kd"]["after"]["tasks"],
             "wall_seconds": teacher["wall_seconds"],
         },
-        "sweep": json.loads(sweep_path.read_text()),
+        "sweep": (sweep := json.loads(sweep_path.read_text())),
+        "share_of_teacher": share_of_teacher(sweep["table"]),
         "rationale_checks": rationale_checks(lab / experiment),
     }
+
+
+def share_of_teacher(table: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per cell, each student's mean exact match as a share of the teacher's on that set."""
+    shares: dict[str, dict[str, float]] = {}
+    for entry in table:
+        for key, value in entry.items():
+            if " exact match " not in key or key.startswith("teacher "):
+                continue
+            task = key.split(" exact match ")[-1]
+            teacher = entry.get(f"teacher exact match {task}")
+            if isinstance(value, dict) and isinstance(teacher, dict) and teacher["mean"]:
+                shares.setdefault(entry["cell"], {})[key] = value["mean"] / teacher["mean"]
+    return shares
 
 
 def rationale_checks(root: Path) -> list[dict[str, Any]]:
