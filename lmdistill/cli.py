@@ -15,6 +15,7 @@ import yaml
 
 from lmdistill.config import ConfigError, RunConfig
 from lmdistill.io import directory_lock
+from lmdistill.metrics import RunMetrics, TaskMetrics
 
 DESCRIPTION = """\
 Distil a large causal language model (the teacher) into a small one (the student).
@@ -405,7 +406,8 @@ def cmd_protocol(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     from lmdistill.models import check_model_path
     from lmdistill.pipeline import teacher_directories
-    from lmdistill.teachers.setup import cache_dir, load_splits, open_teacher
+    from lmdistill.teachers.setup import load_splits, open_teacher
+    from lmdistill.teachers.signal_caches import cache_dir
 
     config = load_config(args.config, args.overrides)
     check_model_path(config.teacher, "teacher.path")  # before anything is written
@@ -457,35 +459,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
         pad_token_id=setup.tokenizer.pad_token_id,
         batch_size=config.eval.batch_size,
     )
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result.as_dict(), indent=2))
     return 0
 
 
-def print_summary(config: RunConfig, metrics: dict) -> None:
+def print_summary(config: RunConfig, metrics: RunMetrics) -> None:
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
         return
     out = Path(config.output_dir)
     print(f"\nwrote {out / 'report.md'}, {out / 'metrics.json'}, {out / 'student'}/")
-    rows = [("before", metrics.get("before")), ("KD", metrics["kd"]["after"])]
-    if "baseline" in metrics:
-        rows.append(("CE-only", metrics["baseline"]["after"]))
-    for name, values in rows:
-        if values and "kl" in values:
+    for name, values in metrics.arms():
+        if values is None:
+            continue
+        if values.fidelity is not None:
+            f = values.fidelity
             print(
-                f"  {name:8s} KL(teacher||student) {values['kl']:.4f}   "
-                f"top-1 agreement {values['top1_agreement']:.3f}   "
-                f"ppl {values['student_ppl']:.2f}"
+                f"  {name:8s} KL(teacher||student) {f.kl:.4f}   "
+                f"top-1 agreement {f.top1_agreement:.3f}   ppl {f.student_ppl:.2f}"
             )
-        for source, task in ((values or {}).get("tasks") or {}).items():
-            kind = "exact match" if "exact_match" in task else "accuracy"
-            score = task.get("exact_match", task.get("accuracy"))
-            print(f"  {name:8s} {source}: {kind} {score:.3f}")
-    print(
-        f"  wall time {metrics['wall_seconds'] / 60:.1f} min, "
-        f"peak RSS {metrics['peak_rss_mb']:.0f} MB"
-    )
+        for source, task in values.tasks.items():
+            if isinstance(task, TaskMetrics):
+                print(f"  {name:8s} {source}: exact match {task.exact_match:.3f}")
+            else:
+                print(f"  {name:8s} {source}: accuracy {task.accuracy:.3f}")
+    print(f"  wall time {metrics.wall_seconds / 60:.1f} min, peak RSS {metrics.peak_rss_mb:.0f} MB")
 
 
 if __name__ == "__main__":

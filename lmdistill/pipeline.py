@@ -40,40 +40,33 @@ from lmdistill.data import (
     load_examples,
     tokenize_examples,
 )
-from lmdistill.eval import fidelity
-from lmdistill.eval.choice import load_choice_questions, multiple_choice
-from lmdistill.eval.task import greedy_answers, task_accuracy
+from lmdistill.eval.choice import load_choice_questions
+from lmdistill.eval.evaluator import Evaluator
 from lmdistill.io import atomic_dir, atomic_write_json, directory_lock, remove_left_behind
 from lmdistill.kd.checkpoint import list_checkpoints
 from lmdistill.kd.rationale import apply_objective, eval_prompts
 from lmdistill.kd.train import TrainResult, train_student
+from lmdistill.metrics import ArmMetrics, EvalMetrics, RunMetrics
 from lmdistill.models import (
     build_student,
     check_model_path,
     describe,
     resolve_device,
     shared_vocab_size,
-    weights_fingerprint,
 )
 from lmdistill.models.generate import greedy_responses
 from lmdistill.report import write_report
 from lmdistill.teachers.backends import TeacherSetup
 from lmdistill.teachers.base import Teacher
-from lmdistill.teachers.consistency import with_rationale_prompt
-from lmdistill.teachers.setup import (
-    TEACHERS,
-    cache_dir,
-    generation_path,
-    load_splits,
-    open_teacher,
-)
+from lmdistill.teachers.setup import TEACHERS, load_splits, open_teacher
+from lmdistill.teachers.signal_caches import cache_dir, generation_path
 
 
 class OutputExistsError(RuntimeError):
     """The output directory holds a previous run's checkpoints and --resume was not given."""
 
 
-def run(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
+def run(config: RunConfig, *, resume: bool = False) -> RunMetrics:
     """Run the configured pipeline; return (and write) the metrics.
 
     Inputs are checked before anything is written; then the run holds its output directory
@@ -149,9 +142,7 @@ def check_inputs(config: RunConfig) -> None:
             load_examples(source, split=config.data.split, format=config.data.format)
 
 
-def _run(
-    config: RunConfig, *, resume: bool, started: float, device: torch.device
-) -> dict[str, Any]:
+def _run(config: RunConfig, *, resume: bool, started: float, device: torch.device) -> RunMetrics:
     """The stages of a run, in order: teacher signal, student, data, evaluation set-up,
     evaluation before training, the KD student, the CE-only baseline, the report."""
     out = Path(config.output_dir)
@@ -162,18 +153,14 @@ def _run(
     torch.manual_seed(config.train.seed)  # fresh student weights are reproducible
     student, _ = build_student(config.student, teacher_model, setup.tokenizer)
     vocab_size = shared_vocab_size(teacher_model, student, setup.tokenizer)
-    metrics: dict[str, Any] = {"lmdistill_version": __version__, "config_hash": chash}
-    metrics.update(setup.report)
     data = prepare_data(config, setup)
-    metrics["data"] = data.summary(config)
-    metrics["models"] = describe_models(config, setup, student, vocab_size)
-    evaluate = Evaluator.build(config, setup, data.eval_set, vocab_size, metrics)
+    models = describe_models(config, setup, student, vocab_size)  # while the teacher is loaded
+    evaluate = Evaluator.build(config, setup, data.eval_set, vocab_size)
 
     samples = eval_prompts(data.eval_examples[: config.eval.num_samples], config.objective)
     initial = copy.deepcopy(student) if config.baseline else None  # on the CPU until it trains
     student.to(device)  # type: ignore[arg-type]
-    if config.eval.enabled and config.eval.before:
-        metrics["before"] = evaluate(student)
+    before = evaluate(student) if config.eval.enabled and config.eval.before else None
     if TEACHERS[config.teacher.kind].in_process:
         texts = {"teacher": sample(teacher_model, setup.tokenizer, samples, config)}
     else:  # the teacher's own (served or cached) responses
@@ -183,14 +170,23 @@ def _run(
     del teacher_model
 
     arms = Arms(config, setup.tokenizer, data.train_set, vocab_size, chash, resume, evaluate)
-    metrics["kd"] = arms.train_and_evaluate(
-        student, setup.signal["train"], config.loss, out, "distil", "KD student", samples, texts
+    metrics = RunMetrics(
+        lmdistill_version=__version__,
+        config_hash=chash,
+        setup=setup.report,
+        data=data.summary(config),
+        models=models,
+        teacher=evaluate.teacher,
+        before=before,
+        kd=arms.train_and_evaluate(
+            student, setup.signal["train"], config.loss, out, "distil", "KD student", samples, texts
+        ),
     )
     if initial is not None:
         ce_only = dataclasses.replace(
             config.loss, alpha=1.0, hidden_weight=0.0, attention_weight=0.0
         )
-        metrics["baseline"] = arms.train_and_evaluate(
+        metrics.baseline = arms.train_and_evaluate(
             initial,
             None,
             ce_only,
@@ -260,131 +256,6 @@ def describe_models(
 
 
 @dataclass
-class Evaluator:
-    """Fidelity to the teacher on held-out responses, and accuracy on each task set; built
-    once per run (the teacher answers the task questions then), called on each student."""
-
-    config: RunConfig
-    signal: Teacher
-    eval_set: list[TokenizedExample]
-    vocab_size: int
-    tokenizer: Any
-    task_sets: dict[str, list[Example]]
-    choice_sets: dict[str, Any]
-    teacher_answers: dict[str, list[str]]
-
-    @classmethod
-    def build(
-        cls,
-        config: RunConfig,
-        setup: TeacherSetup,
-        eval_set: list[TokenizedExample],
-        vocab_size: int,
-        metrics: dict[str, Any],
-    ) -> Evaluator:
-        """The task sets as the student is asked them; the teacher's answers (and its
-        accuracy, into `metrics["teacher"]`) as it is asked them."""
-        questions = {
-            source: load_examples(source, split=config.data.split, format=config.data.format)
-            for source in config.eval.tasks
-            if not source.startswith("mc:")
-        }
-        teacher_answers: dict[str, list[str]] = {}
-        if questions and config.eval.enabled and config.eval.task_teacher:
-            teacher_answers, metrics["teacher"] = _teacher_tasks(config, setup, questions)
-        choice_sets = {
-            source: load_choice_questions(source.removeprefix("mc:"))
-            for source in config.eval.tasks
-            if source.startswith("mc:")
-        }
-        task_sets = {s: eval_prompts(q, config.objective) for s, q in questions.items()}
-        return cls(
-            config,
-            setup.signal["eval"],
-            eval_set,
-            vocab_size,
-            setup.tokenizer,
-            task_sets,
-            choice_sets,
-            teacher_answers,
-        )
-
-    def __call__(self, model: PreTrainedModel) -> dict[str, Any]:
-        settings, tokenizer = self.config.eval, self.tokenizer
-        result: dict[str, Any] = {}
-        if settings.fidelity:
-            result = dict(
-                fidelity(
-                    model,
-                    self.signal,
-                    self.eval_set,
-                    vocab_size=self.vocab_size,
-                    pad_token_id=tokenizer.pad_token_id,
-                    batch_size=settings.batch_size,
-                )
-            )
-        if self.choice_sets:
-            result.setdefault("tasks", {}).update(
-                {s: multiple_choice(model, tokenizer, q) for s, q in self.choice_sets.items()}
-            )
-        if self.task_sets:
-            result.setdefault("tasks", {}).update(
-                {
-                    source: task_accuracy(
-                        model,
-                        tokenizer,
-                        examples,
-                        max_new_tokens=settings.task_max_new_tokens,
-                        batch_size=settings.task_batch_size,
-                        teacher_answers=self.teacher_answers.get(source),
-                        samples=settings.task_samples,
-                    )
-                    for source, examples in self.task_sets.items()
-                }
-            )
-        return result
-
-
-def _teacher_tasks(
-    config: RunConfig, setup: TeacherSetup, questions: dict[str, list[Example]]
-) -> tuple[dict[str, list[str]], dict[str, Any]]:
-    """The teacher's answers to each task set and its accuracy on them."""
-    teacher_model = setup.model
-    assert teacher_model is not None
-    longest, batch = config.eval.task_max_new_tokens, config.eval.task_batch_size
-    answers_dir = Path(
-        config.eval.teacher_answers_dir or Path(config.output_dir) / "teacher_answers"
-    )
-    answers_by_source, tasks = {}, {}
-    for source, examples in questions.items():
-        # Asked as it was when it wrote the training rationales.
-        asked = with_rationale_prompt(examples, config.generate.rationale_prompt)
-        answers = _teacher_answers(
-            teacher_model,
-            setup.tokenizer,
-            asked,
-            answers_dir,
-            key={
-                "teacher": describe(config.teacher),
-                "source": source,
-                "max": longest,
-                "rationale_prompt": config.generate.rationale_prompt,
-            },
-            batch_size=batch,
-        )
-        answers_by_source[source] = answers
-        tasks[source] = task_accuracy(
-            teacher_model,
-            setup.tokenizer,
-            examples,
-            max_new_tokens=longest,
-            batch_size=batch,
-            answers=answers,
-        )
-    return answers_by_source, {"tasks": tasks}
-
-
-@dataclass
 class Arms:
     """What the KD student and the CE-only baseline share: the data, the settings, how they
     are evaluated."""
@@ -407,7 +278,7 @@ class Arms:
         label: str,
         samples: list[Example],
         texts: dict[str, list[str]],
-    ) -> dict[str, Any]:
+    ) -> ArmMetrics:
         """Train `model` (from `teacher`'s signal, or CE only without one), evaluate it, add
         its answers to `texts` under `label`, save it under `directory/student`."""
         result = train_student(
@@ -432,7 +303,7 @@ class Arms:
 
 def finish(
     config: RunConfig,
-    metrics: dict[str, Any],
+    metrics: RunMetrics,
     samples: list[Example],
     texts: dict[str, list[str]],
     *,
@@ -441,61 +312,31 @@ def finish(
 ) -> None:
     """Side-by-side answers, time and memory into the metrics; metrics.json and the report."""
     out = Path(config.output_dir)
-    metrics["samples"] = [
+    metrics.samples = [
         {"prompt": ex.messages[-1]["content"], **{k: v[i] for k, v in texts.items()}}
         for i, ex in enumerate(samples)
     ]
-    metrics["wall_seconds"] = time.perf_counter() - started
-    metrics["peak_rss_mb"] = peak_rss_mb()
+    metrics.wall_seconds = time.perf_counter() - started
+    metrics.peak_rss_mb = peak_rss_mb()
     if device.type == "cuda":
-        metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        metrics.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
     state = PartialState()
     if state.is_main_process:
-        atomic_write_json(out / "metrics.json", metrics)
+        atomic_write_json(out / "metrics.json", metrics.as_dict())
         write_report(out, metrics, to_dict(config))
     state.wait_for_everyone()
 
 
-def _teacher_answers(
-    model: PreTrainedModel,
-    tokenizer: Any,
-    examples: list[Example],
-    directory: Path,
-    *,
-    key: dict[str, Any],
-    batch_size: int,
-) -> list[str]:
-    """The teacher's greedy answers to a task set, stored under `directory` so that the runs
-    of a sweep (which share `eval.teacher_answers_dir`) ask the teacher once. The file is
-    named by the teacher, its weights, the task set and the answer length: a retrained
-    teacher is asked again."""
-    import hashlib
-    import json
-
-    weights = weights_fingerprint(model)
-    identity = json.dumps({**key, "weights": weights, "questions": [e.id for e in examples]})
-    path = directory / f"{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
-    if path.is_file():
-        stored = json.loads(path.read_text())
-        if len(stored["answers"]) == len(examples):
-            return list(stored["answers"])
-    answers = greedy_answers(model, tokenizer, examples, key["max"], batch_size)
-    if PartialState().is_main_process:
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, {**key, "answers": answers})
-    return answers
-
-
-def summarise(result: TrainResult, after: dict[str, Any] | None) -> dict[str, Any]:
-    return {
-        "after": after,
-        "steps": result.state.step,
-        "tokens": result.state.tokens,
-        "train_seconds": result.seconds,
-        "tokens_per_s": result.tokens_per_second,
-        "resumed_from": result.resumed_from,
-        "history": result.state.history,
-    }
+def summarise(result: TrainResult, after: EvalMetrics | None) -> ArmMetrics:
+    return ArmMetrics(
+        after=after,
+        steps=result.state.step,
+        tokens=result.state.tokens,
+        train_seconds=result.seconds,
+        tokens_per_s=result.tokens_per_second,
+        resumed_from=result.resumed_from,
+        history=result.state.history,
+    )
 
 
 def sample(

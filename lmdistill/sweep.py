@@ -23,6 +23,7 @@ from typing import Any
 
 from lmdistill.config import ConfigError, RunConfig, config_hash
 from lmdistill.io import atomic_write_json, atomic_write_text
+from lmdistill.metrics import RunMetrics, TaskMetrics
 from lmdistill.report.sweep import RATIONALE_METRICS, REFERENCE, plot_sweep, render_sweep
 from lmdistill.report.text import short_source
 from lmdistill.validate import load_config
@@ -98,7 +99,7 @@ def run_sweep(
             if not path.is_file():
                 notes.append(f"`{name}` seed {seed}: not run")
                 continue
-            metrics = json.loads(path.read_text())
+            metrics = RunMetrics.from_dict(json.loads(path.read_text()))
             changed = _changed_fields(Path(config.output_dir) / "config.yaml", config)
             if changed:
                 notes.append(f"`{name}` seed {seed}: run with {', '.join(changed)} different")
@@ -148,50 +149,53 @@ def _changed_fields(saved: Path, config: RunConfig) -> list[str]:
     return sorted(c for c in changed if not (off and c.startswith("generate.")))
 
 
-def _finished(config: RunConfig) -> dict[str, Any] | None:
+def _finished(config: RunConfig) -> RunMetrics | None:
     path = Path(config.output_dir) / "metrics.json"
     if not path.is_file():
         return None
     metrics = json.loads(path.read_text())
-    return dict(metrics) if metrics.get("config_hash") == config_hash(config) else None
+    if metrics.get("config_hash") != config_hash(config):
+        return None
+    return RunMetrics.from_dict(metrics)
 
 
-def headline(metrics: dict[str, Any]) -> dict[str, float]:
+def headline(metrics: RunMetrics) -> dict[str, float]:
     """The numbers a sweep compares: fidelity and task accuracy of each trained arm (and the
     teacher's task accuracy, the same in every cell)."""
     out: dict[str, float] = {}
-    sources = [
-        source
-        for arm in ("teacher", "kd", "baseline")
-        for source in ((_arm(metrics, arm).get("tasks")) or {})
-    ]
+    evaluated = [("KD", metrics.kd.after)]
+    if metrics.baseline is not None:
+        evaluated.append(("CE-only", metrics.baseline.after))
+    teacher = metrics.teacher.tasks if metrics.teacher is not None else {}
+    sources = [*teacher, *(s for _, after in evaluated for s in (after.tasks if after else {}))]
     names = _short_names(sources)
-    for source, task in ((_arm(metrics, "teacher").get("tasks")) or {}).items():
-        if "exact_match" in task:
-            out[f"teacher exact match {names[source]}"] = float(task["exact_match"])
-    for arm, key in (("KD", "kd"), ("CE-only", "baseline")):
-        after = _arm(metrics, key)
-        for name in ("kl", "top1_agreement", "student_ppl"):
-            if isinstance(after.get(name), (int, float)):
-                out[f"{arm} {name}"] = float(after[name])
-        for source, task in (after.get("tasks") or {}).items():
-            if "exact_match" in task:
-                name = names[source]
-                out[f"{arm} exact match {name}"] = float(task["exact_match"])
-                # Rationale quality without ground truth (absent when none is written).
-                for key, label in RATIONALE_METRICS.items():
-                    if isinstance(task.get(key), (int, float)):
-                        out[f"{arm} {label} {name}"] = float(task[key])
-            else:
-                out[f"{arm} accuracy {names[source]}"] = float(task["accuracy"])
+    for source, task in teacher.items():
+        if isinstance(task, TaskMetrics):
+            out[f"teacher exact match {names[source]}"] = task.exact_match
+    for arm, after in evaluated:
+        if after is None:
+            continue
+        if after.fidelity is not None:
+            for name in ("kl", "top1_agreement", "student_ppl"):
+                out[f"{arm} {name}"] = float(getattr(after.fidelity, name))
+        for source, task in after.tasks.items():
+            name = names[source]
+            if not isinstance(task, TaskMetrics):
+                out[f"{arm} accuracy {name}"] = task.accuracy
+                continue
+            out[f"{arm} exact match {name}"] = task.exact_match
+            # Rationale quality without ground truth (absent when none is written).
+            values = {
+                "annotation_accuracy": task.annotation_accuracy,
+                "teacher_step_agreement": task.teacher.teacher_step_agreement
+                if task.teacher is not None
+                else None,
+            }
+            for key, label in RATIONALE_METRICS.items():
+                value = values[key]
+                if value is not None:
+                    out[f"{arm} {label} {name}"] = float(value)
     return out
-
-
-def _arm(metrics: dict[str, Any], key: str) -> dict[str, Any]:
-    """An arm's evaluated metrics: the teacher's as they are, a student's after training."""
-    if key == "teacher":
-        return dict(metrics.get("teacher") or {})
-    return dict((metrics.get(key) or {}).get("after") or {})
 
 
 def _short_names(sources: list[str]) -> dict[str, str]:

@@ -223,9 +223,9 @@ def test_a_run_from_the_cache_trains_without_the_teacher(
     monkeypatch.setattr(base.LocalTeacher, "score", no_live_teacher)
     cached = tiny_run_config(tmp_path, "teacher.kind=cache", "baseline=false", "cache.k=64")
     metrics = run(cached)
-    assert metrics["models"]["teacher_signal"] == "cache:tiny-llama"
-    assert metrics["kd"]["after"]["kl"] < 0.5 * metrics["before"]["kl"]
-    assert metrics["data"]["train_examples"] == 32
+    assert metrics.models["teacher_signal"] == "cache:tiny-llama"
+    assert metrics.kd.after.fidelity.kl < 0.5 * metrics.before.fidelity.kl
+    assert metrics.data["train_examples"] == 32
 
 
 def test_a_cache_teacher_writes_a_missing_cache_once_and_refuses_a_foreign_one(
@@ -383,6 +383,6 @@ def test_a_cache_teacher_at_another_temperature_runs_end_to_end(tmp_path: Path) 
 
     config = tiny_run_config(tmp_path, "teacher.kind=cache", "loss.temperature=2", "baseline=false")
     metrics = run(config)
-    assert metrics["kd"]["after"]["kl"] < metrics["before"]["kl"]
+    assert metrics.kd.after.fidelity.kl < metrics.before.fidelity.kl
     held_out = tmp_path / "run" / "teacher_cache" / "eval" / "manifest.json"
     assert '"temperature": 1.0' in held_out.read_text()

@@ -45,8 +45,8 @@ def test_the_choice_the_model_prefers_wins(tiny_teacher: Any, tiny_tokenizer: An
         ChoiceQuestion("b", QUESTION.question, QUESTION.choices, (best + 1) % 3),
     ]
     result = multiple_choice(tiny_teacher, tiny_tokenizer, questions)
-    assert result["accuracy"] == 0.5
-    assert result["accuracy_norm"] == (0.5 if best_norm in (best, (best + 1) % 3) else 0.0)
+    assert result.accuracy == 0.5
+    assert result.accuracy_norm == (0.5 if best_norm in (best, (best + 1) % 3) else 0.0)
 
 
 def test_multiple_choice_files_are_checked(tmp_path: Path) -> None:
@@ -79,6 +79,6 @@ def test_a_run_reports_multiple_choice_accuracy(tmp_path: Path) -> None:
     mc.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = tiny_run_config(tmp_path, f"eval.tasks=['mc:{mc}']", "baseline=false")
     metrics = run(config)
-    task = metrics["kd"]["after"]["tasks"][f"mc:{mc}"]
-    assert task["questions"] == 4 and task["accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    task = metrics.kd.after.tasks[f"mc:{mc}"]
+    assert task.questions == 4 and task.accuracy in (0.0, 0.25, 0.5, 0.75, 1.0)
     assert f"| `mc:{mc}` | KD student |" in (tmp_path / "run" / "report.md").read_text()

@@ -10,6 +10,7 @@ import pytest
 
 from lmdistill import protocol
 from lmdistill.config import ConfigError, changed_settings, config_hash
+from lmdistill.metrics import EvalMetrics, FidelityMetrics, TaskMetrics
 from lmdistill.report.protocol import render_protocol
 from lmdistill.validate import load_config
 
@@ -250,14 +251,16 @@ def test_a_failing_arm_is_reported_and_the_others_still_run(
     tmp_path: Path, monkeypatch: Any
 ) -> None:
     one_budget = [*SMALL, f"output_dir={tmp_path}"]
-    real = protocol.run_arm
+    import lmdistill.protocol.run as running
+
+    real = running.run_arm
 
     def flaky(config: Any, arm: protocol.Arm) -> dict[str, Any]:
         if arm.name == "random+KD":
             raise RuntimeError("the teacher cache is on fire")
         return real(config, arm)
 
-    monkeypatch.setattr(protocol, "run_arm", flaky)
+    monkeypatch.setattr(running, "run_arm", flaky)
     with pytest.raises(RuntimeError, match="1 arm"):
         protocol.run_protocol(CONFIG, one_budget, out=tmp_path / "p")
     saved = json.loads((tmp_path / "p" / "protocol.json").read_text())
@@ -283,7 +286,10 @@ def test_arm_settings_hash_keeps_only_what_differs_from_the_defaults() -> None:
 
 def test_the_score_is_the_metric_asked_for() -> None:
     task = load_config(CONFIG, [])
-    after = {"top1_agreement": 0.4, "tasks": {task.eval.tasks[0]: {"exact_match": 0.25}}}
+    after = EvalMetrics(
+        FidelityMetrics(1.0, 0.4, 2.0, None, 0.1, None, tokens=10, signal_tokens=10),
+        {task.eval.tasks[0]: TaskMetrics(4, 0.25, 0.0, None, None, None)},
+    )
     assert protocol.arm_metric(task, after) == 0.25
     agreement = load_config(
         CONFIG, ["protocol.metric=agreement", "eval.fidelity=true", "protocol.condense=[]"]

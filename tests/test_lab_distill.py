@@ -46,7 +46,7 @@ def _exact_match(tmp_path: Path, kind: str) -> float:
         ],
     )
     metrics = run(config)
-    return float(metrics["kd"]["after"]["tasks"][TEST]["exact_match"])
+    return metrics.kd.after.exact_match(TEST)
 
 
 @pytest.mark.slow

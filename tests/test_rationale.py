@@ -192,8 +192,8 @@ def test_a_progressive_kpod_run_trains_end_to_end(tmp_path: Any) -> None:
         "eval.fidelity=false",
     )
     metrics = run(config)
-    assert metrics["kd"]["steps"] == 4
-    losses = [h["loss"] for h in metrics["kd"]["history"]]
+    assert metrics.kd.steps == 4
+    losses = [h["loss"] for h in metrics.kd.history]
     assert all(loss == loss and loss > 0 for loss in losses)  # finite, not NaN
 
 

@@ -25,7 +25,8 @@ from conftest import skip_if_registry_unreachable
 
 from lmdistill.config import GenerateConfig, StudentConfig, TeacherConfig
 from lmdistill.models import RegistryError, build_student, load_model, resolve_alias
-from lmdistill.teachers.served import ServedClient, ServedTeacherError, conformance_probe
+from lmdistill.teachers.served import conformance_probe
+from lmdistill.teachers.served_client import ServedClient, ServedTeacherError
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

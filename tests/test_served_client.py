@@ -20,13 +20,15 @@ from lmdistill.data import Example, tokenize_examples
 from lmdistill.teachers.cache import CacheSpec, TeacherCache, tokenizer_identity, write_rows
 from lmdistill.teachers.generate import read_finished
 from lmdistill.teachers.served import (
-    CrossOriginRedirectError,
-    ServedClient,
-    ServedTeacherError,
     TokenMapper,
     UnmappableTokenError,
     rows_scorer,
     served_generate,
+)
+from lmdistill.teachers.served_client import (
+    CrossOriginRedirectError,
+    ServedClient,
+    ServedTeacherError,
 )
 
 

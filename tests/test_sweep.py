@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT
 
 from lmdistill.config import ConfigError
+from lmdistill.metrics import ArmMetrics, EvalMetrics, RunMetrics, TaskMetrics
 from lmdistill.report.sweep import render_sweep as render
 from lmdistill.sweep import aggregate, cells, headline, split_overrides
 
@@ -35,12 +36,22 @@ def test_mean_and_sample_std_across_seeds() -> None:
 
 
 def test_task_table_shares_of_the_teacher_and_columns_a_reference_lacks() -> None:
-    def metrics(em: float, annotations: float | None) -> dict:
-        task = {"exact_match": em, "annotation_accuracy": annotations}
-        return {
-            "teacher": {"tasks": {"lab:test:200:0:steps=3": {"exact_match": 0.8}}},
-            "kd": {"after": {"tasks": {"lab:test:200:0:steps=3": task}}},
-        }
+    def metrics(em: float, annotations: float | None) -> RunMetrics:
+        source = "lab:test:200:0:steps=3"
+        return RunMetrics(
+            lmdistill_version="test",
+            config_hash="",
+            data={},
+            models={},
+            teacher=EvalMetrics(tasks={source: TaskMetrics(4, 0.8, 0.0, None, None, None)}),
+            kd=ArmMetrics(
+                EvalMetrics(tasks={source: TaskMetrics(4, em, 1.0, annotations, None, None)}),
+                steps=1,
+                tokens=1,
+                train_seconds=1.0,
+                tokens_per_s=1.0,
+            ),
+        )
 
     rows = [
         {"cell": "reference,objective.kind=label_only", "seed": 0, **headline(metrics(0.2, None))},

@@ -28,12 +28,12 @@ def test_exact_match_and_rationale_checks_on_known_answers(monkeypatch: pytest.M
     monkeypatch.setattr(task, "greedy_responses", fake)
     result = task.task_accuracy(None, None, examples, max_new_tokens=8, batch_size=3)  # type: ignore[arg-type]
     expected_right = 1 + (examples[2].response or "").endswith("#### 5")
-    assert result["exact_match"] == expected_right / 4
+    assert result.exact_match == expected_right / 4
     steps = len(gold[0].splitlines()) - 1
-    assert result["annotation_accuracy"] == pytest.approx((2 * steps) / (2 * steps + 1))
+    assert result.annotation_accuracy == pytest.approx((2 * steps) / (2 * steps + 1))
     # answer = last step: yes for 0 and 2 (5 follows <<...=5>>), no for 1 (12345)
-    assert result["answer_follows_last_step"] == pytest.approx(2 / 3)
-    assert result["samples"][0]["answer"] == gold[0]
+    assert result.answer_follows_last_step == pytest.approx(2 / 3)
+    assert result.samples[0]["answer"] == gold[0]
 
 
 def test_an_empty_task_set_is_an_error() -> None:
@@ -89,12 +89,12 @@ def test_agreement_with_the_teacher_and_across_sampled_answers(
         teacher_answers=teacher,
         samples=4,
     )
-    assert result["teacher_answer_agreement"] == pytest.approx(2 / 3)
-    assert result["teacher_step_agreement"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert result.teacher.teacher_answer_agreement == pytest.approx(2 / 3)
+    assert result.teacher.teacher_step_agreement == pytest.approx((1 + 0.5 + 0) / 3)
     # majorities: gold 0 (2 of 4), "7" (4 of 4), "2" (4 of 4)
-    assert result["sample_agreement"] == pytest.approx((0.5 + 1 + 1) / 3)
+    assert result.consistency.sample_agreement == pytest.approx((0.5 + 1 + 1) / 3)
     right = [True, final_answer(gold[1]) == "7", final_answer(gold[2]) == "2"]
-    assert result["majority_exact_match"] == pytest.approx(sum(right) / 3)
+    assert result.consistency.majority_exact_match == pytest.approx(sum(right) / 3)
 
 
 def test_a_student_that_writes_no_calculations_has_no_step_agreement(
@@ -110,7 +110,7 @@ def test_a_student_that_writes_no_calculations_has_no_step_agreement(
         max_new_tokens=8,
         teacher_answers=teacher,
     )
-    assert result["teacher_step_agreement"] is None  # label-only: nothing to compare
+    assert result.teacher.teacher_step_agreement is None  # label-only: nothing to compare
 
 
 def test_step_agreement_counts_repeated_calculations_once_each() -> None:
@@ -153,5 +153,5 @@ def test_unreadable_annotations_count_as_wrong(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(task, "greedy_responses", fake)
     result = task.task_accuracy(None, None, examples, max_new_tokens=8)  # type: ignore[arg-type]
-    assert result["annotation_accuracy"] == pytest.approx(2 / 4)  # was 2 / 2
-    assert result["annotations_readable"] == pytest.approx(2 / 4)
+    assert result.annotation_accuracy == pytest.approx(2 / 4)  # was 2 / 2
+    assert result.annotations_readable == pytest.approx(2 / 4)

@@ -15,6 +15,7 @@ from dist_train import train_tiny
 
 from lmdistill.cli import main
 from lmdistill.config import LossConfig
+from lmdistill.metrics import RunMetrics
 from lmdistill.pipeline import OutputExistsError, run
 
 
@@ -36,6 +37,7 @@ def test_tiny_config_end_to_end_through_the_cli(
     ):
         assert (out / artifact).is_file(), artifact
     metrics = json.loads((out / "metrics.json").read_text())
+    assert RunMetrics.from_dict(metrics).as_dict() == metrics  # the types hold every key
     history = [r["loss"] for r in metrics["kd"]["history"]]
     assert sum(history[-4:]) / 4 < 0.7 * sum(history[:4]) / 4  # the loss falls
     before, kd, ce = metrics["before"], metrics["kd"]["after"], metrics["baseline"]["after"]
@@ -125,8 +127,8 @@ def test_a_second_run_into_the_same_directory_needs_resume(tmp_path: Path) -> No
     with pytest.raises(OutputExistsError, match="pass --resume"):
         run(config)
     again = run(config, resume=True)  # everything was done: nothing is retrained
-    assert again["kd"]["resumed_from"] == first["kd"]["steps"] == 8
-    assert again["generate"]["generated"] == 0
+    assert again.kd.resumed_from == first.kd.steps == 8
+    assert again.setup["generate"]["generated"] == 0
 
 
 def test_feature_losses_are_trained_logged_and_resumed(tmp_path: Path) -> None:

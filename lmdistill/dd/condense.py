@@ -370,21 +370,7 @@ def condense(
         optimizer.zero_grad(set_to_none=True)
         index = rng.sample(range(len(syn)), min(len(syn), spec.real_batch))
         if spec.method == "mtt":
-            span = max(1, spec.match_span // spec.expert_every)
-            first = rng.randrange(0, len(experts) - span)
-            steps = [
-                rng.sample(range(len(syn)), min(len(syn), spec.real_batch))
-                for _ in range(spec.unroll_steps)
-            ]
-            value = trajectory_loss_and_grads(
-                model,
-                syn,
-                experts[first],
-                experts[first + span],
-                steps,
-                log_lr,
-                spec.input_temperature,
-            )
+            value = mtt_step(model, syn, experts, log_lr, spec, rng)
         else:
             batch = real_batch(iteration)
             part = syn.batch(index)
@@ -398,15 +384,7 @@ def condense(
         history.append(value)
         bar.set_postfix(loss=f"{value:.4f}")
         if spec.method == "dc":  # DC alternates: the student learns from the synthetic set
-            inner = torch.optim.SGD(
-                [p for p in model.parameters() if p.requires_grad], lr=spec.inner_lr
-            )
-            detached = SyntheticSet(syn.x.detach(), syn.y.detach(), syn.mask, syn.attention)
-            for _ in range(spec.inner_steps):
-                inner.zero_grad(set_to_none=True)
-                step_index = rng.sample(range(len(syn)), min(len(syn), spec.real_batch))
-                synthetic_loss(model, detached.batch(step_index), spec.input_temperature).backward()
-                inner.step()
+            dc_inner_steps(model, syn, spec, rng)
     syn.x.requires_grad_(False)
     syn.y.requires_grad_(False)
     return {
@@ -418,6 +396,40 @@ def condense(
         "seconds": time.perf_counter() - started,
         "learned_student_lr": float(log_lr.exp()) if spec.method == "mtt" else None,
     }
+
+
+def mtt_step(
+    model: PreTrainedModel,
+    syn: SyntheticSet,
+    experts: list[dict[str, torch.Tensor]],
+    log_lr: torch.Tensor,
+    spec: CondenseConfig,
+    rng: random.Random,
+) -> float:
+    """MTT: from a random point of the expert trajectory, unroll the student on the synthetic
+    set and match where the expert was `match_span` steps later; gradients into the set."""
+    span = max(1, spec.match_span // spec.expert_every)
+    first = rng.randrange(0, len(experts) - span)
+    steps = [
+        rng.sample(range(len(syn)), min(len(syn), spec.real_batch))
+        for _ in range(spec.unroll_steps)
+    ]
+    return trajectory_loss_and_grads(
+        model, syn, experts[first], experts[first + span], steps, log_lr, spec.input_temperature
+    )
+
+
+def dc_inner_steps(
+    model: PreTrainedModel, syn: SyntheticSet, spec: CondenseConfig, rng: random.Random
+) -> None:
+    """DC's inner loop: the student takes `inner_steps` SGD steps on the (fixed) set."""
+    inner = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=spec.inner_lr)
+    detached = SyntheticSet(syn.x.detach(), syn.y.detach(), syn.mask, syn.attention)
+    for _ in range(spec.inner_steps):
+        inner.zero_grad(set_to_none=True)
+        step_index = rng.sample(range(len(syn)), min(len(syn), spec.real_batch))
+        synthetic_loss(model, detached.batch(step_index), spec.input_temperature).backward()
+        inner.step()
 
 
 def train_on_synthetic(

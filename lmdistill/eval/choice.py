@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from lmdistill.data import DataError, Example, collate, tokenize_examples
 from lmdistill.io import read_utf8
+from lmdistill.metrics import ChoiceMetrics
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def choice_logprobs(
 
 def multiple_choice(
     model: PreTrainedModel, tokenizer: Any, questions: list[ChoiceQuestion]
-) -> dict[str, float]:
+) -> ChoiceMetrics:
     """`accuracy` (highest total log-prob) and `accuracy_norm` (per token) over `questions`."""
     model.eval()
     right = right_norm = 0
@@ -104,8 +105,4 @@ def multiple_choice(
             max(range(len(scores)), key=lambda i: scores[i][0] / max(scores[i][1], 1))
             == question.answer
         )
-    return {
-        "questions": len(questions),
-        "accuracy": right / len(questions),
-        "accuracy_norm": right_norm / len(questions),
-    }
+    return ChoiceMetrics(len(questions), right / len(questions), right_norm / len(questions))

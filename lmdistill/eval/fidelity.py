@@ -14,7 +14,8 @@ from transformers import PreTrainedModel
 
 from lmdistill.config import LossConfig
 from lmdistill.data import TokenizedExample, collate, to_device
-from lmdistill.losses import LOSSES, sparse_divergence
+from lmdistill.losses import LOSSES, SparseSignal, sparse_divergence
+from lmdistill.metrics import FidelityMetrics
 from lmdistill.models.forward import response_hidden
 from lmdistill.teachers.base import Teacher
 
@@ -29,12 +30,12 @@ def fidelity(
     pad_token_id: int,
     batch_size: int = 8,
     chunk_size: int = 512,
-) -> dict[str, float | None]:
-    """`{"kl", "top1_agreement", "student_ppl", "teacher_ppl", "student_ece", "teacher_ece",
-    "tokens"}` over `eval_set`. `student_ece` is the expected calibration error of the
-    student's next-token predictions on the reference tokens (confidence = top probability,
-    10 bins), `teacher_ece` the teacher's on the same tokens: a student more over-confident
-    than its teacher is a failure signature of distillation.
+) -> FidelityMetrics:
+    """KL, top-1 agreement, perplexities and calibration over `eval_set`. `student_ece` is
+    the expected calibration error of the student's next-token predictions on the reference
+    tokens (confidence = top probability, 10 bins), `teacher_ece` the teacher's on the same
+    tokens: a student more over-confident than its teacher is a failure signature of
+    distillation.
 
     With a sparse teacher (cache, server) KL is the top-k + tail-bucket KL, agreement compares
     with the teacher's top-1 id, rows without a signal are left out (`signal_tokens` says how
@@ -42,13 +43,9 @@ def fidelity(
     log-prob).
     """
     student.eval()
-    totals = torch.zeros(4, dtype=torch.float64)  # kl, agree, student ce, teacher ce
-    tokens = scored = 0
-    sparse_seen = False
     s_weight = student.get_output_embeddings().weight[:vocab_size]
     kd_config = LossConfig()
-    calibration, teacher_calibration = Calibration(), Calibration()
-    teacher_calibrated = True
+    tally = FidelityTally()
     for start in range(0, len(eval_set), batch_size):
         indices = list(range(start, min(start + batch_size, len(eval_set))))
         batch = collate([eval_set[i] for i in indices], pad_token_id)
@@ -58,55 +55,83 @@ def fidelity(
         for lo in range(0, targets.shape[0], chunk_size):
             rows = slice(lo, lo + chunk_size)
             s_logits = (s_states[rows] @ s_weight.T).float()  # (n, V)
-            y = targets[rows]
-            s_ce = F.cross_entropy(s_logits, y, reduction="sum")
-            calibration.add(s_logits, y)
             if signal.sparse is not None:
-                sparse_seen = True
-                part = signal.sparse.rows(rows).to(s_logits.device)
-                keep = (
-                    part.present
-                    if part.present is not None
-                    else torch.ones(len(y), dtype=torch.bool, device=y.device)
-                )
-                kl = sparse_divergence(s_logits, part, "forward_kl", temperature=1.0)
-                if part.temperature == 1.0:  # the teacher's own confidence: its top-1 prob
-                    teacher_calibration.add_predictions(
-                        part.logprobs[keep, 0].exp(), part.token_ids[keep, 0], y[keep]
-                    )
-                else:
-                    teacher_calibrated = False
-                agree = s_logits.argmax(-1) == part.token_ids[:, 0]
-                values = [kl[keep].sum(), agree[keep].sum(), s_ce, torch.zeros(())]
-                scored += int(keep.sum())
+                tally.add_sparse(s_logits, targets[rows], signal.sparse.rows(rows))
             else:
                 assert signal.states is not None and signal.weight is not None
                 t_weight = signal.weight[:vocab_size]
                 t_logits = (signal.states[rows] @ t_weight.T).float().to(s_logits.device)
-                teacher_calibration.add(t_logits, y)
-                values = [
-                    LOSSES["forward_kl"](s_logits, t_logits).sum(),
-                    (s_logits.argmax(-1) == t_logits.argmax(-1)).sum(),
-                    s_ce,
-                    F.cross_entropy(t_logits, y, reduction="sum"),
-                ]
-                scored += len(y)
-            totals += torch.stack([v.double().cpu() for v in values])
-        tokens += int(targets.shape[0])
-    if tokens == 0 or scored == 0:
-        raise ValueError("the eval set has no response tokens with a teacher signal")
-    kl, agree = (totals[:2] / scored).tolist()
-    s_ce, t_ce = (totals[2:] / tokens).tolist()
-    return {
-        "kl": kl,
-        "top1_agreement": agree,
-        "student_ppl": math.exp(s_ce),
-        "teacher_ppl": None if sparse_seen else math.exp(t_ce),
-        "student_ece": calibration.ece(),
-        "teacher_ece": teacher_calibration.ece() if teacher_calibrated else None,
-        "tokens": tokens,
-        "signal_tokens": scored,
-    }
+                tally.add_dense(s_logits, targets[rows], t_logits)
+    return tally.result()
+
+
+class FidelityTally:
+    """Sums over chunks of response tokens: KL and agreement over the tokens with a teacher
+    signal, cross-entropies and calibration over all of them."""
+
+    def __init__(self) -> None:
+        self.totals = torch.zeros(4, dtype=torch.float64)  # kl, agree, student ce, teacher ce
+        self.tokens = self.scored = 0
+        self.sparse_seen = False
+        self.calibration, self.teacher_calibration = Calibration(), Calibration()
+        self.teacher_calibrated = True
+
+    def add_sparse(self, s_logits: torch.Tensor, y: torch.Tensor, part: SparseSignal) -> None:
+        """A chunk against a top-k signal: KL over its ids plus the tail bucket, agreement
+        with its top-1 id, rows without a signal left out."""
+        self.sparse_seen = True
+        part = part.to(s_logits.device)
+        keep = (
+            part.present
+            if part.present is not None
+            else torch.ones(len(y), dtype=torch.bool, device=y.device)
+        )
+        kl = sparse_divergence(s_logits, part, "forward_kl", temperature=1.0)
+        if part.temperature == 1.0:  # the teacher's own confidence: its top-1 prob
+            self.teacher_calibration.add_predictions(
+                part.logprobs[keep, 0].exp(), part.token_ids[keep, 0], y[keep]
+            )
+        else:
+            self.teacher_calibrated = False
+        agree = s_logits.argmax(-1) == part.token_ids[:, 0]
+        self._add(s_logits, y, [kl[keep].sum(), agree[keep].sum()], torch.zeros(()))
+        self.scored += int(keep.sum())
+
+    def add_dense(self, s_logits: torch.Tensor, y: torch.Tensor, t_logits: torch.Tensor) -> None:
+        """A chunk against the teacher's full logits."""
+        self.teacher_calibration.add(t_logits, y)
+        kl = LOSSES["forward_kl"](s_logits, t_logits).sum()
+        agree = (s_logits.argmax(-1) == t_logits.argmax(-1)).sum()
+        self._add(s_logits, y, [kl, agree], F.cross_entropy(t_logits, y, reduction="sum"))
+        self.scored += len(y)
+
+    def _add(
+        self,
+        s_logits: torch.Tensor,
+        y: torch.Tensor,
+        scored: list[torch.Tensor],
+        t_ce: torch.Tensor,
+    ) -> None:
+        self.calibration.add(s_logits, y)
+        s_ce = F.cross_entropy(s_logits, y, reduction="sum")
+        self.totals += torch.stack([v.double().cpu() for v in (*scored, s_ce, t_ce)])
+        self.tokens += len(y)
+
+    def result(self) -> FidelityMetrics:
+        if self.tokens == 0 or self.scored == 0:
+            raise ValueError("the eval set has no response tokens with a teacher signal")
+        kl, agree = (self.totals[:2] / self.scored).tolist()
+        s_ce, t_ce = (self.totals[2:] / self.tokens).tolist()
+        return FidelityMetrics(
+            kl=kl,
+            top1_agreement=agree,
+            student_ppl=math.exp(s_ce),
+            teacher_ppl=None if self.sparse_seen else math.exp(t_ce),
+            student_ece=self.calibration.ece(),
+            teacher_ece=self.teacher_calibration.ece() if self.teacher_calibrated else None,
+            tokens=self.tokens,
+            signal_tokens=self.scored,
+        )
 
 
 class Calibration:

@@ -10,6 +10,7 @@ from transformers import PreTrainedModel
 from lmdistill.data import Example
 from lmdistill.data.gsm8k import calculator_annotations, final_answer, majority_answer
 from lmdistill.eval.reasoning import rationale_quality, step_agreement
+from lmdistill.metrics import SelfConsistency, TaskMetrics, TeacherAgreement
 from lmdistill.models.generate import greedy_responses, sampled_responses
 
 
@@ -24,7 +25,7 @@ def task_accuracy(
     teacher_answers: list[str] | None = None,
     samples: int = 0,
     answers: list[str] | None = None,
-) -> dict[str, Any]:
+) -> TaskMetrics:
     """Exact match of the final answer (`####`, else the last number) against each example's
     reference response, plus rationale checks over the model's own answers that need no
     ground truth: the fraction of calculator annotations that are arithmetically right (of all
@@ -50,37 +51,40 @@ def task_accuracy(
         if quality.answer_follows is not None:
             judged += 1
             follows += quality.answer_follows
-    result: dict[str, Any] = {
-        "examples": len(examples),
-        "exact_match": correct / len(examples),
-        "annotations_per_answer": annotated / len(examples),
-        # A share of all annotations written: one the checker cannot read counts as wrong, so
-        # a student that writes malformed calculations is not flattered by them.
-        "annotation_accuracy": right / annotated if annotated else None,
-        "annotations_readable": readable / annotated if annotated else None,
-        "answer_follows_last_step": follows / judged if judged else None,
-        "samples": [
-            {"prompt": e.messages[-1]["content"], "answer": a, "reference": e.response}
-            for e, a in zip(examples[:keep], answers[:keep], strict=True)
-        ],
-    }
-    if teacher_answers is not None:
-        result.update(_teacher_agreement(answers, teacher_answers))
+    consistency = None
     if samples > 0:
         drawn = sampled_responses(
             model, tokenizer, examples, max_new_tokens, samples=samples, batch_size=batch_size
         )
         votes = [majority_answer(texts) for texts in drawn]
         golds = [final_answer(e.response or "") for e in examples]
-        result["sampled_answers_per_question"] = samples
-        result["sample_agreement"] = sum(share for _, share in votes) / len(votes)
-        result["majority_exact_match"] = sum(
-            g is not None and a == g for (a, _), g in zip(votes, golds, strict=True)
-        ) / len(votes)
-    return result
+        consistency = SelfConsistency(
+            sampled_answers_per_question=samples,
+            sample_agreement=sum(share for _, share in votes) / len(votes),
+            majority_exact_match=sum(
+                g is not None and a == g for (a, _), g in zip(votes, golds, strict=True)
+            )
+            / len(votes),
+        )
+    return TaskMetrics(
+        examples=len(examples),
+        exact_match=correct / len(examples),
+        annotations_per_answer=annotated / len(examples),
+        # A share of all annotations written: one the checker cannot read counts as wrong, so
+        # a student that writes malformed calculations is not flattered by them.
+        annotation_accuracy=right / annotated if annotated else None,
+        annotations_readable=readable / annotated if annotated else None,
+        answer_follows_last_step=follows / judged if judged else None,
+        samples=[
+            {"prompt": e.messages[-1]["content"], "answer": a, "reference": e.response}
+            for e, a in zip(examples[:keep], answers[:keep], strict=True)
+        ],
+        teacher=None if teacher_answers is None else _teacher_agreement(answers, teacher_answers),
+        consistency=consistency,
+    )
 
 
-def _teacher_agreement(answers: list[str], teacher_answers: list[str]) -> dict[str, Any]:
+def _teacher_agreement(answers: list[str], teacher_answers: list[str]) -> TeacherAgreement:
     if len(answers) != len(teacher_answers):
         raise ValueError(f"{len(teacher_answers)} teacher answers for {len(answers)} questions")
     same = sum(
@@ -92,10 +96,10 @@ def _teacher_agreement(answers: list[str], teacher_answers: list[str]) -> dict[s
     # A student that writes no calculations at all (label-only, step-by-step at inference)
     # has no rationale to compare: None, not 0.
     writes = any(calculator_annotations(a) for a in answers)
-    return {
-        "teacher_answer_agreement": same / len(answers),
-        "teacher_step_agreement": sum(judged) / len(judged) if judged and writes else None,
-    }
+    return TeacherAgreement(
+        teacher_answer_agreement=same / len(answers),
+        teacher_step_agreement=sum(judged) / len(judged) if judged and writes else None,
+    )
 
 
 def greedy_answers(

@@ -83,28 +83,15 @@ def train_student(
     if teacher is not None:
         teacher.prepare(accelerator.device, loss)
 
-    state = TrainState(config_hash=config_hash)
-    if resume and (checkpoints := list_checkpoints(checkpoint_dir)):
-        unwrapped = accelerator.unwrap_model(objective)
-        state = resumed_state(checkpoints[-1], unwrapped, optimizer, scheduler, config_hash)
+    state = start_state(
+        accelerator, objective, optimizer, scheduler, checkpoint_dir, config_hash, train, resume
+    )
     resumed_from = state.step
-    if train.checkpoint_every and state.step < train.max_steps:
-        # Every process checks (none is left waiting in a collective for one that stopped).
-        need = checkpoint_bytes(accelerator.unwrap_model(objective), optimizer)
-        check_room(checkpoint_dir, need, train.keep_checkpoints, warn=accelerator.is_main_process)
-
     logged = [k for k in PARTS if k not in ("hidden", "attention") or getattr(loss, f"{k}_weight")]
     world = accelerator.num_processes
     global_batch = train.batch_size * train.grad_accum * world
     last_step = train.max_steps if stop_after is None else min(train.max_steps, stop_after)
-    bar = tqdm(
-        total=train.max_steps,
-        initial=state.step,
-        desc=desc,
-        unit="step",
-        disable=not accelerator.is_main_process,
-        dynamic_ncols=True,
-    )
+    bar = progress_bar(train.max_steps, state.step, desc, show=accelerator.is_main_process)
     difficulty_order = easy_to_hard(train_set) if train.curriculum == "easy_to_hard" else None
     deepest = max((max(item.ranks) for item in train_set if item.ranks), default=0)
     started, tokens_at_start = time.perf_counter(), state.tokens
@@ -117,20 +104,13 @@ def train_student(
         )
         chunks = rank_slices(indices, train, accelerator.process_index, world)
         micro = micro_batches(train_set, chunks, pad_token_id, train, state.step, deepest)
-        global_tokens, normaliser = token_counts(micro, accelerator, train)
-        sums = accumulate_gradients(
-            accelerator, objective, teacher, micro, chunks, loss, max(normaliser, 1)
+        sums, global_tokens, grad_norm = optimizer_step(
+            accelerator, objective, optimizer, scheduler, teacher, micro, chunks, loss, train
         )
-        grad_norm = accelerator.clip_grad_norm_(objective.parameters(), train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        sums = accelerator.reduce(sums, "sum") / max(normaliser, 1)
         state.step += 1
         state.tokens += global_tokens
         rate = (state.tokens - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
-        record: dict[str, float] = {
+        record = {
             "step": state.step,
             **{k: float(v) for k, v in zip(PARTS, sums, strict=True) if k in logged},
             "lr": float(scheduler.get_last_lr()[0]),
@@ -152,6 +132,61 @@ def train_student(
     return TrainResult(
         state, elapsed, (state.tokens - tokens_at_start) / max(elapsed, 1e-9), resumed_from
     )
+
+
+def progress_bar(total: int, initial: int, desc: str, *, show: bool) -> Any:
+    """Steps done of `total` (one bar, on the main process), with loss and tokens/s."""
+    return tqdm(
+        total=total, initial=initial, desc=desc, unit="step", disable=not show, dynamic_ncols=True
+    )
+
+
+def optimizer_step(
+    accelerator: Accelerator,
+    objective: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    teacher: Teacher | None,
+    micro: list[dict[str, torch.Tensor]],
+    chunks: list[list[int]],
+    loss: LossConfig,
+    train: TrainConfig,
+) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """One optimizer step over this process's micro-batches: gradients normalised by the
+    global count of trained tokens, clipped, applied. Returns the loss parts per token
+    (summed over processes), the global tokens and the gradient norm."""
+    global_tokens, normaliser = token_counts(micro, accelerator, train)
+    sums = accumulate_gradients(
+        accelerator, objective, teacher, micro, chunks, loss, max(normaliser, 1)
+    )
+    grad_norm = accelerator.clip_grad_norm_(objective.parameters(), train.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return accelerator.reduce(sums, "sum") / max(normaliser, 1), global_tokens, grad_norm
+
+
+def start_state(
+    accelerator: Accelerator,
+    objective: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    checkpoint_dir: Path,
+    config_hash: str,
+    train: TrainConfig,
+    resume: bool,
+) -> TrainState:
+    """A fresh state, or (with `resume`) the last checkpoint's, its weights, optimizer and
+    schedule restored; before a step runs, a check that the checkpoints will fit on disk."""
+    state = TrainState(config_hash=config_hash)
+    if resume and (checkpoints := list_checkpoints(checkpoint_dir)):
+        unwrapped = accelerator.unwrap_model(objective)
+        state = resumed_state(checkpoints[-1], unwrapped, optimizer, scheduler, config_hash)
+    if train.checkpoint_every and state.step < train.max_steps:
+        # Every process checks (none is left waiting in a collective for one that stopped).
+        need = checkpoint_bytes(accelerator.unwrap_model(objective), optimizer)
+        check_room(checkpoint_dir, need, train.keep_checkpoints, warn=accelerator.is_main_process)
+    return state
 
 
 def used_teacher(teacher: Teacher | None, loss: LossConfig) -> Teacher | None:

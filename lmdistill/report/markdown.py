@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from lmdistill.io import atomic_write_text
+from lmdistill.metrics import EvalMetrics, RunMetrics, TaskMetrics
 from lmdistill.report.plots import fidelity_bars, loss_curves
 
 
-def write_report(out: Path, metrics: dict[str, Any], config: dict[str, Any]) -> Path:
+def write_report(out: Path, metrics: RunMetrics, config: dict[str, Any]) -> Path:
     loss_curves(metrics, out / "loss.png")
-    has_eval = bool(metrics["kd"]["after"]) and "kl" in metrics["kd"]["after"]
+    has_eval = metrics.kd.after is not None and metrics.kd.after.fidelity is not None
     if has_eval:
         fidelity_bars(metrics, out / "fidelity.png")
     path = out / "report.md"
@@ -19,7 +20,7 @@ def write_report(out: Path, metrics: dict[str, Any], config: dict[str, Any]) -> 
     return path
 
 
-def render(metrics: dict[str, Any], config: dict[str, Any], has_eval: bool) -> str:
+def render(metrics: RunMetrics, config: dict[str, Any], has_eval: bool) -> str:
     lines = [
         "# lmdistill report",
         "",
@@ -34,21 +35,21 @@ def render(metrics: dict[str, Any], config: dict[str, Any], has_eval: bool) -> s
             *fidelity_table(metrics),
         ]
         lines += ["", "![fidelity](fidelity.png)"]
-    if (metrics["kd"]["after"] or {}).get("tasks"):
+    if metrics.kd.after is not None and metrics.kd.after.tasks:
         lines += ["", "## Task accuracy (greedy answers)", "", *task_table(metrics)]
     lines += ["", "## Training", "", "![loss](loss.png)", ""]
     lines += [
-        f"Wall time {metrics['wall_seconds'] / 60:.1f} min, peak memory "
-        f"{metrics['peak_rss_mb']:.0f} MB (RSS)"
-        + (f", {metrics['peak_gpu_mb']:.0f} MB on the GPU." if "peak_gpu_mb" in metrics else ".")
+        f"Wall time {metrics.wall_seconds / 60:.1f} min, peak memory "
+        f"{metrics.peak_rss_mb:.0f} MB (RSS)"
+        + (f", {metrics.peak_gpu_mb:.0f} MB on the GPU." if metrics.peak_gpu_mb else ".")
     ]
     lines += sample_lines(metrics)
     return "\n".join(lines) + "\n"
 
 
-def setup_lines(metrics: dict[str, Any], config: dict[str, Any]) -> list[str]:
+def setup_lines(metrics: RunMetrics, config: dict[str, Any]) -> list[str]:
     """Who was distilled into what, with which objective, on which data."""
-    models, data, kd = metrics["models"], metrics["data"], metrics["kd"]
+    models, data, kd = metrics.models, metrics.data, metrics.kd
     loss = config["loss"]
     return [
         f"Teacher `{models['teacher']}` ({models['teacher_parameters'] / 1e6:.1f} M parameters, "
@@ -57,8 +58,8 @@ def setup_lines(metrics: dict[str, Any], config: dict[str, Any]) -> list[str]:
         f"layers, init `{config['student']['init']}`).",
         "",
         f"Objective: `{loss['alpha']} * CE + (1 - {loss['alpha']}) * {loss['temperature']}^2 * "
-        f"{loss['divergence']}(teacher || student)`, {kd['steps']} steps, "
-        f"{kd['tokens']:,} response tokens, {kd['tokens_per_s']:.0f} tokens/s.",
+        f"{loss['divergence']}(teacher || student)`, {kd.steps} steps, "
+        f"{kd.tokens:,} response tokens, {kd.tokens_per_s:.0f} tokens/s.",
         "",
         f"Data: `{data['source']}`: {data['train_examples']} training and "
         f"{data['eval_examples']} held-out examples; truncated "
@@ -68,11 +69,13 @@ def setup_lines(metrics: dict[str, Any], config: dict[str, Any]) -> list[str]:
     ]
 
 
-def teacher_lines(metrics: dict[str, Any]) -> list[str]:
-    """What the teacher side did: generation, the server, the probe, the caches."""
+def teacher_lines(metrics: RunMetrics) -> list[str]:
+    """What the teacher side did: generation, the server, the probe, the caches (each as
+    the backend reported it)."""
     lines: list[str] = []
-    if metrics.get("generate"):
-        gen = metrics["generate"]
+    setup = metrics.setup
+    if setup.get("generate"):
+        gen = setup["generate"]
         lines += [
             "",
             f"Sequence-level KD: the teacher wrote {gen['prompts']} responses "
@@ -80,18 +83,18 @@ def teacher_lines(metrics: dict[str, Any]) -> list[str]:
             f"{gen['new_tokens_per_s']:.0f} tokens/s; {gen['hit_length_limit']} hit "
             "max_new_tokens and are kept without an end-of-turn token).",
         ]
-    if metrics.get("served"):
-        served = metrics["served"]
+    if setup.get("served"):
+        served = setup["served"]
         lines += [
             "",
-            f"Served teacher `{metrics['models']['teacher_signal']}`: {served['requests']} "
+            f"Served teacher `{metrics.models['teacher_signal']}`: {served['requests']} "
             f"requests ({served['retries']} retries), {served['prompt_tokens']:,} prompt and "
             f"{served['completion_tokens']:,} completion tokens; "
             f"{served['dropped_alternatives']} top-k alternatives did not map to one token id "
             f"(their mass is in the tail bucket); {served['text_only_rows']} rows text-only.",
         ]
-    if metrics.get("probe"):
-        probe = metrics["probe"]
+    if setup.get("probe"):
+        probe = setup["probe"]
         diff = probe["mean_abs_diff"]
         lines += [
             "",
@@ -104,8 +107,8 @@ def teacher_lines(metrics: dict[str, Any]) -> list[str]:
                 else "no local copy to compare with."
             ),
         ]
-    if metrics.get("cache"):
-        for split, cache in metrics["cache"].items():
+    if setup.get("cache"):
+        for split, cache in setup["cache"].items():
             lines.append("")
             size = (
                 f", {cache['bytes_per_token']} bytes/token ({cache['bytes'] / 2**20:.1f} MiB)"
@@ -120,12 +123,12 @@ def teacher_lines(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
-def sample_lines(metrics: dict[str, Any]) -> list[str]:
+def sample_lines(metrics: RunMetrics) -> list[str]:
     """Each held-out prompt with every model's greedy answer."""
-    if not metrics.get("samples"):
+    if not metrics.samples:
         return []
     lines = ["", "## Side by side (greedy, held-out prompts)", ""]
-    for i, row in enumerate(metrics["samples"], start=1):
+    for i, row in enumerate(metrics.samples, start=1):
         lines += [f"### Prompt {i}", "", quote(row["prompt"]), ""]
         for name, text in row.items():
             if name != "prompt":
@@ -133,51 +136,47 @@ def sample_lines(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
-def fidelity_table(metrics: dict[str, Any]) -> list[str]:
-    arms = [
-        ("student before training", metrics.get("before")),
-        ("KD student", metrics["kd"]["after"]),
-    ]
-    if "baseline" in metrics:
-        arms.append(("CE-only student (same data, same steps)", metrics["baseline"]["after"]))
+NAMES = {
+    "before": "student before training",
+    "KD": "KD student",
+    "CE-only": "CE-only student",
+}
+
+
+def fidelity_table(metrics: RunMetrics) -> list[str]:
     rows = [
         "| model | KL(teacher‖student) ↓ | top-1 agreement ↑ | perplexity on teacher text ↓ "
         "| calibration error (ECE) ↓ |",
         "|---|---|---|---|---|",
     ]
-    for name, values in arms:
-        if values:
+    for arm, values in metrics.arms():
+        if values is not None and values.fidelity is not None:
+            f = values.fidelity
+            name = NAMES[arm] + (" (same data, same steps)" if arm == "CE-only" else "")
             rows.append(
-                f"| {name} | {values['kl']:.4f} | {values['top1_agreement']:.3f} | "
-                f"{values['student_ppl']:.2f} | {_fraction(values.get('student_ece'))} |"
+                f"| {name} | {f.kl:.4f} | {f.top1_agreement:.3f} | "
+                f"{f.student_ppl:.2f} | {_fraction(f.student_ece)} |"
             )
-    after = metrics["kd"]["after"]
-    teacher_ppl = after["teacher_ppl"]
-    shown = "n/a (top-k signal)" if teacher_ppl is None else f"{teacher_ppl:.2f}"
-    rows.append(
-        f"| teacher (reference) | 0 | 1 | {shown} | {_fraction(after.get('teacher_ece'))} |"
-    )
-    if after.get("signal_tokens", after["tokens"]) != after["tokens"]:
+    assert metrics.kd.after is not None and metrics.kd.after.fidelity is not None
+    after = metrics.kd.after.fidelity
+    shown = "n/a (top-k signal)" if after.teacher_ppl is None else f"{after.teacher_ppl:.2f}"
+    rows.append(f"| teacher (reference) | 0 | 1 | {shown} | {_fraction(after.teacher_ece)} |")
+    if after.signal_tokens != after.tokens:
         rows += [
             "",
-            f"KL and agreement over the {after['signal_tokens']:,} of {after['tokens']:,} "
+            f"KL and agreement over the {after.signal_tokens:,} of {after.tokens:,} "
             "held-out tokens that carry a teacher signal (a served teacher reports none for "
             "the end-of-turn tokens); KL is over the teacher's top-k ids plus one tail bucket.",
         ]
     return rows
 
 
-def task_table(metrics: dict[str, Any]) -> list[str]:
+def task_table(metrics: RunMetrics) -> list[str]:
     """Exact match and rationale checks per task set and model; with the teacher's answers,
     the share of its accuracy each student keeps and how often they agree with it."""
-    arms = [
-        ("teacher", metrics.get("teacher")),
-        ("student before training", metrics.get("before")),
-        ("KD student", metrics["kd"]["after"]),
-    ]
-    if "baseline" in metrics:
-        arms.append(("CE-only student", metrics["baseline"]["after"]))
-    teacher = (metrics.get("teacher") or {}).get("tasks") or {}
+    arms: list[tuple[str, EvalMetrics | None]] = [("teacher", metrics.teacher)]
+    arms += [(NAMES[arm], values) for arm, values in metrics.arms()]
+    teacher = metrics.teacher.tasks if metrics.teacher is not None else {}
     rows = [
         "| task set | model | exact match ↑ | of teacher's | annotations right ↑ "
         "| answer = last step ↑ | agrees with teacher (answer / steps) | sampled answers agree "
@@ -185,39 +184,40 @@ def task_table(metrics: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, values in arms:
-        for source, task in ((values or {}).get("tasks") or {}).items():
-            if "accuracy" in task:  # multiple choice by log-likelihood
+        for source, task in (values.tasks if values is not None else {}).items():
+            if not isinstance(task, TaskMetrics):  # multiple choice by log-likelihood
                 rows.append(
-                    f"| `{source}` | {name} | {task['accuracy']:.3f} (per-token "
-                    f"{task['accuracy_norm']:.3f}) | | | | | |"
+                    f"| `{source}` | {name} | {task.accuracy:.3f} (per-token "
+                    f"{task.accuracy_norm:.3f}) | | | | | |"
                 )
                 continue
-            reference = (teacher.get(source) or {}).get("exact_match")
-            kept = (
-                f"{task['exact_match'] / reference:.0%}" if reference and name != "teacher" else ""
-            )
+            reference = teacher.get(source)
+            kept = ""
+            if isinstance(reference, TaskMetrics) and reference.exact_match and name != "teacher":
+                kept = f"{task.exact_match / reference.exact_match:.0%}"
             agrees = ""
-            if "teacher_answer_agreement" in task:
+            if task.teacher is not None:
                 agrees = (
-                    f"{task['teacher_answer_agreement']:.3f} / "
-                    f"{_fraction(task['teacher_step_agreement'])}"
+                    f"{task.teacher.teacher_answer_agreement:.3f} / "
+                    f"{_fraction(task.teacher.teacher_step_agreement)}"
                 )
             sampled = ""
-            if "sample_agreement" in task:
-                sampled = f"{task['sample_agreement']:.3f} ({task['majority_exact_match']:.3f})"
+            if task.consistency is not None:
+                c = task.consistency
+                sampled = f"{c.sample_agreement:.3f} ({c.majority_exact_match:.3f})"
             rows.append(
-                f"| `{source}` | {name} | {task['exact_match']:.3f} | {kept} | "
+                f"| `{source}` | {name} | {task.exact_match:.3f} | {kept} | "
                 f"{_annotations(task)} | "
-                f"{_fraction(task['answer_follows_last_step'])} | {agrees} | {sampled} |"
+                f"{_fraction(task.answer_follows_last_step)} | {agrees} | {sampled} |"
             )
     return rows
 
 
-def _annotations(task: dict) -> str:
+def _annotations(task: TaskMetrics) -> str:
     """The share of annotations right, of all written; the readable share beside it when the
     checker could not read some (they count as wrong)."""
-    shown = _fraction(task["annotation_accuracy"])
-    readable = task.get("annotations_readable")
+    shown = _fraction(task.annotation_accuracy)
+    readable = task.annotations_readable
     return shown if readable is None or readable == 1 else f"{shown} ({readable:.0%} readable)"
 
 

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from lmdistill.metrics import FidelityMetrics, RunMetrics
 
-def loss_curves(metrics: dict[str, Any], path: Path) -> None:
+
+def loss_curves(metrics: RunMetrics, path: Path) -> None:
     """Training loss of the KD student (and the CE-only baseline's CE) per step."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    kd = metrics["kd"]["history"]
+    kd = metrics.kd.history
     ax.plot([r["step"] for r in kd], [r["loss"] for r in kd], label="KD student: loss")
     ax.plot([r["step"] for r in kd], [r["ce"] for r in kd], ":", label="KD student: CE")
-    if "baseline" in metrics:
-        base = metrics["baseline"]["history"]
+    if metrics.baseline is not None:
+        base = metrics.baseline.history
         ax.plot([r["step"] for r in base], [r["ce"] for r in base], label="CE-only student: CE")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("per-token loss")
@@ -30,18 +31,19 @@ def loss_curves(metrics: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def fidelity_bars(metrics: dict[str, Any], path: Path) -> None:
+def fidelity_bars(metrics: RunMetrics, path: Path) -> None:
     """Held-out KL(teacher || student) and top-1 agreement: before, KD, CE-only."""
-    candidates = [("before", metrics.get("before")), ("KD", metrics["kd"]["after"])]
-    if "baseline" in metrics:
-        candidates.append(("CE-only", metrics["baseline"]["after"]))
-    arms: list[tuple[str, dict[str, float]]] = [(n, v) for n, v in candidates if v]
+    arms: list[tuple[str, FidelityMetrics]] = [
+        (name, values.fidelity)
+        for name, values in metrics.arms()
+        if values is not None and values.fidelity is not None
+    ]
     fig, axes = plt.subplots(1, 2, figsize=(7, 3.2))
     for ax, key, title in (
         (axes[0], "kl", "KL(teacher || student)  (lower is better)"),
         (axes[1], "top1_agreement", "top-1 agreement  (higher is better)"),
     ):
-        values = [v[key] for _, v in arms]
+        values = [getattr(v, key) for _, v in arms]
         bars = ax.bar(
             [name for name, _ in arms], values, color=["#999", "#2a7", "#c63"][: len(arms)]
         )

@@ -30,7 +30,8 @@ from lmdistill.losses import SparseSignal
 from lmdistill.models.forward import teacher_outputs, uses_attention
 from lmdistill.teachers.cache import CacheError, TeacherCache
 from lmdistill.teachers.generate import GenerationReport, generate_responses
-from lmdistill.teachers.served import ServedClient, served_generate
+from lmdistill.teachers.served import served_generate
+from lmdistill.teachers.served_client import ServedClient
 
 
 @dataclass

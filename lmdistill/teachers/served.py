@@ -7,10 +7,8 @@ of the local tokenizer; a generated token that does not map to exactly one id st
 An alternative that does not map is dropped from the row, so its mass falls into the tail
 bucket, which stays exact; the count is reported.
 
-Requests run `max_concurrency` at a time, with a timeout, and retry with exponential backoff
-on 429, 5xx and lost connections. The API key is read from the environment variable named in
-the config and only ever sent in the Authorization header, and only to teacher.base_url's origin
-(a redirect elsewhere is refused): never logged, saved or raised.
+Requests run `max_concurrency` at a time through `served_client.ServedClient` (retries,
+backoff, timeouts; the API key only ever in the Authorization header, to the base URL's origin).
 """
 
 from __future__ import annotations
@@ -19,18 +17,11 @@ import contextlib
 import json
 import math
 import os
-import random
-import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from http.client import HTTPMessage
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -45,208 +36,14 @@ from lmdistill.teachers.generate import (
     finished_rows,
     generation_settings,
 )
+from lmdistill.teachers.served_client import ServedClient, ServedStats, ServedTeacherError
 
 MAX_MISALIGNED = 0.25  # of greedy probe tokens that may differ from their row's top-1
-RETRYABLE = {408, 409, 425, 429, 500, 502, 503, 504}
 PROBE_PROMPTS = (
     "What is 12 times 7? Answer briefly.",
     "Name the three primary colours.",
     "Write one sentence about the sea.",
 )
-
-
-class ServedTeacherError(RuntimeError):
-    """The server cannot be used: unreachable, key rejected, unknown model, bad answer."""
-
-
-class CrossOriginRedirectError(ServedTeacherError):
-    """The server redirected to another origin; following would hand that origin the API key."""
-
-
-@dataclass
-class ServedStats:
-    """Per-run request and token counts, for the report."""
-
-    requests: int = 0
-    retries: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    dropped_alternatives: int = 0  # top-k strings that did not map to one id (now in the tail)
-    text_only_rows: int = 0  # rows kept without a token-level signal (on_unmappable=text_only)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, **counts: int) -> None:
-        with self.lock:
-            for name, value in counts.items():
-                setattr(self, name, getattr(self, name) + value)
-
-    def as_dict(self) -> dict[str, int]:
-        return {k: v for k, v in self.__dict__.items() if k != "lock"}
-
-
-class ServedClient:
-    """Minimal OpenAI-compatible client (stdlib only): retries, backoff, timeouts, counts."""
-
-    def __init__(self, spec: TeacherConfig, *, backoff_s: float = 0.5) -> None:
-        if not spec.base_url or not spec.model:
-            raise ServedTeacherError("teacher.base_url and teacher.model must be set")
-        self.base_url = spec.base_url.rstrip("/")
-        self.model = spec.model
-        self.timeout_s = spec.timeout_s
-        self.max_retries = spec.max_retries
-        self.backoff_s = backoff_s
-        self.key_env = spec.api_key_env
-        self._key: str | None = None
-        if spec.api_key_env:
-            self._key = os.environ.get(spec.api_key_env)
-            if not self._key:
-                raise ServedTeacherError(
-                    f"teacher.api_key_env names ${spec.api_key_env}, which is not set"
-                )
-        self.extra_body = dict(spec.extra_body or {})
-        self.stats = ServedStats()
-        self._opener = urllib.request.build_opener(_SameOriginRedirects(_origin(self.base_url)))
-
-    def check_model(self) -> list[str]:
-        """Fail early, and clearly, on an unreachable server, a bad key or an unknown model."""
-        served = [m.get("id") for m in self._request("GET", "/models").get("data", [])]
-        if self.model not in served:
-            raise ServedTeacherError(
-                f"{self.base_url} does not serve model {self.model!r}; it serves {served}"
-            )
-        return served
-
-    def chat(
-        self,
-        messages: list[dict[str, str]],
-        config: GenerateConfig,
-        *,
-        top_logprobs: int,
-        seed: int,
-    ) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": self.model,
-            "messages": messages,
-            "max_tokens": config.max_new_tokens,
-            "temperature": config.temperature if config.do_sample else 0.0,
-            "top_p": config.top_p if config.do_sample else 1.0,
-            "seed": seed,
-            "logprobs": True,
-            "top_logprobs": top_logprobs,
-            **self.extra_body,
-        }
-        answer = self._request("POST", "/chat/completions", body)
-        usage = answer.get("usage") or {}
-        self.stats.add(
-            prompt_tokens=int(usage.get("prompt_tokens", 0)),
-            completion_tokens=int(usage.get("completion_tokens", 0)),
-        )
-        try:
-            return dict(answer["choices"][0])
-        except (KeyError, IndexError, TypeError) as error:
-            detail = json.dumps(answer)[:300]
-            raise ServedTeacherError(f"{self.base_url}: malformed answer {detail}") from error
-
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        url = self.base_url + path
-        headers = {"Content-Type": "application/json"}
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
-        data = None if body is None else json.dumps(body).encode()
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                self.stats.add(retries=1)
-            self.stats.add(requests=1)
-            request = urllib.request.Request(url, data=data, headers=headers, method=method)
-            retry_after = None
-            try:
-                with self._opener.open(request, timeout=self.timeout_s) as response:
-                    return json.loads(response.read())
-            except urllib.error.HTTPError as error:
-                detail = _error_text(error)
-                if error.code in (401, 403):
-                    where = f" from ${self.key_env}" if self.key_env else " (none was sent)"
-                    raise ServedTeacherError(
-                        f"{url}: HTTP {error.code}, the server rejected the API key{where}"
-                    ) from None
-                if error.code == 404:
-                    raise ServedTeacherError(
-                        f"{url}: HTTP 404 ({detail}); check teacher.base_url (usually ends in "
-                        f"/v1) and teacher.model={self.model!r}"
-                    ) from None
-                if error.code not in RETRYABLE:
-                    raise ServedTeacherError(f"{url}: HTTP {error.code}: {detail}") from None
-                last = f"HTTP {error.code}: {detail}"
-                retry_after = _retry_after(error)
-            # A refused redirect (CrossOriginRedirectError) is no OSError: it is raised at once,
-            # never retried as if it were a lost connection.
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
-                reason = getattr(error, "reason", error)
-                last = f"{type(reason).__name__}: {reason}"
-            if attempt < self.max_retries:
-                delay = min(self.backoff_s * 2**attempt, 30.0) * (0.5 + random.random() / 2)
-                time.sleep(retry_after if retry_after is not None else delay)
-        raise ServedTeacherError(
-            f"cannot get an answer from {url} after {self.max_retries + 1} tries: {last}"
-        )
-
-
-class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow redirects only within teacher.base_url's origin (scheme, host, port).
-
-    urllib's default handler copies every request header, Authorization included, onto a
-    redirect to any host or port, so a 302 from the server (or from whoever answers at its
-    address) would hand the API key to another origin."""
-
-    def __init__(self, origin: str) -> None:
-        super().__init__()
-        self.origin = origin
-
-    def redirect_request(
-        self,
-        req: urllib.request.Request,
-        fp: IO[bytes],
-        code: int,
-        msg: str,
-        headers: HTTPMessage,
-        newurl: str,
-    ) -> urllib.request.Request | None:
-        target = _origin(newurl)
-        if target != self.origin:
-            fp.close()
-            raise CrossOriginRedirectError(
-                f"teacher.base_url's origin {self.origin} answered HTTP {code}, a redirect to "
-                f"another origin, {target}; not followed, so the API key is not sent there "
-                "(set teacher.base_url to the server that answers)"
-            )
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def _origin(url: str) -> str:
-    """`scheme://host:port` of `url`, the default port made explicit (http://h == http://h:80)."""
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port or {"http": 80, "https": 443}.get(scheme)
-    except ValueError:  # a malformed port: equal to no real origin
-        port = None
-    return f"{scheme}://{(parts.hostname or '').lower()}:{port}"
-
-
-def _error_text(error: urllib.error.HTTPError) -> str:
-    try:
-        return error.read().decode("utf-8", "replace")[:300]
-    except OSError:
-        return str(error.reason)
-
-
-def _retry_after(error: urllib.error.HTTPError) -> float | None:
-    value = error.headers.get("Retry-After") if error.headers else None
-    try:
-        return min(float(value), 60.0) if value is not None else None
-    except ValueError:
-        return None
 
 
 # ---------------------------------------------------------------------------------------------

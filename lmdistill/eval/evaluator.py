@@ -1,0 +1,174 @@
+"""The evaluation a run gives each model: fidelity to the teacher on held-out responses and
+accuracy on each task set; the teacher answers the task questions once (stored, so the runs
+of a sweep share its answers)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+from transformers import PreTrainedModel
+
+from lmdistill.config import RunConfig
+from lmdistill.data import Example, TokenizedExample, load_examples
+from lmdistill.eval.choice import load_choice_questions, multiple_choice
+from lmdistill.eval.fidelity import fidelity
+from lmdistill.eval.task import greedy_answers, task_accuracy
+from lmdistill.io import atomic_write_json
+from lmdistill.kd.rationale import eval_prompts
+from lmdistill.metrics import ChoiceMetrics, EvalMetrics, TaskMetrics
+from lmdistill.models import describe, weights_fingerprint
+from lmdistill.teachers.backends import TeacherSetup
+from lmdistill.teachers.base import Teacher
+from lmdistill.teachers.consistency import with_rationale_prompt
+
+
+@dataclass
+class Evaluator:
+    """Fidelity to the teacher on held-out responses, and accuracy on each task set; built
+    once per run (the teacher answers the task questions then), called on each student."""
+
+    config: RunConfig
+    signal: Teacher
+    eval_set: list[TokenizedExample]
+    vocab_size: int
+    tokenizer: Any
+    task_sets: dict[str, list[Example]]
+    choice_sets: dict[str, Any]
+    teacher_answers: dict[str, list[str]]
+    teacher: EvalMetrics | None  # the teacher's accuracy on the task sets
+
+    @classmethod
+    def build(
+        cls,
+        config: RunConfig,
+        setup: TeacherSetup,
+        eval_set: list[TokenizedExample],
+        vocab_size: int,
+    ) -> Evaluator:
+        """The task sets as the student is asked them; the teacher's answers (and its
+        accuracy) as it is asked them."""
+        questions = {
+            source: load_examples(source, split=config.data.split, format=config.data.format)
+            for source in config.eval.tasks
+            if not source.startswith("mc:")
+        }
+        teacher_answers: dict[str, list[str]] = {}
+        teacher = None
+        if questions and config.eval.enabled and config.eval.task_teacher:
+            teacher_answers, teacher = _teacher_tasks(config, setup, questions)
+        choice_sets = {
+            source: load_choice_questions(source.removeprefix("mc:"))
+            for source in config.eval.tasks
+            if source.startswith("mc:")
+        }
+        task_sets = {s: eval_prompts(q, config.objective) for s, q in questions.items()}
+        return cls(
+            config,
+            setup.signal["eval"],
+            eval_set,
+            vocab_size,
+            setup.tokenizer,
+            task_sets,
+            choice_sets,
+            teacher_answers,
+            teacher,
+        )
+
+    def __call__(self, model: PreTrainedModel) -> EvalMetrics:
+        settings, tokenizer = self.config.eval, self.tokenizer
+        fidelity_metrics = None
+        if settings.fidelity:
+            fidelity_metrics = fidelity(
+                model,
+                self.signal,
+                self.eval_set,
+                vocab_size=self.vocab_size,
+                pad_token_id=tokenizer.pad_token_id,
+                batch_size=settings.batch_size,
+            )
+        tasks: dict[str, TaskMetrics | ChoiceMetrics] = {
+            s: multiple_choice(model, tokenizer, q) for s, q in self.choice_sets.items()
+        }
+        for source, examples in self.task_sets.items():
+            tasks[source] = task_accuracy(
+                model,
+                tokenizer,
+                examples,
+                max_new_tokens=settings.task_max_new_tokens,
+                batch_size=settings.task_batch_size,
+                teacher_answers=self.teacher_answers.get(source),
+                samples=settings.task_samples,
+            )
+        return EvalMetrics(fidelity_metrics, tasks)
+
+
+def _teacher_tasks(
+    config: RunConfig, setup: TeacherSetup, questions: dict[str, list[Example]]
+) -> tuple[dict[str, list[str]], EvalMetrics]:
+    """The teacher's answers to each task set and its accuracy on them."""
+    teacher_model = setup.model
+    assert teacher_model is not None
+    longest, batch = config.eval.task_max_new_tokens, config.eval.task_batch_size
+    answers_dir = Path(
+        config.eval.teacher_answers_dir or Path(config.output_dir) / "teacher_answers"
+    )
+    answers_by_source: dict[str, list[str]] = {}
+    tasks: dict[str, TaskMetrics | ChoiceMetrics] = {}
+    for source, examples in questions.items():
+        # Asked as it was when it wrote the training rationales.
+        asked = with_rationale_prompt(examples, config.generate.rationale_prompt)
+        answers = _teacher_answers(
+            teacher_model,
+            setup.tokenizer,
+            asked,
+            answers_dir,
+            key={
+                "teacher": describe(config.teacher),
+                "source": source,
+                "max": longest,
+                "rationale_prompt": config.generate.rationale_prompt,
+            },
+            batch_size=batch,
+        )
+        answers_by_source[source] = answers
+        tasks[source] = task_accuracy(
+            teacher_model,
+            setup.tokenizer,
+            examples,
+            max_new_tokens=longest,
+            batch_size=batch,
+            answers=answers,
+        )
+    return answers_by_source, EvalMetrics(tasks=tasks)
+
+
+def _teacher_answers(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    examples: list[Example],
+    directory: Path,
+    *,
+    key: dict[str, Any],
+    batch_size: int,
+) -> list[str]:
+    """The teacher's greedy answers to a task set, stored under `directory` so that the runs
+    of a sweep (which share `eval.teacher_answers_dir`) ask the teacher once. The file is
+    named by the teacher, its weights, the task set and the answer length: a retrained
+    teacher is asked again."""
+    weights = weights_fingerprint(model)
+    identity = json.dumps({**key, "weights": weights, "questions": [e.id for e in examples]})
+    path = directory / f"{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if len(stored["answers"]) == len(examples):
+            return list(stored["answers"])
+    answers = greedy_answers(model, tokenizer, examples, key["max"], batch_size)
+    if PartialState().is_main_process:
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {**key, "answers": answers})
+    return answers
