@@ -72,11 +72,13 @@ lab-e1: $(LAB_RATIONALES)
 # protocol over the teacher's rationales (58 arms, ~4 h on 2 cores; finished arms are kept).
 lab-dd: $(LAB_RATIONALES)
 	$(LMDISTILL) protocol configs/lab/protocol.yaml --out $(LAB)/dd
+	$(PY) benchmarks/lab_results.py lab-dd
 
 # The same protocol on the demo data (builtin GSM8K, SmolLM2-135M-Instruct and its 6-layer
 # student; ~2 h on 2 cores).
 demo-dd: $(VENV)/.base
 	$(LMDISTILL) protocol configs/dd/protocol-demo.yaml --out outputs/dd/protocol-demo
+	$(PY) benchmarks/lab_results.py demo-dd
 
 e1-demo: $(VENV)/.base
 	$(LMDISTILL) sweep configs/experiments/e1-demo.yaml loss.temperature=1,2,4,8 \

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -162,8 +161,12 @@ def main() -> None:
         "resume_equals_uninterrupted": gap < 1e-5,
         "examples_per_s": {r["kind"]: r["examples_per_s"] for r in results},
     }
+    from losses import code_info, machine_info
+
     out = {
-        "machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()},
+        "command": " ".join(["python", *sys.argv]),
+        "code": code_info(),
+        "machine": machine_info(),
         "model": MODEL,
         "lora": LORA,
         "results": results,

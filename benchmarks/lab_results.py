@@ -2,6 +2,7 @@
 
     make lab-e1        # runs the sweep, then: python benchmarks/lab_results.py e1
     make demo-results  # runs the demo, then:  python benchmarks/lab_results.py demo
+    make lab-dd        # runs the protocol, then: python benchmarks/lab_results.py lab-dd
 
 The runs' own files stay in git-ignored directories (outputs/lab/, lmdistill-demo/); this
 copies what the docs quote into docs/results/: for a lab sweep its summary (every run's
@@ -23,8 +24,21 @@ from typing import Any
 from losses import code_info, machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = {"e1": "make lab-e1", "e2": "make lab-e2", "demo": "make demo-results"}
-OUTPUTS = {"demo": "demo.json", "e1": "lab-e1.json", "e2": "lab-e2.json"}
+COMMANDS = {
+    "e1": "make lab-e1",
+    "e2": "make lab-e2",
+    "demo": "make demo-results",
+    "lab-dd": "make lab-dd",
+    "demo-dd": "make demo-dd",
+}
+OUTPUTS = {
+    "demo": "demo.json",
+    "e1": "lab-e1.json",
+    "e2": "lab-e2.json",
+    "lab-dd": "lab-dd.json",
+    "demo-dd": "demo-dd.json",
+}
+PROTOCOLS = {"lab-dd": "outputs/lab/dd", "demo-dd": "outputs/dd/protocol-demo"}
 
 
 def collect_demo(run: Path) -> dict[str, Any]:
@@ -40,6 +54,22 @@ def collect_demo(run: Path) -> dict[str, Any]:
         "code": code_info(),
         "machine": machine_info(),
         "metrics": metrics,
+    }
+
+
+def collect_protocol(experiment: str, out: Path) -> dict[str, Any]:
+    """A data-efficiency protocol's protocol.json (its table, decomposition, verdicts and
+    every arm's record), as docs/dataset-distillation.md quotes it."""
+    path = out / "protocol.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; run `{COMMANDS[experiment]}` first")
+    return {
+        "experiment": experiment,
+        "command": COMMANDS[experiment],
+        "collected": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "code": code_info(),
+        "machine": machine_info(),
+        "protocol": json.loads(path.read_text()),
     }
 
 
@@ -119,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.experiment == "demo":
             result = collect_demo(args.demo)
+        elif args.experiment in PROTOCOLS:
+            result = collect_protocol(args.experiment, ROOT / PROTOCOLS[args.experiment])
         else:
             result = collect(args.experiment, args.lab)
     except (OSError, ValueError, KeyError) as error:

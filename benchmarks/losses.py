@@ -569,6 +569,7 @@ def build_report(
     kept = [{k: v for k, v in r.items() if k != "dump"} for r in records]
     targets = evaluate_targets(kept, config["default_chunk_size"])
     return {
+        "command": " ".join(["python", *sys.argv]),
         "machine": info,
         "code": code,
         "config": config,

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
+from losses import code_info, machine_info
 
 import lmdistill  # noqa: F401  (threading defaults before torch loads)
 from lmdistill.config import LossConfig, ModelConfig, StudentConfig, TrainConfig
@@ -176,11 +177,9 @@ def main() -> None:
             }
         )
     result = {
-        "machine": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
+        "command": " ".join(["python", *sys.argv]),
+        "code": code_info(),
+        "machine": machine_info(),
         "teacher": "smollm2-135m-instruct",
         "tokens": int(full.shape[0]),
         "vocab": vocab,

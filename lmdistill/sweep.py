@@ -21,9 +21,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lmdistill.config import ConfigError, RunConfig, config_hash
+import yaml
+
+from lmdistill.config import ConfigError, RunConfig, config_hash, to_dict
 from lmdistill.io import atomic_write_json, atomic_write_text
 from lmdistill.metrics import RunMetrics, TaskMetrics
+from lmdistill.pipeline import run
 from lmdistill.report.sweep import RATIONALE_METRICS, REFERENCE, plot_sweep, render_sweep
 from lmdistill.report.text import short_source
 from lmdistill.validate import load_config
@@ -67,7 +70,6 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run (or, with `report_only`, only read back) every run of the grid, then write the
     table, JSON and plot."""
-    from lmdistill.pipeline import run
 
     fixed, axes = split_overrides(overrides)
     base = load_config(config_path, fixed)
@@ -127,9 +129,6 @@ def run_sweep(
 def _changed_fields(saved: Path, config: RunConfig) -> list[str]:
     """The fields a finished run's saved config sets differently from `config` (fields added
     to lmdistill since it ran are not differences: they did not exist)."""
-    import yaml
-
-    from lmdistill.config import to_dict
 
     if not saved.is_file():
         return ["an unknown config"]

@@ -11,6 +11,7 @@ import pytest
 from lmdistill import protocol
 from lmdistill.config import ConfigError, changed_settings, config_hash
 from lmdistill.metrics import EvalMetrics, FidelityMetrics, TaskMetrics
+from lmdistill.protocol import run as running
 from lmdistill.report.protocol import render_protocol
 from lmdistill.validate import load_config
 
@@ -197,7 +198,7 @@ def test_tiny_protocol_runs_reports_and_resumes(tmp_path: Path, monkeypatch: Any
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a finished arm was run again")
 
-    monkeypatch.setattr(protocol, "run_arm", refuse)
+    monkeypatch.setattr(running, "run_arm", refuse)  # where run_protocol calls it
     again = protocol.run_protocol(CONFIG, [f"output_dir={tmp_path}"], out=out)
     assert again["table"] == summary["table"]
 
@@ -251,8 +252,6 @@ def test_a_failing_arm_is_reported_and_the_others_still_run(
     tmp_path: Path, monkeypatch: Any
 ) -> None:
     one_budget = [*SMALL, f"output_dir={tmp_path}"]
-    import lmdistill.protocol.run as running
-
     real = running.run_arm
 
     def flaky(config: Any, arm: protocol.Arm) -> dict[str, Any]:

@@ -13,9 +13,16 @@ from typing import Any
 
 import torch
 
-from lmdistill.config import ProtocolConfig, RunConfig, save_config
+from lmdistill.config import ProtocolConfig, RunConfig, config_hash, save_config
+from lmdistill.data import collate, load_examples, tokenize_examples
+from lmdistill.dd import condense
+from lmdistill.dd.stage import load_pool, run_select
+from lmdistill.eval.task import task_accuracy
 from lmdistill.io import DiskFullError, atomic_write_json, atomic_write_text, write_with
+from lmdistill.kd.rationale import apply_objective, eval_prompts
 from lmdistill.metrics import EvalMetrics
+from lmdistill.models import build_student, load_model, shared_vocab_size
+from lmdistill.pipeline import run
 from lmdistill.protocol.plan import Arm, arm_config, arm_metric, budget_label, plan, task_name
 from lmdistill.protocol.table import summarise
 from lmdistill.report.protocol import plot_protocol, render_protocol
@@ -103,7 +110,6 @@ def arm_hash(config: RunConfig) -> str:
     the other arms, but for the metric the arm's number is) and without where its files go
     (so a moved protocol still reads back); like every config hash, only the settings that
     differ from lmdistill's defaults."""
-    from lmdistill.config import config_hash
 
     located = replace(config.select, out=None, scores_dir=None)
     protocol = ProtocolConfig(metric=config.protocol.metric)
@@ -131,8 +137,6 @@ def _check_arm(
 
 
 def run_arm(config: RunConfig, arm: Arm) -> dict[str, Any]:
-    from lmdistill.dd.stage import run_select
-    from lmdistill.pipeline import run
 
     started = time.perf_counter()
     record: dict[str, Any] = {
@@ -186,12 +190,6 @@ class ArmOutcome:
 def run_condensed(config: RunConfig, arm: Arm, subset: Path) -> ArmOutcome:
     """Condense a synthetic set that starts from the random subset, train a student on it
     alone, and score it on the task (its metrics.json shaped like a pipeline run's)."""
-    from lmdistill.data import load_examples, tokenize_examples
-    from lmdistill.dd import condense
-    from lmdistill.dd.stage import load_pool
-    from lmdistill.eval.task import task_accuracy
-    from lmdistill.kd.rationale import apply_objective, eval_prompts
-    from lmdistill.models import build_student, load_model, shared_vocab_size
 
     teacher, tokenizer = load_model(config.teacher)
     pad = tokenizer.pad_token_id
@@ -216,7 +214,6 @@ def run_condensed(config: RunConfig, arm: Arm, subset: Path) -> ArmOutcome:
     rng = random.Random(config.train.seed)
 
     def real_batch(_: int) -> dict[str, torch.Tensor]:
-        from lmdistill.data import collate
 
         chosen = rng.sample(range(len(pool_items)), min(spec.real_batch, len(pool_items)))
         return collate([pool_items[i] for i in chosen], pad)
