@@ -38,7 +38,6 @@ OUTPUTS = {
     "lab-dd": "lab-dd.json",
     "demo-dd": "demo-dd.json",
 }
-PROTOCOLS = {"lab-dd": "outputs/lab/dd", "demo-dd": "outputs/dd/protocol-demo"}
 
 
 def collect_demo(run: Path) -> dict[str, Any]:
@@ -67,6 +66,8 @@ def collect_protocol(experiment: str, out: Path) -> dict[str, Any]:
         "experiment": experiment,
         "command": COMMANDS[experiment],
         "collected": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        # The commit when collected: a protocol resumes, so its arms may have run at earlier
+        # commits (each arm's metrics.json records the lmdistill version it ran with).
         "code": code_info(),
         "machine": machine_info(),
         "protocol": json.loads(path.read_text()),
@@ -145,12 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("experiment", choices=sorted(COMMANDS))
     parser.add_argument("--lab", type=Path, default=ROOT / "outputs" / "lab")
     parser.add_argument("--demo", type=Path, default=ROOT / "lmdistill-demo")
+    parser.add_argument("--demo-dd", type=Path, default=ROOT / "outputs" / "dd" / "protocol-demo")
     args = parser.parse_args(argv)
     try:
         if args.experiment == "demo":
             result = collect_demo(args.demo)
-        elif args.experiment in PROTOCOLS:
-            result = collect_protocol(args.experiment, ROOT / PROTOCOLS[args.experiment])
+        elif args.experiment == "lab-dd":
+            result = collect_protocol(args.experiment, args.lab / "dd")
+        elif args.experiment == "demo-dd":
+            result = collect_protocol(args.experiment, args.demo_dd)
         else:
             result = collect(args.experiment, args.lab)
     except (OSError, ValueError, KeyError) as error:

@@ -3,7 +3,8 @@ trained student, the whole run.
 
 Each type is written to `metrics.json` with `as_dict()` under the keys the file has always
 had (a reader of the file sees no change) and read back with `from_dict()`, which accepts a
-file written by any earlier version (a missing optional measure reads as absent). Code reads
+file written by any earlier version (a measure it did not have yet reads as None, a count
+as 0). Code reads
 fields (`run.kd.after.tasks[source].exact_match`), not nested string keys.
 
 This module sits at the bottom of the package: it imports nothing from lmdistill.
@@ -25,7 +26,7 @@ class FidelityMetrics:
     top1_agreement: float
     student_ppl: float
     teacher_ppl: float | None
-    student_ece: float
+    student_ece: float | None  # None only in files written before it was measured
     teacher_ece: float | None
     tokens: int
     signal_tokens: int
@@ -40,7 +41,7 @@ class FidelityMetrics:
             top1_agreement=d["top1_agreement"],
             student_ppl=d["student_ppl"],
             teacher_ppl=d.get("teacher_ppl"),
-            student_ece=d.get("student_ece", float("nan")),
+            student_ece=d.get("student_ece"),
             teacher_ece=d.get("teacher_ece"),
             tokens=d["tokens"],
             signal_tokens=d.get("signal_tokens", d["tokens"]),

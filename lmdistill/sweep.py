@@ -70,7 +70,6 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run (or, with `report_only`, only read back) every run of the grid, then write the
     table, JSON and plot."""
-
     fixed, axes = split_overrides(overrides)
     base = load_config(config_path, fixed)
     root = Path(out or Path(base.output_dir) / "sweep")
@@ -129,7 +128,6 @@ def run_sweep(
 def _changed_fields(saved: Path, config: RunConfig) -> list[str]:
     """The fields a finished run's saved config sets differently from `config` (fields added
     to lmdistill since it ran are not differences: they did not exist)."""
-
     if not saved.is_file():
         return ["an unknown config"]
     old, new = yaml.safe_load(saved.read_text()), to_dict(config)
@@ -184,15 +182,10 @@ def headline(metrics: RunMetrics) -> dict[str, float]:
                 continue
             out[f"{arm} exact match {name}"] = task.exact_match
             # Rationale quality without ground truth (absent when none is written).
-            values = {
-                "annotation_accuracy": task.annotation_accuracy,
-                "teacher_step_agreement": task.teacher.teacher_step_agreement
-                if task.teacher is not None
-                else None,
-            }
+            written = task.as_dict()
             for key, label in RATIONALE_METRICS.items():
-                value = values[key]
-                if value is not None:
+                value = written.get(key)
+                if isinstance(value, (int, float)):
                     out[f"{arm} {label} {name}"] = float(value)
     return out
 

@@ -51,6 +51,7 @@ def task_accuracy(
         if quality.answer_follows is not None:
             judged += 1
             follows += quality.answer_follows
+    teacher = None if teacher_answers is None else _teacher_agreement(answers, teacher_answers)
     consistency = None
     if samples > 0:
         drawn = sampled_responses(
@@ -79,7 +80,7 @@ def task_accuracy(
             {"prompt": e.messages[-1]["content"], "answer": a, "reference": e.response}
             for e, a in zip(examples[:keep], answers[:keep], strict=True)
         ],
-        teacher=None if teacher_answers is None else _teacher_agreement(answers, teacher_answers),
+        teacher=teacher,
         consistency=consistency,
     )
 

@@ -110,7 +110,6 @@ def arm_hash(config: RunConfig) -> str:
     the other arms, but for the metric the arm's number is) and without where its files go
     (so a moved protocol still reads back); like every config hash, only the settings that
     differ from lmdistill's defaults."""
-
     located = replace(config.select, out=None, scores_dir=None)
     protocol = ProtocolConfig(metric=config.protocol.metric)
     return config_hash(replace(config, protocol=protocol, output_dir="", select=located))
@@ -137,7 +136,6 @@ def _check_arm(
 
 
 def run_arm(config: RunConfig, arm: Arm) -> dict[str, Any]:
-
     started = time.perf_counter()
     record: dict[str, Any] = {
         "budget": arm.budget,
@@ -190,7 +188,6 @@ class ArmOutcome:
 def run_condensed(config: RunConfig, arm: Arm, subset: Path) -> ArmOutcome:
     """Condense a synthetic set that starts from the random subset, train a student on it
     alone, and score it on the task (its metrics.json shaped like a pipeline run's)."""
-
     teacher, tokenizer = load_model(config.teacher)
     pad = tokenizer.pad_token_id
     method = arm.method
@@ -214,7 +211,6 @@ def run_condensed(config: RunConfig, arm: Arm, subset: Path) -> ArmOutcome:
     rng = random.Random(config.train.seed)
 
     def real_batch(_: int) -> dict[str, torch.Tensor]:
-
         chosen = rng.sample(range(len(pool_items)), min(spec.real_batch, len(pool_items)))
         return collate([pool_items[i] for i in chosen], pad)
 

@@ -38,10 +38,11 @@ def render(metrics: RunMetrics, config: dict[str, Any], has_eval: bool) -> str:
     if metrics.kd.after is not None and metrics.kd.after.tasks:
         lines += ["", "## Task accuracy (greedy answers)", "", *task_table(metrics)]
     lines += ["", "## Training", "", "![loss](loss.png)", ""]
+    gpu = metrics.peak_gpu_mb
     lines += [
         f"Wall time {metrics.wall_seconds / 60:.1f} min, peak memory "
         f"{metrics.peak_rss_mb:.0f} MB (RSS)"
-        + (f", {metrics.peak_gpu_mb:.0f} MB on the GPU." if metrics.peak_gpu_mb else ".")
+        + (f", {gpu:.0f} MB on the GPU." if gpu is not None else ".")
     ]
     lines += sample_lines(metrics)
     return "\n".join(lines) + "\n"
