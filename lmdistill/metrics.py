@@ -176,10 +176,15 @@ class ArmMetrics:
     tokens_per_s: float
     resumed_from: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    # On-policy runs: the student's sampling (steps, tokens, seconds, tokens/s), apart from
+    # training's; absent from the file otherwise.
+    on_policy: dict[str, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["after"] = self.after.as_dict() if self.after is not None else None
+        if self.on_policy is None:
+            del d["on_policy"]
         return d
 
     @classmethod
@@ -193,6 +198,7 @@ class ArmMetrics:
             tokens_per_s=d.get("tokens_per_s", 0.0),
             resumed_from=d.get("resumed_from"),
             history=list(d.get("history") or []),
+            on_policy=d.get("on_policy"),
         )
 
 

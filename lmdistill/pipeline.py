@@ -44,6 +44,7 @@ from lmdistill.eval.choice import load_choice_questions
 from lmdistill.eval.evaluator import Evaluator
 from lmdistill.io import atomic_dir, atomic_write_json, directory_lock, remove_left_behind
 from lmdistill.kd.checkpoint import list_checkpoints
+from lmdistill.kd.on_policy import OnPolicy
 from lmdistill.kd.rationale import apply_objective, eval_prompts
 from lmdistill.kd.train import TrainResult, train_student
 from lmdistill.metrics import ArmMetrics, EvalMetrics, RunMetrics
@@ -54,7 +55,7 @@ from lmdistill.models import (
     resolve_device,
     shared_vocab_size,
 )
-from lmdistill.models.generate import greedy_responses
+from lmdistill.models.generate import greedy_responses, stop_token_ids
 from lmdistill.report import write_report
 from lmdistill.teachers.backends import TeacherSetup
 from lmdistill.teachers.base import Teacher
@@ -281,6 +282,10 @@ class Arms:
     ) -> ArmMetrics:
         """Train `model` (from `teacher`'s signal, or CE only without one), evaluate it, add
         its answers to `texts` under `label`, save it under `directory/student`."""
+        on_policy = None
+        if teacher is not None and self.config.on_policy.fraction > 0:
+            stops = tuple(stop_token_ids(model, self.tokenizer))
+            on_policy = OnPolicy(self.config.on_policy, stops, self.vocab_size)
         result = train_student(
             model,
             teacher,
@@ -293,6 +298,7 @@ class Arms:
             config_hash=self.config_hash,
             resume=self.resume,
             desc=desc,
+            on_policy=on_policy,
         )
         after = self.evaluate(model) if self.config.eval.enabled else None
         summary = summarise(result, after)
@@ -328,6 +334,7 @@ def finish(
 
 
 def summarise(result: TrainResult, after: EvalMetrics | None) -> ArmMetrics:
+    sampling = result.sampling
     return ArmMetrics(
         after=after,
         steps=result.state.step,
@@ -336,6 +343,7 @@ def summarise(result: TrainResult, after: EvalMetrics | None) -> ArmMetrics:
         tokens_per_s=result.tokens_per_second,
         resumed_from=result.resumed_from,
         history=result.state.history,
+        on_policy=sampling.as_dict() if sampling is not None else None,
     )
 
 

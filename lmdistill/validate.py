@@ -35,12 +35,33 @@ def validate(config: RunConfig) -> None:
     registered(TEACHERS, config.teacher.kind)
     TEACHERS[config.teacher.kind].check(config)
     _validate_objective(config)
+    _validate_on_policy(config)
     _validate_select(config.select)
 
 
 def registered(registry: Registry[Any], name: str) -> None:
     """`name` must be registered; the error lists what is."""
     check(name in registry, registry.field, name, registry.allowed())
+
+
+def _validate_on_policy(config: RunConfig) -> None:
+    spec = config.on_policy
+    check(spec.divergence in LOSSES, "on_policy.divergence", spec.divergence, LOSSES.allowed())
+    if spec.fraction > 0:
+        kind = config.teacher.kind
+        check(
+            TEACHERS[kind].in_process,
+            "on_policy.fraction",
+            spec.fraction,
+            f"0 with teacher.kind={kind}: on-policy steps need a teacher that scores the text "
+            "the student writes, and a "
+            + (
+                "cache holds its signal on fixed text only, so it cannot score new text"
+                if kind == "cache"
+                else f"{kind} teacher cannot score new text yet"
+            )
+            + "; use teacher.kind=local",
+        )
 
 
 def _validate_objective(config: RunConfig) -> None:

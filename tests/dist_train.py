@@ -8,20 +8,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import PartialState
 
 import lmdistill  # noqa: F401  (threading defaults before torch loads)
-from lmdistill.config import LossConfig, StudentConfig, TrainConfig
+from lmdistill.config import LossConfig, OnPolicyConfig, StudentConfig, TrainConfig
 from lmdistill.data import load_examples, tokenize_examples
+from lmdistill.kd.on_policy import OnPolicy
 from lmdistill.kd.train import train_student
 from lmdistill.models import build_student
 from lmdistill.models.tiny import build_tiny_llama, build_tiny_tokenizer
 from lmdistill.teachers.base import LocalTeacher
 
 JSD = LossConfig(divergence="generalized_jsd", alpha=0.3, temperature=2.0, chunk_size=37)
+# Every step on-policy; stop tokens common enough in a random student's samples that they
+# end at different lengths (the normalisation by generated tokens is exercised).
+ON_POLICY = OnPolicy(
+    OnPolicyConfig(fraction=1.0, max_new_tokens=12, top_p=0.95, divergence="reverse_kl"),
+    (258, 5, 17, 40, 71),
+    259,
+)
 
 
 def train_tiny(
@@ -32,6 +44,7 @@ def train_tiny(
     stop_after: int | None = None,
     resume: bool = False,
     loss: LossConfig = JSD,
+    on_policy: OnPolicy | None = None,
 ) -> tuple[dict, list]:
     tokenizer = build_tiny_tokenizer()
     teacher = build_tiny_llama(len(tokenizer), layers=4, hidden=64, seed=0).eval()
@@ -60,8 +73,32 @@ def train_tiny(
         config_hash="test",
         resume=resume,
         stop_after=stop_after,
+        on_policy=on_policy,
     )
     return student.state_dict(), result.state.history
+
+
+def two_processes(out: Path, port: int, *flags: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """This script under torchrun, 2 processes of batch 4, 2 steps: (run.json, weights)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        __file__,
+        "--batch-size",
+        "4",
+        *flags,
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "run.json").read_text()), torch.load(out / "weights.pt")
 
 
 if __name__ == "__main__":
@@ -69,9 +106,13 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--on-policy", action="store_true")
     args = parser.parse_args()
     state = PartialState(cpu=True)
-    weights, history = train_tiny(args.batch_size, 1, args.steps, args.out / "ckpt")
+    policy = ON_POLICY if args.on_policy else None
+    weights, history = train_tiny(
+        args.batch_size, 1, args.steps, args.out / "ckpt", on_policy=policy
+    )
     if state.is_main_process:
         torch.save(weights, args.out / "weights.pt")
         info = {"processes": state.num_processes, "type": str(state.distributed_type)}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, tiny_run_config
-from dist_train import train_tiny
+from dist_train import train_tiny, two_processes
 
 from lmdistill.cli import main
 from lmdistill.config import LossConfig
@@ -93,31 +93,13 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
 
 
 def test_two_processes_equal_one_process_with_the_combined_batch(tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
-        str(ROOT / "tests" / "dist_train.py"),
-        "--batch-size",
-        "4",
-        "--out",
-        str(tmp_path / "two"),
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    two = json.loads((tmp_path / "two" / "run.json").read_text())
+    two, weights = two_processes(tmp_path / "two", 29517)
     assert two["processes"] == 2 and two["type"] == "DistributedType.MULTI_CPU"
     one, one_history = train_tiny(8, 1, steps=2, checkpoint_dir=tmp_path / "one")
     for a, b in zip(one_history, two["history"], strict=True):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["tokens"] == b["tokens"]
-    weights = torch.load(tmp_path / "two" / "weights.pt")
     for name, value in one.items():
         torch.testing.assert_close(value, weights[name], rtol=1e-4, atol=1e-5)
 

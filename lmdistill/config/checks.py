@@ -53,6 +53,7 @@ def check_sections(config: RunConfig) -> None:
     check(config.cache.k >= 1, "cache.k", config.cache.k, "an integer >= 1")
     check(config.cache.shard_size >= 1, "cache.shard_size", config.cache.shard_size, ">= 1")
     _check_teacher(config)
+    _check_on_policy(config)
     _check_select(config.select)
     _check_protocol(config)
     _check_synthesise(config.synthesise)
@@ -85,6 +86,24 @@ def check_sections(config: RunConfig) -> None:
             "generate.max_chars",
             gen.max_chars,
             f"null or an integer > generate.min_chars={gen.min_chars}",
+        )
+
+
+def _check_on_policy(config: RunConfig) -> None:
+    spec = config.on_policy
+    check(0 <= spec.fraction <= 1, "on_policy.fraction", spec.fraction, "a number in [0, 1]")
+    check(spec.max_new_tokens >= 1, "on_policy.max_new_tokens", spec.max_new_tokens, ">= 1")
+    check(spec.temperature > 0, "on_policy.temperature", spec.temperature, "a number > 0")
+    check(0 < spec.top_p <= 1, "on_policy.top_p", spec.top_p, "a number in (0, 1]")
+    check(0 <= spec.beta <= 1, "on_policy.beta", spec.beta, "a number in [0, 1]")
+    if spec.fraction > 0:
+        features = config.loss.hidden_weight > 0 or config.loss.attention_weight > 0
+        check(
+            not features,
+            "on_policy.fraction",
+            spec.fraction,
+            "0 with feature losses (loss.hidden_weight, loss.attention_weight): feature losses "
+            "train on the teacher's text only",
         )
 
 

@@ -154,6 +154,22 @@ class LossConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """On-policy distillation (GKD): on a share `fraction` of the optimizer steps (GKD's
+    lambda; 0 = off-policy only) the student samples its own responses (`max_new_tokens`,
+    `temperature`, `top_p`) and learns the teacher's distribution on them through
+    `divergence` alone (`beta` for generalized_jsd: 0 forward KL, 1 reverse KL), at
+    `loss.temperature`. The other steps train as configured in `loss`."""
+
+    fraction: float = 0.0
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    divergence: str = "generalized_jsd"
+    beta: float = 0.5
+
+
+@dataclass
 class ObjectiveConfig:
     """What a reasoning student trains on (see `lmdistill/kd/rationale.py`): `cot` (rationale
     then answer), `label_only`, `step_by_step` (multitask, L_label + rationale_weight *
@@ -368,6 +384,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -97,15 +97,20 @@ class KDObjective(nn.Module):
         teacher_attentions: tuple[torch.Tensor, ...] | None = None,
         teacher_signal: SparseSignal | None = None,
         weights: torch.Tensor | None = None,
+        loss: LossConfig | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`loss` replaces the run's loss for this batch (an on-policy step's divergence
+        alone); feature losses apply only with the run's own."""
+        spec = self.loss if loss is None else loss
+        features = spec is self.loss
         out = run_decoder(
             self.student,
             input_ids,
             attention_mask,
             labels,
             weights,
-            hidden_states=self.hidden is not None,
-            attentions=uses_attention(self.loss),
+            hidden_states=self.hidden is not None and features,
+            attentions=uses_attention(self.loss) and features,
         )
         loss_sum, parts = fused_kd_loss(
             out.states,
@@ -115,14 +120,16 @@ class KDObjective(nn.Module):
             teacher_weight=teacher_weight,
             teacher_signal=teacher_signal,
             vocab_size=self.vocab_size,
-            divergence=self.loss.divergence,
-            alpha=self.loss.alpha,
-            temperature=self.loss.temperature,
-            chunk_size=self.loss.chunk_size,
-            divergence_params=divergence_params(self.loss),
+            divergence=spec.divergence,
+            alpha=spec.alpha,
+            temperature=spec.temperature,
+            chunk_size=spec.chunk_size,
+            divergence_params=divergence_params(spec),
             token_weights=out.weights,
         )
         parts = dict(parts)
+        if not features:
+            return loss_sum, parts
         if self.hidden is not None:
             if out.hidden_states is None or teacher_hidden_states is None:
                 raise ValueError("loss.hidden_weight > 0 needs the teacher's hidden states")

@@ -31,6 +31,7 @@ from lmdistill.kd.checkpoint import (
     save_checkpoint,
 )
 from lmdistill.kd.objective import PARTS, KDObjective
+from lmdistill.kd.on_policy import OnPolicy, SamplingStats, is_on_policy, on_policy_batches
 from lmdistill.kd.optim import build_optimizer, build_scheduler
 from lmdistill.models.forward import uses_attention
 from lmdistill.models.loading import resolve_device
@@ -43,6 +44,7 @@ class TrainResult:
     seconds: float  # wall time of the steps run in this call
     tokens_per_second: float  # response tokens per second, all processes
     resumed_from: int  # step the run resumed from (0 for a fresh run)
+    sampling: SamplingStats | None = None  # on-policy runs: the student's sampling, apart
 
 
 def use_cpu(device: str) -> bool:
@@ -68,10 +70,12 @@ def train_student(
     resume: bool = False,
     desc: str = "train",
     stop_after: int | None = None,
+    on_policy: OnPolicy | None = None,
 ) -> TrainResult:
     """Train `student` in place on `teacher`'s signal (any backend: in-process, cache).
     `stop_after` ends the call after that many steps (as a kill would), leaving the
-    checkpoints a resumed call continues from."""
+    checkpoints a resumed call continues from. With `on_policy` (and a teacher), a share of
+    the steps trains on responses the student samples (lmdistill/kd/on_policy.py)."""
     accelerator = make_accelerator(train.device)
     teacher = used_teacher(teacher, loss)
     torch.manual_seed(train.seed)
@@ -95,6 +99,7 @@ def train_student(
     difficulty_order = easy_to_hard(train_set) if train.curriculum == "easy_to_hard" else None
     deepest = max((max(item.ranks) for item in train_set if item.ranks), default=0)
     started, tokens_at_start = time.perf_counter(), state.tokens
+    sampling = SamplingStats() if on_policy is not None and teacher is not None else None
     objective.train()
     while state.step < last_step:
         indices = (
@@ -103,9 +108,37 @@ def train_student(
             else step_indices(state.step, len(train_set), global_batch, train.seed)
         )
         chunks = rank_slices(indices, train, accelerator.process_index, world)
-        micro = micro_batches(train_set, chunks, pad_token_id, train, state.step, deepest)
+        sampled = (
+            on_policy is not None
+            and sampling is not None
+            and is_on_policy(train.seed, state.step, on_policy.spec.fraction)
+        )
+        if sampled:
+            assert on_policy is not None and sampling is not None
+            micro = on_policy_batches(
+                accelerator.unwrap_model(objective).student,
+                train_set,
+                chunks,
+                on_policy,
+                seed=train.seed,
+                step=state.step,
+                pad_token_id=pad_token_id,
+                stats=sampling,
+            )
+        else:
+            micro = micro_batches(train_set, chunks, pad_token_id, train, state.step, deepest)
+        step_loss = on_policy.loss(loss) if sampled and on_policy is not None else None
         sums, global_tokens, grad_norm = optimizer_step(
-            accelerator, objective, optimizer, scheduler, teacher, micro, chunks, loss, train
+            accelerator,
+            objective,
+            optimizer,
+            scheduler,
+            teacher,
+            micro,
+            chunks,
+            step_loss or loss,
+            train,
+            override=step_loss,
         )
         state.step += 1
         state.tokens += global_tokens
@@ -117,6 +150,7 @@ def train_student(
             "grad_norm": float(grad_norm),
             "tokens": state.tokens,
             "tokens_per_s": rate,
+            **({"on_policy": float(sampled)} if sampling is not None else {}),
         }
         if state.step % train.log_every == 0 or state.step == train.max_steps:
             state.history.append(record)
@@ -129,8 +163,15 @@ def train_student(
     bar.close()
     objective.eval()
     elapsed = time.perf_counter() - started
+    if sampling is not None:  # every process's samples
+        counted = torch.tensor([sampling.tokens], device=accelerator.device)
+        sampling.tokens = int(accelerator.reduce(counted, "sum"))
     return TrainResult(
-        state, elapsed, (state.tokens - tokens_at_start) / max(elapsed, 1e-9), resumed_from
+        state,
+        elapsed,
+        (state.tokens - tokens_at_start) / max(elapsed, 1e-9),
+        resumed_from,
+        sampling,
     )
 
 
@@ -151,13 +192,16 @@ def optimizer_step(
     chunks: list[list[int]],
     loss: LossConfig,
     train: TrainConfig,
+    *,
+    override: LossConfig | None = None,
 ) -> tuple[torch.Tensor, int, torch.Tensor]:
     """One optimizer step over this process's micro-batches: gradients normalised by the
     global count of trained tokens, clipped, applied. Returns the loss parts per token
-    (summed over processes), the global tokens and the gradient norm."""
+    (summed over processes), the global tokens and the gradient norm. `override` replaces
+    the objective's loss for this step (on-policy steps)."""
     global_tokens, normaliser = token_counts(micro, accelerator, train)
     sums = accumulate_gradients(
-        accelerator, objective, teacher, micro, chunks, loss, max(normaliser, 1)
+        accelerator, objective, teacher, micro, chunks, loss, max(normaliser, 1), override
     )
     grad_norm = accelerator.clip_grad_norm_(objective.parameters(), train.max_grad_norm)
     optimizer.step()
@@ -288,6 +332,7 @@ def accumulate_gradients(
     chunks: list[list[int]],
     loss: LossConfig,
     global_tokens: int,
+    override: LossConfig | None = None,
 ) -> torch.Tensor:
     """Backward over this process's micro-batches; return the local sums of `PARTS`."""
     world = accelerator.num_processes
@@ -306,6 +351,7 @@ def accumulate_gradients(
                 teacher_signal=sparse.to(accelerator.device) if sparse is not None else None,
                 teacher_hidden_states=signal.hidden_states if signal else None,
                 teacher_attentions=signal.attentions if signal else None,
+                loss=override,
             )
             # DDP averages gradients over processes; multiply by `world` to undo it.
             accelerator.backward(loss_sum * world / max(global_tokens, 1))

@@ -60,7 +60,8 @@ def setup_lines(metrics: RunMetrics, config: dict[str, Any]) -> list[str]:
         "",
         f"Objective: `{loss['alpha']} * CE + (1 - {loss['alpha']}) * {loss['temperature']}^2 * "
         f"{loss['divergence']}(teacher || student)`, {kd.steps} steps, "
-        f"{kd.tokens:,} response tokens, {kd.tokens_per_s:.0f} tokens/s.",
+        f"{kd.tokens:,} response tokens, {kd.tokens_per_s:.0f} tokens/s."
+        + _sampling(config, kd.on_policy),
         "",
         f"Data: `{data['source']}`: {data['train_examples']} training and "
         f"{data['eval_examples']} held-out examples; truncated "
@@ -68,6 +69,19 @@ def setup_lines(metrics: RunMetrics, config: dict[str, Any]) -> list[str]:
         f"{data['train_truncation']['dropped']} training examples at max_length "
         f"{config['data']['max_length']}.",
     ]
+
+
+def _sampling(config: dict[str, Any], sampling: dict[str, float] | None) -> str:
+    """On-policy runs: how many steps the student wrote its own responses, and the cost."""
+    if sampling is None:
+        return ""
+    spec = config["on_policy"]
+    return (
+        f" On-policy (fraction {spec['fraction']}, `{spec['divergence']}`): "
+        f"{sampling['on_policy_steps']:.0f} steps trained on the student's own samples; "
+        f"student sampling {sampling['sampled_tokens']:,.0f} tokens at "
+        f"{sampling['sample_tokens_per_s']:.0f} tokens/s ({sampling['sample_seconds']:.1f} s)."
+    )
 
 
 def teacher_lines(metrics: RunMetrics) -> list[str]:
