@@ -91,8 +91,25 @@ def default_chunk_size() -> int:
     return LossConfig().chunk_size
 
 
-def make_variants(chunk_sizes: list[int]) -> list[Variant]:
-    fused = [Variant("fused", d, c) for d in DENSE for c in chunk_sizes]
+# The divergences' parameters in the fused runs (generalized JSD as TRL's default beta).
+PARAMS: dict[str, dict[str, float]] = {
+    "generalized_jsd": {"beta": JSD_BETA},
+    "skew_forward_kl": {"alpha": 0.1},
+    "skew_reverse_kl": {"alpha": 0.1},
+}
+DIVERGENCES = [
+    "forward_kl",
+    "reverse_kl",
+    "generalized_jsd",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "tvd",
+]
+
+
+def make_variants(chunk_sizes: list[int], divergences: list[str] | None = None) -> list[Variant]:
+    chosen = divergences or list(DENSE)
+    fused = [Variant("fused", d, c) for d in chosen for c in chunk_sizes]
     return [*DENSE.values(), *fused]
 
 
@@ -204,7 +221,7 @@ def make_loss_head(variant: Variant) -> tuple[LossHead, str]:
         return trl_dense, source
     from lmdistill.losses import fused_kd_loss
 
-    params = {"beta": JSD_BETA} if variant.divergence == "generalized_jsd" else {}
+    params = PARAMS.get(variant.divergence, {})
 
     def fused(x: Inputs) -> Tensor:
         loss, _ = fused_kd_loss(
@@ -395,8 +412,8 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
         if not measured(r):
             continue
         naive = by_key.get(("naive", "forward_kl", r["n"]))
-        dense_v = DENSE[r["divergence"]]
-        dense = by_key.get((dense_v.kind, dense_v.divergence, r["n"]))
+        dense_v = DENSE.get(r["divergence"])
+        dense = by_key.get((dense_v.kind, dense_v.divergence, r["n"])) if dense_v else None
         for label, ref in (("naive", naive), ("dense", dense)):
             if ref is not None:
                 r[f"mem_ratio_{label}"] = r["peak_delta_mib"] / ref["peak_delta_mib"]
@@ -421,7 +438,8 @@ def evaluate_targets(records: list[dict[str, Any]], chunk: int) -> list[dict[str
     for r in ok:
         if r["kind"] != "fused" or r["chunk_size"] != chunk or r["n"] != n_max:
             continue
-        refs = {"naive": DENSE["forward_kl"].name, "dense": DENSE[r["divergence"]].name}
+        dense_v = DENSE.get(r["divergence"], DENSE["forward_kl"])
+        refs = {"naive": DENSE["forward_kl"].name, "dense": dense_v.name}
         for label, ref in refs.items():
             mem, tim = r.get(f"mem_ratio_{label}"), r.get(f"time_ratio_{label}")
             if mem is None or tim is None or (label == "dense" and ref == refs["naive"]):
@@ -549,6 +567,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="fused chunk sizes (default: LossConfig().chunk_size and 1024)",
     )
+    p.add_argument(
+        "--divergences",
+        nargs="+",
+        default=None,
+        help=f"fused divergences (default: {' '.join(DENSE)}; 'all': {' '.join(DIVERGENCES)})",
+    )
     p.add_argument("--quick", action="store_true", help="smoke test: N=256, 1 repeat, 1 chunk")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     # internal: one measurement in this process
@@ -595,6 +619,7 @@ def main(argv: list[str] | None = None) -> None:
 
     default_chunk = default_chunk_size()
     chunks = args.chunk_sizes or sorted({default_chunk, 1024})
+    divergences = DIVERGENCES if args.divergences == ["all"] else args.divergences
     sizes, repeats = args.sizes, args.repeats
     if args.quick:
         sizes, repeats, chunks = [256], 1, [default_chunk]
@@ -608,6 +633,7 @@ def main(argv: list[str] | None = None) -> None:
         "chunk_sizes": chunks,
         "default_chunk_size": default_chunk,
         "jsd_beta": JSD_BETA,
+        "divergence_params": PARAMS,
         "logits_mib_per_1k_tokens": 1024 * VOCAB * 4 / MIB,
         "check_rtol": CHECK_RTOL,
     }
@@ -620,7 +646,7 @@ def main(argv: list[str] | None = None) -> None:
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="lmdistill-bench-") as tmp:
         for n in sizes:
-            for variant in make_variants(chunks):
+            for variant in make_variants(chunks, divergences):
                 record = measure_or_skip(records, variant, n, repeats, Path(tmp))
                 status = record.get("error") or record.get("skipped") or ""
                 status = f"{record['median_s']:.2f} s" if measured(record) else status

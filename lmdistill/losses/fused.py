@@ -18,9 +18,10 @@ The (tokens x vocab) logits are the memory wall of LLM distillation. ``fused_kd_
 follows Liger-Kernel's fused-linear approach: its forward walks over ``chunk_size`` rows at
 a time, computes the chunk's loss and, right away, the gradients w.r.t. the hidden chunk and
 the output projection, and keeps only those; backward merely scales them by grad_output.
-The mechanism is generic over every entry of ``LOSSES``: the gradient w.r.t. the chunk's
-logits comes from autograd on the plain per-token formula. ``naive_kd_loss`` is the
-unchunked reference the tests hold it to.
+The gradient w.r.t. the chunk's logits is in closed form for every built-in divergence,
+dense or sparse (``lmdistill.losses.closed_form``); a divergence registered without one
+goes through autograd on its per-token formula. ``naive_kd_loss`` is the unchunked
+reference the tests hold it to.
 """
 
 from dataclasses import dataclass
@@ -31,9 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmdistill.data.tokenize import IGNORE_INDEX
+from lmdistill.losses.closed_form import CLOSED_FORMS, FINITE, ClosedForm
 from lmdistill.losses.divergences import _kl, get_loss
 from lmdistill.losses.sparse import (
     SparseSignal,
+    _reduce,
     _reduce_log_q,
     _sparse_token_divergence,
     check_signal,
@@ -277,6 +280,60 @@ def _sparse_forward_kl_losses_and_grad(
     return (loss, ce, kd), grad
 
 
+def _closed_form_losses_and_grad(
+    student_logits: Tensor, teacher: Tensor | SparseSignal, targets: Tensor, spec: _KDSpec
+) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+    """Per-token losses and their logit gradient for any divergence of ``CLOSED_FORMS``,
+    against dense teacher logits or a sparse signal (either tail mode):
+
+        d/ds [alpha CE + (1 - alpha) T^2 D] = alpha (q - onehot(y)) + (1 - alpha) T dD/dz
+
+    with z = s / T. A sparse signal's divergence is over the small distributions (the k ids,
+    plus the tail bucket in bucket mode); its gradient reaches a tail id v through the tail's
+    share: dD/dz_v = q_v / q_tail * dD/dz_tail."""
+    T, alpha = spec.temperature, spec.alpha
+    fn = CLOSED_FORMS[spec.divergence]
+    log_q1 = torch.log_softmax(student_logits, dim=-1)  # (C, V), CE at temperature 1
+    ce = -log_q1.gather(1, targets[:, None]).squeeze(1)
+    log_q = log_q1 if T == 1.0 else torch.log_softmax(student_logits / T, dim=-1)
+    kd_weight = torch.full_like(ce, (1.0 - alpha) * T)
+    ce_weight = torch.full_like(ce, alpha)
+    if isinstance(teacher, SparseSignal):
+        kd, dz = _sparse_closed_form(student_logits, log_q, teacher, spec, fn)
+        if teacher.present is not None:
+            kd = torch.where(teacher.present, kd, torch.zeros_like(kd))
+            kd_weight = torch.where(teacher.present, kd_weight, torch.zeros_like(kd_weight))
+            ce_weight = torch.where(teacher.present, ce_weight, torch.ones_like(ce_weight))
+        loss = teacher.mix(ce, kd, alpha, T)
+    else:
+        teacher = _upcast(teacher)
+        if spec.divergence in FINITE and bool(torch.isfinite(teacher).all()):
+            fn = FINITE[spec.divergence]  # a matmul's logits: no masking needed
+        log_p = torch.log_softmax(teacher if T == 1.0 else teacher / T, dim=-1)
+        kd, dz = fn(log_q, log_p, spec.divergence_params)
+        loss = alpha * ce + (1.0 - alpha) * T**2 * kd
+    grad = dz.mul_(kd_weight[:, None])
+    grad.addcmul_(log_q1.exp(), ce_weight[:, None])
+    grad[torch.arange(len(targets), device=grad.device), targets] -= ce_weight
+    return (loss, ce, kd), grad
+
+
+def _sparse_closed_form(
+    student_logits: Tensor, log_q: Tensor, signal: SparseSignal, spec: _KDSpec, fn: ClosedForm
+) -> tuple[Tensor, Tensor]:
+    """The divergence against a sparse signal and dD/dz over the whole vocabulary."""
+    ids = signal.token_ids
+    if signal.tail == "renormalize":
+        student_small, teacher_small = _reduce(student_logits, signal, spec.temperature)
+        kd, dz_small = fn(student_small, teacher_small, spec.divergence_params)
+        return kd, torch.zeros_like(log_q).scatter_(1, ids, dz_small)
+    student_small, teacher_small = _reduce_log_q(log_q, signal)  # (C, k + 1)
+    kd, dz_small = fn(student_small, teacher_small, spec.divergence_params)
+    q_tail = student_small[:, -1:].exp()  # 0 when the ids hold every token (or underflow)
+    share = torch.where(q_tail > 0, dz_small[:, -1:] / q_tail.clamp(min=1e-300), 0.0)
+    return kd, log_q.exp().mul_(share).scatter_(1, ids, dz_small[:, :-1])
+
+
 def _chunk_sums_and_grad(
     student_logits: Tensor,
     teacher: Tensor | SparseSignal | None,
@@ -304,12 +361,15 @@ def _token_losses_and_grad(
     spec: _KDSpec,
     need_grad: bool,
 ) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor | None]:
-    """Per-token ``(loss, ce, kd)`` (C,) each, and d sum(loss) / d logits (C, V)."""
+    """Per-token ``(loss, ce, kd)`` (C,) each, and d sum(loss) / d logits (C, V): in closed
+    form for every divergence of ``CLOSED_FORMS``, through autograd for any other."""
     if isinstance(teacher, SparseSignal) and _sparse_closed_form_applies(teacher, spec):
         return _sparse_forward_kl_losses_and_grad(student_logits, teacher, targets, spec, need_grad)
     if _closed_form_applies(teacher, spec):
         assert not isinstance(teacher, SparseSignal)
         return _forward_kl_losses_and_grad(student_logits, teacher, targets, spec, need_grad)
+    if need_grad and teacher is not None and spec.divergence in CLOSED_FORMS:
+        return _closed_form_losses_and_grad(student_logits, teacher, targets, spec)
     with torch.enable_grad():
         student_logits = student_logits.detach().requires_grad_(need_grad)
         loss, ce, kd = _token_losses(student_logits, teacher, targets, spec)
