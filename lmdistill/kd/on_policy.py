@@ -145,8 +145,13 @@ def sample(
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
     generators = [torch.Generator().manual_seed(key) for key in keys]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else None
+    accepted = inspect.signature(model.forward).parameters
+    cache_name = "cache" if "cache" in accepted else None
+    # Only the last position's logits: (B, 1, V), not (B, prompt length, V).
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only
+    )
     written: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     stops = set(on_policy.stop_ids)

@@ -92,42 +92,15 @@ def train_student(
     )
     resumed_from = state.step
     logged = [k for k in PARTS if k not in ("hidden", "attention") or getattr(loss, f"{k}_weight")]
-    world = accelerator.num_processes
-    global_batch = train.batch_size * train.grad_accum * world
     last_step = train.max_steps if stop_after is None else min(train.max_steps, stop_after)
     bar = progress_bar(train.max_steps, state.step, desc, show=accelerator.is_main_process)
-    difficulty_order = easy_to_hard(train_set) if train.curriculum == "easy_to_hard" else None
-    deepest = max((max(item.ranks) for item in train_set if item.ranks), default=0)
+    on_policy = on_policy if teacher is not None else None  # the CE baseline stays off-policy
+    batches = StepBatches(train_set, train, loss, pad_token_id, accelerator, on_policy)
     started, tokens_at_start = time.perf_counter(), state.tokens
-    sampling = SamplingStats() if on_policy is not None and teacher is not None else None
     objective.train()
     while state.step < last_step:
-        indices = (
-            curriculum_indices(state.step, difficulty_order, global_batch, train)
-            if difficulty_order is not None
-            else step_indices(state.step, len(train_set), global_batch, train.seed)
-        )
-        chunks = rank_slices(indices, train, accelerator.process_index, world)
-        sampled = (
-            on_policy is not None
-            and sampling is not None
-            and is_on_policy(train.seed, state.step, on_policy.spec.fraction)
-        )
-        if sampled:
-            assert on_policy is not None and sampling is not None
-            micro = on_policy_batches(
-                accelerator.unwrap_model(objective).student,
-                train_set,
-                chunks,
-                on_policy,
-                seed=train.seed,
-                step=state.step,
-                pad_token_id=pad_token_id,
-                stats=sampling,
-            )
-        else:
-            micro = micro_batches(train_set, chunks, pad_token_id, train, state.step, deepest)
-        step_loss = on_policy.loss(loss) if sampled and on_policy is not None else None
+        student_model = accelerator.unwrap_model(objective).student
+        chunks, micro, override = batches.for_step(state.step, student_model)
         sums, global_tokens, grad_norm = optimizer_step(
             accelerator,
             objective,
@@ -136,9 +109,9 @@ def train_student(
             teacher,
             micro,
             chunks,
-            step_loss or loss,
+            override or loss,
             train,
-            override=step_loss,
+            override=override,
         )
         state.step += 1
         state.tokens += global_tokens
@@ -150,7 +123,7 @@ def train_student(
             "grad_norm": float(grad_norm),
             "tokens": state.tokens,
             "tokens_per_s": rate,
-            **({"on_policy": float(sampled)} if sampling is not None else {}),
+            **({"on_policy": float(override is not None)} if on_policy is not None else {}),
         }
         if state.step % train.log_every == 0 or state.step == train.max_steps:
             state.history.append(record)
@@ -163,16 +136,75 @@ def train_student(
     bar.close()
     objective.eval()
     elapsed = time.perf_counter() - started
-    if sampling is not None:  # every process's samples
-        counted = torch.tensor([sampling.tokens], device=accelerator.device)
-        sampling.tokens = int(accelerator.reduce(counted, "sum"))
-    return TrainResult(
-        state,
-        elapsed,
-        (state.tokens - tokens_at_start) / max(elapsed, 1e-9),
-        resumed_from,
-        sampling,
-    )
+    rate = (state.tokens - tokens_at_start) / max(elapsed, 1e-9)
+    return TrainResult(state, elapsed, rate, resumed_from, batches.sampled(accelerator))
+
+
+class StepBatches:
+    """This process's micro-batches of each optimizer step: the dataset's examples in the
+    step's order (per-epoch permutations, or a curriculum), or, on an on-policy step, the
+    same examples' prompts with the student's own samples (and the loss that replaces the
+    run's for that step)."""
+
+    def __init__(
+        self,
+        train_set: list[TokenizedExample],
+        train: TrainConfig,
+        loss: LossConfig,
+        pad_token_id: int,
+        accelerator: Accelerator,
+        on_policy: OnPolicy | None,
+    ) -> None:
+        self.train_set, self.train, self.pad_token_id = train_set, train, pad_token_id
+        self.loss = loss
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.on_policy = on_policy
+        self.sampling = SamplingStats() if on_policy is not None else None
+        self.global_batch = train.batch_size * train.grad_accum * self.world
+        easy_first = train.curriculum == "easy_to_hard"
+        self.difficulty_order = easy_to_hard(train_set) if easy_first else None
+        self.deepest = max((max(item.ranks) for item in train_set if item.ranks), default=0)
+
+    def for_step(
+        self, step: int, student: PreTrainedModel
+    ) -> tuple[list[list[int]], list[dict[str, torch.Tensor]], LossConfig | None]:
+        """(the dataset indices of each micro-batch, the micro-batches, the loss override)."""
+        train = self.train
+        indices = (
+            curriculum_indices(step, self.difficulty_order, self.global_batch, train)
+            if self.difficulty_order is not None
+            else step_indices(step, len(self.train_set), self.global_batch, train.seed)
+        )
+        chunks = rank_slices(indices, train, self.rank, self.world)
+        spec = self.on_policy
+        if (
+            spec is None
+            or self.sampling is None
+            or not is_on_policy(train.seed, step, spec.spec.fraction)
+        ):
+            micro = micro_batches(
+                self.train_set, chunks, self.pad_token_id, train, step, self.deepest
+            )
+            return chunks, micro, None
+        micro = on_policy_batches(
+            student,
+            self.train_set,
+            chunks,
+            spec,
+            seed=train.seed,
+            step=step,
+            pad_token_id=self.pad_token_id,
+            stats=self.sampling,
+        )
+        return chunks, micro, spec.loss(self.loss)
+
+    def sampled(self, accelerator: Accelerator) -> SamplingStats | None:
+        """The student's sampling in this call, its tokens counted over every process."""
+        if self.sampling is None:
+            return None
+        counted = torch.tensor([self.sampling.tokens], device=accelerator.device)
+        self.sampling.tokens = int(accelerator.reduce(counted, "sum"))
+        return self.sampling
 
 
 def progress_bar(total: int, initial: int, desc: str, *, show: bool) -> Any:
