@@ -97,3 +97,22 @@ def test_a_student_with_no_mass_where_the_teacher_has_some_stays_finite() -> Non
         spec = _KDSpec(name, params, 0.0, 1.0, 8, chunk_size=1)
         _, grad = _closed_form_losses_and_grad(student, teacher, targets, spec)
         assert torch.isfinite(grad).all(), name
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=lambda c: str(c))
+def test_a_token_neither_side_can_write_stays_finite_in_fp32(
+    name: str, params: dict[str, Any]
+) -> None:
+    """Both sides put ~e^-130 on one token: exp underflows to 0 in fp32 on both sides, and
+    the in-place forms must not turn the mixture's log 0 into NaN."""
+    generator = torch.Generator().manual_seed(2)
+    student = torch.randn(3, VOCAB, generator=generator)
+    teacher = torch.randn(3, VOCAB, generator=generator)
+    student[:, 7] -= 130.0
+    teacher[:, 7] -= 130.0
+    log_q, log_p = student.log_softmax(-1), teacher.log_softmax(-1)
+    fast_value, fast_grad = FINITE[name](log_q, log_p, params)
+    value, grad = CLOSED_FORMS[name](log_q, log_p, params)
+    assert torch.isfinite(fast_value).all() and torch.isfinite(fast_grad).all()
+    torch.testing.assert_close(fast_value, value)
+    torch.testing.assert_close(fast_grad, grad)

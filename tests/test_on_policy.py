@@ -221,6 +221,22 @@ def test_two_processes_equal_one_on_ragged_samples(tmp_path: Path) -> None:
         torch.testing.assert_close(value, weights[name], rtol=1e-4, atol=1e-5)
 
 
+def test_on_policy_steps_still_distil_when_off_policy_steps_train_on_ce_alone(
+    tmp_path: Path,
+) -> None:
+    """loss.alpha = 1 needs no teacher off-policy; the on-policy steps still do."""
+    _, history = train_tiny(
+        4,
+        1,
+        steps=2,
+        checkpoint_dir=tmp_path / "a",
+        loss=LossConfig(alpha=1.0),
+        on_policy=ON_POLICY,
+    )
+    assert [r["on_policy"] for r in history] == [1.0, 1.0]
+    assert all(r["kd"] > 0 for r in history)
+
+
 def test_fraction_zero_is_todays_off_policy_run(tmp_path: Path) -> None:
     off, off_history = train_tiny(4, 1, steps=3, checkpoint_dir=tmp_path / "a")
     zero = OnPolicy(OnPolicyConfig(fraction=0.0), ON_POLICY.stop_ids, ON_POLICY.vocab_size)

@@ -8,7 +8,9 @@ Which steps are on-policy is a function of (seed, step); each example's sample i
 of (seed, step, the example's index in the dataset) and the student's weights: its own
 random stream, drawn with a KV cache, batched, in `torch.no_grad()` and eval mode. So a
 resumed run draws the same samples, and how the examples are split over micro-batches and
-processes does not change what is drawn.
+processes does not change what is drawn (exactly on a CPU in fp32; on a GPU, batches of
+another composition may round a logit differently, and a sample can then differ).
+`SamplingStats` count the sampling of one call: a resumed run reports its own part.
 """
 
 from __future__ import annotations
@@ -105,24 +107,26 @@ def on_policy_batches(
     model.eval()
     started = time.perf_counter()
     micro = []
-    for chunk in chunks:
-        prompts = [prompt_ids(train_set[i]) for i in chunk]
-        keys = [sample_key(seed, step, i) for i in chunk]
-        written = sample(model, prompts, keys, on_policy, pad_token_id)
-        rows = [
-            TokenizedExample(
-                id=f"{train_set[i].id}@{step}",
-                input_ids=prompt + response,
-                labels=[IGNORE_INDEX] * len(prompt) + response,
-                truncated=False,
-            )
-            for i, prompt, response in zip(chunk, prompts, written, strict=True)
-        ]
-        stats.tokens += sum(len(r) for r in written)
-        micro.append(collate(rows, pad_token_id))
+    try:
+        for chunk in chunks:
+            prompts = [prompt_ids(train_set[i]) for i in chunk]
+            keys = [sample_key(seed, step, i) for i in chunk]
+            written = sample(model, prompts, keys, on_policy, pad_token_id)
+            rows = [
+                TokenizedExample(
+                    id=f"{train_set[i].id}@{step}",
+                    input_ids=prompt + response,
+                    labels=[IGNORE_INDEX] * len(prompt) + response,
+                    truncated=False,
+                )
+                for i, prompt, response in zip(chunk, prompts, written, strict=True)
+            ]
+            stats.tokens += sum(len(r) for r in written)
+            micro.append(collate(rows, pad_token_id))
+    finally:
+        model.train(was_training)
     stats.seconds += time.perf_counter() - started
     stats.steps += 1
-    model.train(was_training)
     return micro
 
 
@@ -182,17 +186,20 @@ def draw(
     logits: torch.Tensor, temperature: float, top_p: float, generators: list[torch.Generator]
 ) -> list[int]:
     """One token per row: the smallest set of most likely tokens whose probability reaches
-    `top_p`, renormalised, sampled by inverse CDF with the row's own uniform draw."""
-    probs = torch.softmax(logits.double() / temperature, dim=-1).cpu()
-    ordered, order = probs.sort(dim=-1, descending=True)
-    cumulative = ordered.cumsum(dim=-1)
-    # Keep a token while the mass before it is below top_p (the first is always kept).
-    ordered = ordered.masked_fill(cumulative - ordered >= top_p, 0.0)
-    cumulative = ordered.cumsum(dim=-1)
-    tokens = []
-    for row, generator in enumerate(generators):
-        u = torch.rand((), generator=generator, dtype=torch.float64) * cumulative[row, -1]
-        position = int(torch.searchsorted(cumulative[row], u.reshape(1), right=True))
-        position = min(position, int((ordered[row] > 0).sum()) - 1)
-        tokens.append(int(order[row, position]))
-    return tokens
+    `top_p` (all of them at 1), renormalised, sampled by inverse CDF with the row's own
+    uniform draw. On the logits' device; only the B uniforms and the B tokens move."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)  # (B, V)
+    order = None
+    if top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        # Keep a token while the mass before it is below top_p (the first is always kept).
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+    cumulative = probs.cumsum(dim=-1)  # (B, V)
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
+    u = u.to(probs.device)[:, None] * cumulative[:, -1:]  # (B, 1)
+    position = torch.searchsorted(cumulative, u, right=True)  # (B, 1)
+    # Rounding can put u at the very top: take the last token with mass.
+    last = (probs > 0).long().cumsum(dim=-1).argmax(dim=-1, keepdim=True)
+    position = torch.minimum(position, last)
+    tokens = position if order is None else order.gather(-1, position)
+    return tokens.squeeze(-1).tolist()

@@ -77,6 +77,10 @@ def train_student(
     checkpoints a resumed call continues from. With `on_policy` (and a teacher), a share of
     the steps trains on responses the student samples (lmdistill/kd/on_policy.py)."""
     accelerator = make_accelerator(train.device)
+    # On-policy steps always need the teacher (it scores the samples); off-policy steps only
+    # when the loss does (loss.alpha = 1 with on-policy: CE off-policy, the divergence on).
+    on_policy = on_policy if teacher is not None else None  # the CE baseline stays off-policy
+    scorer = teacher if on_policy is not None else None
     teacher = used_teacher(teacher, loss)
     torch.manual_seed(train.seed)
     teacher_config = teacher.model_config if teacher is not None else None
@@ -84,8 +88,8 @@ def train_student(
     optimizer = build_optimizer(objective, train)
     scheduler = build_scheduler(optimizer, train)
     objective, optimizer = accelerator.prepare(objective, optimizer)
-    if teacher is not None:
-        teacher.prepare(accelerator.device, loss)
+    for prepared in {id(t): t for t in (teacher, scorer) if t is not None}.values():
+        prepared.prepare(accelerator.device, loss)
 
     state = start_state(
         accelerator, objective, optimizer, scheduler, checkpoint_dir, config_hash, train, resume
@@ -94,7 +98,6 @@ def train_student(
     logged = [k for k in PARTS if k not in ("hidden", "attention") or getattr(loss, f"{k}_weight")]
     last_step = train.max_steps if stop_after is None else min(train.max_steps, stop_after)
     bar = progress_bar(train.max_steps, state.step, desc, show=accelerator.is_main_process)
-    on_policy = on_policy if teacher is not None else None  # the CE baseline stays off-policy
     batches = StepBatches(train_set, train, loss, pad_token_id, accelerator, on_policy)
     started, tokens_at_start = time.perf_counter(), state.tokens
     objective.train()
@@ -106,7 +109,7 @@ def train_student(
             objective,
             optimizer,
             scheduler,
-            teacher,
+            scorer if override is not None else teacher,
             micro,
             chunks,
             override or loss,

@@ -157,7 +157,8 @@ def _generalized_jsd_finite(
     if beta == 1.0:
         return _reverse_kl_finite(log_q, log_p, params)
     q, p = log_q.exp(), log_p.exp()
-    log_m = torch.add(q, p, alpha=beta / (1.0 - beta)).log_().add_(math.log1p(-beta))
+    # In log space: where both q and p underflow, log m stays finite (no 0 * inf).
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
     teacher_part = torch.linalg.vecdot(p, log_p - log_m)  # KL(p || m)
     d = log_m.neg_().add_(log_q)  # log q - log m, in log_m's buffer
     student_part = torch.linalg.vecdot(q, d)  # KL(q || m)
@@ -173,11 +174,10 @@ def _skew_forward_kl_finite(
     alpha = float(params.get("alpha", 0.1))
     if alpha == 0.0:
         return _forward_kl(log_q, log_p, params)
-    q, p = log_q.exp(), log_p.exp()
-    m = torch.add(p, q, alpha=(1.0 - alpha) / alpha).mul_(alpha)  # alpha p + (1 - alpha) q
-    value = torch.linalg.vecdot(p, log_p - m.log())
-    g = p.div_(m).mul_(-(1.0 - alpha))  # -(1 - alpha) p / m
-    return value, _centred(q, g)
+    log_m = torch.logaddexp(log_p + math.log(alpha), log_q + math.log1p(-alpha))
+    p_over_m = (log_p - log_m).exp_()  # <= 1 / alpha
+    value = torch.linalg.vecdot(log_p.exp(), log_p - log_m)
+    return value, _centred(log_q.exp(), p_over_m.mul_(-(1.0 - alpha)))
 
 
 @finite_form("skew_reverse_kl")
@@ -187,11 +187,11 @@ def _skew_reverse_kl_finite(
     alpha = float(params.get("alpha", 0.1))
     if alpha == 0.0:
         return _reverse_kl_finite(log_q, log_p, params)
-    q, p = log_q.exp(), log_p.exp()
-    m = torch.add(q, p, alpha=(1.0 - alpha) / alpha).mul_(alpha)  # alpha q + (1 - alpha) p
-    d = m.log().neg_().add_(log_q)  # log q - log m
+    q = log_q.exp()
+    log_m = torch.logaddexp(log_q + math.log(alpha), log_p + math.log1p(-alpha))
+    d = log_m.neg_().add_(log_q)  # log q - log m, in log_m's buffer
     value = torch.linalg.vecdot(q, d)
-    g = d.sub_(q.div(m).mul_(alpha))  # log q - log m - alpha q / m (+1 cancels)
+    g = d - d.exp().mul_(alpha)  # log q - log m - alpha q / m (+1 cancels)
     return value, _centred(q, g)
 
 
