@@ -40,6 +40,18 @@ OUTPUTS = {
 }
 
 
+def provenance(experiment: str) -> dict[str, Any]:
+    """What every result file records: the experiment, its command, when it was collected,
+    the commit and the machine."""
+    return {
+        "experiment": experiment,
+        "command": COMMANDS[experiment],
+        "collected": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "code": code_info(),
+        "machine": machine_info(),
+    }
+
+
 def collect_demo(run: Path) -> dict[str, Any]:
     metrics_path = run / "metrics.json"
     if not metrics_path.is_file():
@@ -47,11 +59,7 @@ def collect_demo(run: Path) -> dict[str, Any]:
     metrics = json.loads(metrics_path.read_text())
     metrics.pop("samples", None)  # side-by-side texts: in report.md, not figures
     return {
-        "experiment": "demo",
-        "command": COMMANDS["demo"],
-        "collected": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "code": code_info(),
-        "machine": machine_info(),
+        **provenance("demo"),
         "metrics": metrics,
     }
 
@@ -63,13 +71,9 @@ def collect_protocol(experiment: str, out: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; run `{COMMANDS[experiment]}` first")
     return {
-        "experiment": experiment,
-        "command": COMMANDS[experiment],
-        "collected": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         # The commit when collected: a protocol resumes, so its arms may have run at earlier
         # commits (each arm's metrics.json records the lmdistill version it ran with).
-        "code": code_info(),
-        "machine": machine_info(),
+        **provenance(experiment),
         "protocol": json.loads(path.read_text()),
     }
 
@@ -82,11 +86,7 @@ def collect(experiment: str, lab: Path) -> dict[str, Any]:
             raise FileNotFoundError(f"{path}: not found; run `{COMMANDS[experiment]}` first")
     teacher = json.loads(teacher_path.read_text())
     return {
-        "experiment": experiment,
-        "command": COMMANDS[experiment],
-        "collected": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "code": code_info(),
-        "machine": machine_info(),
+        **provenance(experiment),
         "teacher": {
             "tasks": teacher["kd"]["after"]["tasks"],
             "wall_seconds": teacher["wall_seconds"],

@@ -100,17 +100,17 @@ class KDObjective(nn.Module):
         loss: LossConfig | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`loss` replaces the run's loss for this batch (an on-policy step's divergence
-        alone); feature losses apply only with the run's own."""
+        alone, with no feature losses)."""
         spec = self.loss if loss is None else loss
-        features = spec is self.loss
+        hidden = self.hidden is not None and spec.hidden_weight > 0
         out = run_decoder(
             self.student,
             input_ids,
             attention_mask,
             labels,
             weights,
-            hidden_states=self.hidden is not None and features,
-            attentions=uses_attention(self.loss) and features,
+            hidden_states=hidden,
+            attentions=uses_attention(spec),
         )
         loss_sum, parts = fused_kd_loss(
             out.states,
@@ -128,15 +128,14 @@ class KDObjective(nn.Module):
             token_weights=out.weights,
         )
         parts = dict(parts)
-        if not features:
-            return loss_sum, parts
-        if self.hidden is not None:
+        if hidden:
+            assert self.hidden is not None
             if out.hidden_states is None or teacher_hidden_states is None:
                 raise ValueError("loss.hidden_weight > 0 needs the teacher's hidden states")
             hidden_sum, _ = self.hidden(out.hidden_states, teacher_hidden_states, out.mask)
             parts["hidden"] = hidden_sum.detach() / len(self.pairs)
             loss_sum = loss_sum + self.loss.hidden_weight * hidden_sum / len(self.pairs)
-        if uses_attention(self.loss):
+        if uses_attention(spec):
             if out.attentions is None or teacher_attentions is None:
                 raise ValueError("loss.attention_weight > 0 needs the teacher's attentions")
             attn_sum, _ = attention_kl(out.attentions, teacher_attentions, self.pairs, out.mask)

@@ -114,7 +114,6 @@ def train_student(
             chunks,
             override or loss,
             train,
-            override=override,
         )
         state.step += 1
         state.tokens += global_tokens
@@ -227,16 +226,14 @@ def optimizer_step(
     chunks: list[list[int]],
     loss: LossConfig,
     train: TrainConfig,
-    *,
-    override: LossConfig | None = None,
 ) -> tuple[torch.Tensor, int, torch.Tensor]:
     """One optimizer step over this process's micro-batches: gradients normalised by the
     global count of trained tokens, clipped, applied. Returns the loss parts per token
-    (summed over processes), the global tokens and the gradient norm. `override` replaces
-    the objective's loss for this step (on-policy steps)."""
+    (summed over processes), the global tokens and the gradient norm. `loss` is this step's
+    (an on-policy step's replaces the run's)."""
     global_tokens, normaliser = token_counts(micro, accelerator, train)
     sums = accumulate_gradients(
-        accelerator, objective, teacher, micro, chunks, loss, max(normaliser, 1), override
+        accelerator, objective, teacher, micro, chunks, loss, max(normaliser, 1)
     )
     grad_norm = accelerator.clip_grad_norm_(objective.parameters(), train.max_grad_norm)
     optimizer.step()
@@ -367,7 +364,6 @@ def accumulate_gradients(
     chunks: list[list[int]],
     loss: LossConfig,
     global_tokens: int,
-    override: LossConfig | None = None,
 ) -> torch.Tensor:
     """Backward over this process's micro-batches; return the local sums of `PARTS`."""
     world = accelerator.num_processes
@@ -386,7 +382,7 @@ def accumulate_gradients(
                 teacher_signal=sparse.to(accelerator.device) if sparse is not None else None,
                 teacher_hidden_states=signal.hidden_states if signal else None,
                 teacher_attentions=signal.attentions if signal else None,
-                loss=override,
+                loss=loss,
             )
             # DDP averages gradients over processes; multiply by `world` to undo it.
             accelerator.backward(loss_sum * world / max(global_tokens, 1))
