@@ -178,7 +178,7 @@ class ArmMetrics:
     history: list[dict[str, Any]] = field(default_factory=list)
     # On-policy runs: the student's sampling (steps, tokens, seconds, tokens/s), apart from
     # training's; absent from the file otherwise.
-    on_policy: dict[str, float] | None = None
+    on_policy: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)

@@ -170,7 +170,9 @@ def _run(config: RunConfig, *, resume: bool, started: float, device: torch.devic
     setup.release_model()  # served / cache: training holds no teacher weights
     del teacher_model
 
-    arms = Arms(config, setup.tokenizer, data.train_set, vocab_size, chash, resume, evaluate)
+    arms = Arms(
+        config, setup.tokenizer, data.train_set, vocab_size, chash, resume, evaluate, setup.scorer
+    )
     metrics = RunMetrics(
         lmdistill_version=__version__,
         config_hash=chash,
@@ -268,6 +270,7 @@ class Arms:
     config_hash: str
     resume: bool
     evaluate: Evaluator
+    scorer: Teacher | None = None  # who scores on-policy samples (None: the run's teacher)
 
     def train_and_evaluate(
         self,
@@ -285,7 +288,7 @@ class Arms:
         on_policy = None
         if teacher is not None and self.config.on_policy.fraction > 0:
             stops = tuple(stop_token_ids(model, self.tokenizer))
-            on_policy = OnPolicy(self.config.on_policy, stops, self.vocab_size)
+            on_policy = OnPolicy(self.config.on_policy, stops, self.vocab_size, self.scorer)
         result = train_student(
             model,
             teacher,
@@ -302,6 +305,9 @@ class Arms:
         )
         after = self.evaluate(model) if self.config.eval.enabled else None
         summary = summarise(result, after)
+        scoring = getattr(self.scorer, "stats", None)
+        if summary.on_policy is not None and scoring is not None:
+            summary.on_policy.update(scored_by_server=scoring.as_dict())
         texts[label] = sample(model, self.tokenizer, samples, self.config)
         save_student(model, self.tokenizer, directory / "student")
         return summary

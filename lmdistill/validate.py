@@ -49,18 +49,15 @@ def _validate_on_policy(config: RunConfig) -> None:
     check(spec.divergence in LOSSES, "on_policy.divergence", spec.divergence, LOSSES.allowed())
     if spec.fraction > 0:
         kind = config.teacher.kind
+        scoring = " or ".join(k for k in TEACHERS if TEACHERS[k].scores_text)
         check(
-            TEACHERS[kind].in_process,
+            TEACHERS[kind].scores_text,
             "on_policy.fraction",
             spec.fraction,
             f"0 with teacher.kind={kind}: on-policy steps need a teacher that scores the text "
-            "the student writes, and a "
-            + (
-                "cache holds its signal on fixed text only, so it cannot score new text"
-                if kind == "cache"
-                else f"{kind} teacher cannot score new text yet"
-            )
-            + "; use teacher.kind=local",
+            f"the student writes, and a {kind} teacher cannot score new text"
+            + (" (a cache holds its signal on fixed text only)" if kind == "cache" else "")
+            + f"; use teacher.kind={scoring}",
         )
 
 

@@ -154,6 +154,7 @@ def test_a_new_teacher_backend_is_one_function(temporary, tmp_path: Path) -> Non
         in_process=True,
         caches_signal=True,
         writes_text=True,
+        scores_text=True,
     )
     def open_twin(config, write_local_cache: bool):  # type: ignore[no-untyped-def]
         opened.append(config.teacher.kind)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import skip_if_registry_unreachable
 
 from lmdistill.config import GenerateConfig, StudentConfig, TeacherConfig
@@ -263,3 +264,64 @@ def test_generate_survives_the_server_being_killed_and_restarted(
     assert report["generated"] == 16 - kept and report["served"]["retries"] >= 1
     ids = [row["id"] for row in _rows(path)]
     assert len(ids) == 16 and len(set(ids)) == 16  # every prompt exactly once
+
+
+def test_the_server_scores_text_it_did_not_write_like_the_local_model(
+    server: LlamaServer, smollm2: tuple[Any, Any]
+) -> None:
+    """llama.cpp's echo pairs each token with the distribution after it unless the text starts
+    with its BOS (SmolLM2's chat template does): the probe finds each case, and scoring under
+    the shift it found gives the local model's log-probs."""
+    from lmdistill.config import LossConfig
+    from lmdistill.data import IGNORE_INDEX, TokenizedExample, collate
+    from lmdistill.teachers.served_scoring import ServedScorer, probe_scoring
+
+    teacher, tokenizer = smollm2
+    client = ServedClient(TeacherConfig(kind="served", base_url=server.url, model="smollm2",
+                                        api_key_env=KEY_ENV))  # fmt: skip
+    chat = probe_scoring(client, tokenizer, teacher, top_logprobs=5, tolerance=0.25)
+    raw = probe_scoring(client, tokenizer, teacher, top_logprobs=5, tolerance=0.25,
+                        prompts=["The capital of France is", "Once upon a time"])  # fmt: skip
+    assert chat["shift"] == 0 and raw["shift"] == 1
+    assert chat["mean_abs_diff"] < 0.25 and raw["mean_abs_diff"] < 0.25
+
+    templated = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 6 times 7?"}], add_generation_prompt=True
+    )
+    templated = list(getattr(templated, "input_ids", templated))
+    answer = tokenizer(" It is 42, since six sevens make forty-two.", add_special_tokens=False)
+    plain = tokenizer("Water boils at 100 degrees. Ice melts at", add_special_tokens=False)
+    cases = ((0, templated, answer["input_ids"]),
+             (1, plain["input_ids"][:4], plain["input_ids"][4:]))  # fmt: skip
+    for shift, prompt, response in cases:
+        ids = prompt + response
+        item = TokenizedExample("x", ids, [IGNORE_INDEX] * len(prompt) + response, False)
+        for used, close in ((shift, True), (1 - shift, False)):
+            scorer = ServedScorer(client, tokenizer, 5, shift=used)
+            signal = scorer.score(collate([item], 0), [0], LossConfig()).sparse
+            assert signal is not None and signal.present is not None
+            with torch.no_grad():
+                logits = teacher(input_ids=torch.tensor([ids])).logits[0, len(prompt) - 1 : -1]
+            local = torch.log_softmax(logits.float(), dim=-1).gather(1, signal.token_ids)
+            scored = signal.present[:, None] & torch.isfinite(signal.logprobs)
+            diff = (local - signal.logprobs)[scored].abs().mean()
+            if close:  # the shift the probe found: the local model's numbers
+                assert diff < 0.25 and float(signal.present.float().mean()) > 0.8
+            else:  # the other shift: another position's distribution
+                assert not (diff < 0.25 and bool(signal.present.any()))
+
+
+def test_an_on_policy_run_scored_by_the_server(server: LlamaServer, tmp_path: Path) -> None:
+    from lmdistill.cli import main
+
+    out = tmp_path / "on-policy"
+    more = ("on_policy.fraction=1", "on_policy.max_new_tokens=8", "train.max_steps=2")
+    assert main(["run", *served_overrides(server, out, *more)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["scoring_probe"]["shift"] == 0
+    sampling = metrics["kd"]["on_policy"]
+    served = sampling["scored_by_server"]
+    assert sampling["on_policy_steps"] == 2 and sampling["sampled_tokens"] == served["positions"]
+    assert served["sequences"] == 8 and served["unscored"] < 0.5 * served["positions"]
+    assert all(h["on_policy"] == 1.0 for h in metrics["kd"]["history"])
+    assert "The server scored 8 samples" in (out / "report.md").read_text()

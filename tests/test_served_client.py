@@ -362,3 +362,140 @@ def test_an_unmappable_token_stops_the_run_or_falls_back_to_text(
     )
     assert client.stats.text_only_rows == 2
     assert all(e.response == "Hi" and e.response_ids is None for e in answered)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring text the server did not write (on-policy): the echo's alignment and its refusals
+
+
+def echo_answer(
+    tokenizer: Any, text: str, *, shift: int, drop_first: bool = False
+) -> dict[str, Any]:
+    """A `/completions` echo of `text`: token i's own log-prob -0.5 and, as its top-1, the
+    string of token i + shift (shift 1: each entry holds the distribution after its token,
+    as llama-cpp-python's server does for a prompt without BOS)."""
+    mapper = TokenMapper(tokenizer)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][1 if drop_first else 0 :]
+    strings = [mapper.bytes[i].decode("utf-8", "ignore") for i in ids]
+    tops: list[dict[str, float] | None] = []
+    for m in range(len(ids)):
+        nxt = m + shift
+        tops.append({strings[nxt]: -0.5, "zzq": -4.0} if nxt < len(ids) else {"zzq": -4.0})
+    tops[0] = None
+    return {
+        "choices": [
+            {
+                "text": text,
+                "logprobs": {
+                    "tokens": strings,
+                    "text_offset": list(range(len(ids))),
+                    "token_logprobs": [None] + [-0.5] * (len(ids) - 1),
+                    "top_logprobs": tops,
+                },
+            }
+        ]
+    }
+
+
+def test_the_aligner_pairs_tokens_cut_alike_and_skips_the_rest(tiny_tokenizer: Any) -> None:
+    from lmdistill.teachers.served_scoring import Aligner
+
+    aligner = Aligner(tiny_tokenizer, TokenMapper(tiny_tokenizer))
+    ids = tiny_tokenizer("The cat sat on the mat.", add_special_tokens=False)["input_ids"]
+    ours = [aligner.render(i) for i in ids]  # one byte per token
+    assert aligner.match(ids, ours) == {i: i for i in range(1, len(ids))}
+    # The server writes "ca" as one token where the student wrote "c", "a": neither is paired,
+    # nor the "t" after them (its context is cut differently); the rest pairs, one step back.
+    at = ours.index("c")
+    theirs = [*ours[:at], "ca", *ours[at + 2 :]]
+    matched = aligner.match(ids, theirs)
+    assert {at, at + 1, at + 2}.isdisjoint(matched)
+    assert matched[at + 3] == at + 2 and matched[at - 1] == at - 1
+    # A leading special token the server drops from its echo (llama.cpp drops a BOS) moves
+    # every pair by one.
+    bos = tiny_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert aligner.match([bos, *ids], ours) == {i: i - 1 for i in range(2, len(ids) + 1)}
+
+
+def test_a_server_that_echoes_no_logprobs_cannot_score_text(
+    fake: tuple[Script, str], tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmdistill.teachers.served_scoring import probe_scoring
+
+    script, url = fake
+    monkeypatch.setenv("LMDISTILL_TEST_KEY", script.key)
+    script.default = (200, {"choices": [{"text": " and so on", "logprobs": None}]})
+    client = ServedClient(spec(url), backoff_s=0.01)
+    with pytest.raises(ServedTeacherError, match="cannot score text it did not write"):
+        probe_scoring(client, tiny_tokenizer, None, top_logprobs=3, tolerance=0.25,
+                      prompts=["Once upon a time"])  # fmt: skip
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_the_probe_finds_the_echo_shift_and_the_scorer_corrects_it(
+    fake: tuple[Script, str], tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch, shift: int
+) -> None:
+    from lmdistill.config import LossConfig
+    from lmdistill.data import IGNORE_INDEX, TokenizedExample, collate
+    from lmdistill.teachers.served_scoring import ServedScorer, probe_scoring
+
+    script, url = fake
+    monkeypatch.setenv("LMDISTILL_TEST_KEY", script.key)
+    prompt, written = "Once upon a time", " there was a cat."
+    script.chat = [(200, {"choices": [{"text": written}]}),
+                   (200, echo_answer(tiny_tokenizer, prompt + written, shift=shift))]  # fmt: skip
+    client = ServedClient(spec(url), backoff_s=0.01)
+    found = probe_scoring(client, tiny_tokenizer, None, top_logprobs=3, tolerance=0.25,
+                          prompts=[prompt])  # fmt: skip
+    assert found["shift"] == shift and found["greedy_top1"][str(shift)] == found["positions"]
+
+    # Scored under the probe's shift, each response token's log-prob is the one the server
+    # reported for it (-0.5), never the neighbour's.
+    text = "A cat sat on the mat."
+    script.chat = []
+    script.default = (200, echo_answer(tiny_tokenizer, text, shift=shift))
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    item = TokenizedExample("x", ids, [IGNORE_INDEX] * 2 + ids[2:], False)
+    scorer = ServedScorer(client, tiny_tokenizer, 3, shift=shift)
+    signal = scorer.score(collate([item], 0), [0], LossConfig()).sparse
+    assert signal is not None and signal.present is not None
+    rows = len(ids) - 2
+    assert signal.token_ids.shape[0] == rows
+    for row in range(rows):
+        target = ids[2 + row]
+        assert bool(signal.present[row])
+        column = signal.token_ids[row].tolist().index(target)
+        assert float(signal.logprobs[row, column]) == pytest.approx(-0.5)
+    assert scorer.stats.unscored == 0 and scorer.stats.positions == rows
+
+
+def test_positions_the_server_cannot_score_are_masked_out_of_the_loss(
+    fake: tuple[Script, str], tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmdistill.config import LossConfig
+    from lmdistill.data import IGNORE_INDEX, TokenizedExample, collate
+    from lmdistill.teachers.served_scoring import ServedScorer
+
+    script, url = fake
+    monkeypatch.setenv("LMDISTILL_TEST_KEY", script.key)
+    text = "A cat sat on the mat."
+    echoed = echo_answer(tiny_tokenizer, text, shift=0)
+    logprobs = echoed["choices"][0]["logprobs"]
+    cut = logprobs["tokens"].index("c")
+    # The server writes "ca" as one token.
+    for key, merged in (("tokens", ["ca"]), ("token_logprobs", [-0.5]),
+                        ("top_logprobs", [{"zzq": -4.0}])):  # fmt: skip
+        logprobs[key][cut : cut + 2] = merged
+    script.default = (200, echoed)
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    item = TokenizedExample("x", ids, [IGNORE_INDEX, *ids[1:]], False)
+    scorer = ServedScorer(ServedClient(spec(url), backoff_s=0.01), tiny_tokenizer, 3, shift=0)
+    (masked,) = scorer.mask_unscored([item])
+    unscored = [p for p in range(1, len(ids)) if masked.labels[p] == IGNORE_INDEX]
+    assert unscored == [cut, cut + 1, cut + 2]  # "c", "a" and the "t" after them
+    assert scorer.stats.unscored == 3 and scorer.stats.positions == len(ids) - 1
+    # The masked sequence is scored from what was already fetched: no second request.
+    requests = len(script.seen)
+    signal = scorer.score(collate([masked], 0), [0], LossConfig()).sparse
+    assert len(script.seen) == requests and signal is not None and signal.present is not None
+    assert signal.token_ids.shape[0] == len(ids) - 1 - 3 and bool(signal.present.all())

@@ -26,16 +26,20 @@ from transformers import PreTrainedModel
 
 from lmdistill.config import LossConfig, OnPolicyConfig
 from lmdistill.data import IGNORE_INDEX, TokenizedExample, collate, collate_prompts
+from lmdistill.teachers.base import Teacher
 
 
 @dataclass(frozen=True)
 class OnPolicy:
     """What a training run needs to sample: the settings, the tokens that end a response
-    (the tokenizer's end-of-turn ids) and the vocabulary the student may write."""
+    (the tokenizer's end-of-turn ids), the vocabulary the student may write, and who scores
+    the samples (None: the run's teacher, in this process; a served teacher's
+    `ServedScorer` otherwise)."""
 
     spec: OnPolicyConfig
     stop_ids: tuple[int, ...]
     vocab_size: int
+    scorer: Teacher | None = None
 
     def loss(self, loss: LossConfig) -> LossConfig:
         """The loss of an on-policy step: the divergence alone (CE on the student's own
@@ -105,13 +109,14 @@ def on_policy_batches(
     it wrote one: the student learns where to stop)."""
     was_training = model.training
     model.eval()
-    started = time.perf_counter()
     micro = []
     try:
         for chunk in chunks:
             prompts = [prompt_ids(train_set[i]) for i in chunk]
             keys = [sample_key(seed, step, i) for i in chunk]
+            started = time.perf_counter()
             written = sample(model, prompts, keys, on_policy, pad_token_id)
+            stats.seconds += time.perf_counter() - started
             rows = [
                 TokenizedExample(
                     id=f"{train_set[i].id}@{step}",
@@ -122,10 +127,12 @@ def on_policy_batches(
                 for i, prompt, response in zip(chunk, prompts, written, strict=True)
             ]
             stats.tokens += sum(len(r) for r in written)
-            micro.append(collate(rows, pad_token_id))
+            # A teacher that may not score every position (a server that cut the text
+            # differently) masks those out: they carry no loss and no count.
+            mask = getattr(on_policy.scorer, "mask_unscored", None)
+            micro.append(collate(mask(rows) if mask else rows, pad_token_id))
     finally:
         model.train(was_training)
-    stats.seconds += time.perf_counter() - started
     stats.steps += 1
     return micro
 

@@ -80,7 +80,7 @@ def train_student(
     # On-policy steps always need the teacher (it scores the samples); off-policy steps only
     # when the loss does (loss.alpha = 1 with on-policy: CE off-policy, the divergence on).
     on_policy = on_policy if teacher is not None else None  # the CE baseline stays off-policy
-    scorer = teacher if on_policy is not None else None
+    scorer = (on_policy.scorer or teacher) if on_policy is not None else None
     teacher = used_teacher(teacher, loss)
     torch.manual_seed(train.seed)
     teacher_config = teacher.model_config if teacher is not None else None

@@ -71,17 +71,25 @@ def setup_lines(metrics: RunMetrics, config: dict[str, Any]) -> list[str]:
     ]
 
 
-def _sampling(config: dict[str, Any], sampling: dict[str, float] | None) -> str:
+def _sampling(config: dict[str, Any], sampling: dict[str, Any] | None) -> str:
     """On-policy runs: how many steps the student wrote its own responses, and the cost."""
     if sampling is None:
         return ""
     spec = config["on_policy"]
-    return (
+    line = (
         f" On-policy (fraction {spec['fraction']}, `{spec['divergence']}`): "
         f"{sampling['on_policy_steps']:.0f} steps trained on the student's own samples; "
         f"student sampling {sampling['sampled_tokens']:,.0f} tokens at "
         f"{sampling['sample_tokens_per_s']:.0f} tokens/s ({sampling['sample_seconds']:.1f} s)."
     )
+    served = sampling.get("scored_by_server")
+    if served:
+        line += (
+            f" The server scored {served['sequences']:,} samples in {served['seconds']:.1f} s; "
+            f"{served['unscored']:,} of their {served['positions']:,} tokens it cut differently "
+            "or gave no log-prob for, and they were left out of the loss."
+        )
+    return line
 
 
 def teacher_lines(metrics: RunMetrics) -> list[str]:

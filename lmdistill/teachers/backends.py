@@ -28,6 +28,8 @@ class TeacherSetup:
     examples: dict[str, list[Example]]  # "train", "eval"
     signal: dict[str, Teacher]  # who scores each split
     report: dict[str, Any] = field(default_factory=dict)
+    # Who scores text the student writes (on-policy), when not the train split's teacher.
+    scorer: Teacher | None = None
 
     def release_model(self) -> None:
         """Drop the local weights when training does not need them (served, cache)."""
@@ -50,6 +52,7 @@ class Backend:
     in_process: bool  # the teacher's weights score and write in this process
     caches_signal: bool  # training reads its signal from cache.dir
     writes_text: bool  # it can write new responses (a cache only returns what it stored)
+    scores_text: bool  # it can score text it did not write (the student's, on-policy)
 
 
 TEACHERS: Registry[Backend] = Registry("teacher backend", "teacher.kind")
@@ -63,8 +66,11 @@ def register_teacher(
     in_process: bool,
     caches_signal: bool,
     writes_text: bool,
+    scores_text: bool,
 ) -> Callable[[Open], Open]:
     return TEACHERS.register_as(
         name,
-        lambda fn: Backend(fn, generating, check, in_process, caches_signal, writes_text),
+        lambda fn: Backend(
+            fn, generating, check, in_process, caches_signal, writes_text, scores_text
+        ),
     )

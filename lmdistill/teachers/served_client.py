@@ -117,6 +117,51 @@ class ServedClient:
             detail = json.dumps(answer)[:300]
             raise ServedTeacherError(f"{self.base_url}: malformed answer {detail}") from error
 
+    def echo(self, prompt: str, *, top_logprobs: int) -> dict[str, Any]:
+        """The server's log-probs of `prompt` itself (OpenAI-style `/completions` with
+        `echo: true`, `logprobs`, one greedy token generated): the choice's `logprobs`
+        (`tokens`, `text_offset`, `token_logprobs`, `top_logprobs`)."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": prompt,
+            "echo": True,
+            "logprobs": top_logprobs,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            **self.extra_body,
+        }
+        answer = self._request("POST", "/completions", body)
+        usage = answer.get("usage") or {}
+        self.stats.add(prompt_tokens=int(usage.get("prompt_tokens", 0)))
+        try:
+            logprobs = answer["choices"][0]["logprobs"]
+        except (KeyError, IndexError, TypeError) as error:
+            detail = json.dumps(answer)[:300]
+            raise ServedTeacherError(f"{self.base_url}: malformed answer {detail}") from error
+        if not isinstance(logprobs, dict) or not logprobs.get("tokens"):
+            raise ServedTeacherError(
+                f"{self.base_url}/completions returned no log-probs for the echoed prompt "
+                "(`echo: true` with `logprobs`): this server cannot score text it did not "
+                "write, so it cannot be an on-policy teacher"
+            )
+        return logprobs
+
+    def complete(self, prompt: str, *, max_tokens: int) -> str:
+        """A greedy continuation of `prompt` through `/completions` (the probe's text)."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            **self.extra_body,
+        }
+        answer = self._request("POST", "/completions", body)
+        try:
+            return str(answer["choices"][0]["text"])
+        except (KeyError, IndexError, TypeError) as error:
+            detail = json.dumps(answer)[:300]
+            raise ServedTeacherError(f"{self.base_url}: malformed answer {detail}") from error
+
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         url = self.base_url + path
         headers = {"Content-Type": "application/json"}

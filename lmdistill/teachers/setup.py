@@ -3,7 +3,10 @@
 - `local`: the model in this process scores every batch (and writes responses when
   `generate.enabled`).
 - `served`: the conformance probe (when `teacher.probe`), then the server writes the responses
-  with their top-k log-probs, which are stored as a cache: training reads the cache.
+  with their top-k log-probs, which are stored as a cache: training reads the cache. With
+  `on_policy.fraction` > 0 the server also scores the student's samples through its prompt
+  log-probs (lmdistill/teachers/served_scoring.py), after a probe that finds how its echoed
+  log-probs line up.
 - `cache`: the examples and the signal `lmdistill cache` stored; no teacher in memory.
 
 Caches live in `cache.dir` (default OUTPUT_DIR/teacher_cache), one per split: train/, eval/.
@@ -40,6 +43,7 @@ from lmdistill.teachers.consistency import (
     with_rationale_prompt,
 )
 from lmdistill.teachers.served import conformance_probe
+from lmdistill.teachers.served_scoring import ServedScorer, probe_scoring
 from lmdistill.teachers.signal_caches import (
     SPLITS,
     cache_complete,
@@ -125,6 +129,7 @@ def _cache_generating(config: RunConfig) -> tuple[ResponseWriter, dict[str, Any]
     in_process=True,
     caches_signal=False,
     writes_text=True,
+    scores_text=True,
 )
 def _open_local(config: RunConfig, write_local_cache: bool) -> TeacherSetup:
     """The model in this process scores every batch (and writes responses when
@@ -151,6 +156,7 @@ def _open_local(config: RunConfig, write_local_cache: bool) -> TeacherSetup:
     in_process=False,
     caches_signal=True,
     writes_text=True,
+    scores_text=True,
 )
 def _open_served(config: RunConfig, write_local_cache: bool) -> TeacherSetup:
     """The conformance probe (when `teacher.probe`), then the server writes the responses with
@@ -165,7 +171,24 @@ def _open_served(config: RunConfig, write_local_cache: bool) -> TeacherSetup:
     prompts = {"train": train, "eval": held_out}
     report["cache"] = write_served_caches(config, tokenizer, served, examples, prompts)
     caches = {s: CachedTeacher(open_split(config, tokenizer, s)) for s in SPLITS}
-    return TeacherSetup(tokenizer, model, examples, dict(caches), report)
+    setup = TeacherSetup(tokenizer, model, examples, dict(caches), report)
+    if config.on_policy.fraction > 0:  # the student's samples are scored by the server
+        report["scoring_probe"] = probe_scoring(
+            served.client,
+            tokenizer,
+            model if config.teacher.probe else None,
+            top_logprobs=config.teacher.top_logprobs,
+            tolerance=config.teacher.probe_tolerance,
+        )
+        setup.scorer = ServedScorer(
+            served.client,
+            tokenizer,
+            config.teacher.top_logprobs,
+            shift=report["scoring_probe"]["shift"],
+            max_concurrency=config.teacher.max_concurrency,
+            identity=served.identity,
+        )
+    return setup
 
 
 @register_teacher(
@@ -175,6 +198,7 @@ def _open_served(config: RunConfig, write_local_cache: bool) -> TeacherSetup:
     in_process=False,
     caches_signal=True,
     writes_text=False,
+    scores_text=False,
 )
 def _open_cache(config: RunConfig, write_local_cache: bool) -> TeacherSetup:
     """The examples and the signal `lmdistill cache` stored; no teacher in memory. A cache
