@@ -403,6 +403,18 @@ def cmd_protocol(args: argparse.Namespace) -> int:
     return 0
 
 
+def refuse_text_only(config: RunConfig, what: str) -> None:
+    """A teacher with no scores at all (teacher.kind=text) cannot serve `what`."""
+    from lmdistill.teachers.backends import TEACHERS
+
+    backend = TEACHERS[config.teacher.kind]
+    if not (backend.scores_text or backend.caches_signal):
+        raise ConfigError(
+            f"teacher.kind: {config.teacher.kind!r} gives text only and cannot be used by "
+            f"{what}; use teacher.kind=local, served or cache"
+        )
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from lmdistill.models import check_model_path
     from lmdistill.pipeline import teacher_directories
@@ -410,6 +422,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from lmdistill.teachers.signal_caches import cache_dir
 
     config = load_config(args.config, args.overrides)
+    refuse_text_only(config, "`lmdistill cache`, which stores the teacher's scores")
     check_model_path(config.teacher, "teacher.path")  # before anything is written
     load_splits(config)
     with contextlib.ExitStack() as held:
@@ -434,6 +447,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lmdistill.teachers.setup import open_teacher
 
     config = load_config(args.config, args.overrides)
+    refuse_text_only(config, "`lmdistill eval`, which measures a student against its scores")
     check_model_path(config.teacher, "teacher.path")
     check_model_path(ModelConfig(path=args.student), "student")
     with contextlib.ExitStack() as held:  # the teacher may write its responses or its cache

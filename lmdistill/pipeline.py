@@ -132,7 +132,8 @@ def check_inputs(config: RunConfig) -> None:
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise ConfigError(f"output_dir: {out} is not writable ({parent} is not)")
             break
-    check_model_path(config.teacher, "teacher.path")
+    if TEACHERS[config.teacher.kind].scores_text or TEACHERS[config.teacher.kind].caches_signal:
+        check_model_path(config.teacher, "teacher.path")  # a text-only teacher has none
     if config.student.init == "path" and config.student.path:
         check_model_path(ModelConfig(path=config.student.path), "student.path")
     load_splits(config)
@@ -149,8 +150,7 @@ def _run(config: RunConfig, *, resume: bool, started: float, device: torch.devic
     out = Path(config.output_dir)
     chash = config_hash(config)
     setup = open_teacher(config)
-    teacher_model = setup.model
-    assert teacher_model is not None
+    teacher_model = setup.model  # None: a text-only teacher
     torch.manual_seed(config.train.seed)  # fresh student weights are reproducible
     student, _ = build_student(config.student, teacher_model, setup.tokenizer)
     vocab_size = shared_vocab_size(teacher_model, student, setup.tokenizer)
@@ -162,7 +162,7 @@ def _run(config: RunConfig, *, resume: bool, started: float, device: torch.devic
     initial = copy.deepcopy(student) if config.baseline else None  # on the CPU until it trains
     student.to(device)  # type: ignore[arg-type]
     before = evaluate(student) if config.eval.enabled and config.eval.before else None
-    if TEACHERS[config.teacher.kind].in_process:
+    if TEACHERS[config.teacher.kind].in_process and teacher_model is not None:
         texts = {"teacher": sample(teacher_model, setup.tokenizer, samples, config)}
     else:  # the teacher's own (served or cached) responses
         texts = {"teacher": [ex.response or "" for ex in samples]}
@@ -182,7 +182,14 @@ def _run(config: RunConfig, *, resume: bool, started: float, device: torch.devic
         teacher=evaluate.teacher,
         before=before,
         kd=arms.train_and_evaluate(
-            student, setup.signal["train"], config.loss, out, "distil", "KD student", samples, texts
+            student,
+            setup.signal.get("train"),  # None: a text-only teacher (CE on its text)
+            config.loss,
+            out,
+            "distil",
+            "KD student",
+            samples,
+            texts,
         ),
     )
     if initial is not None:
@@ -244,16 +251,16 @@ def prepare_data(config: RunConfig, setup: TeacherSetup) -> PreparedData:
 def describe_models(
     config: RunConfig, setup: TeacherSetup, student: PreTrainedModel, vocab_size: int
 ) -> dict[str, Any]:
-    teacher = setup.model
-    assert teacher is not None
+    teacher = setup.model  # None: a text-only teacher (no weights here)
+    signal = setup.signal.get("train")
     return {
-        "teacher": describe(config.teacher),
+        "teacher": describe(config.teacher) if teacher is not None else config.teacher.model,
         "teacher_kind": config.teacher.kind,
-        "teacher_signal": setup.signal["train"].identity,
-        "teacher_parameters": count_parameters(teacher),
+        "teacher_signal": signal.identity if signal is not None else "text only",
+        "teacher_parameters": count_parameters(teacher) if teacher is not None else None,
         "student_parameters": count_parameters(student),
         "student_layers": student.config.num_hidden_layers,
-        "teacher_layers": teacher.config.num_hidden_layers,
+        "teacher_layers": teacher.config.num_hidden_layers if teacher is not None else None,
         "vocab_size": vocab_size,
     }
 

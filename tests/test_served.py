@@ -325,3 +325,26 @@ def test_an_on_policy_run_scored_by_the_server(server: LlamaServer, tmp_path: Pa
     assert served["sequences"] == 8 and served["unscored"] < 0.5 * served["positions"]
     assert all(h["on_policy"] == 1.0 for h in metrics["kd"]["history"])
     assert "The server scored 8 samples" in (out / "report.md").read_text()
+
+
+def test_a_text_only_run_against_the_real_server(
+    server: LlamaServer, smollm2: tuple[Any, Any], tmp_path: Path
+) -> None:
+    """teacher.kind=text: the real server answers without log-probs (none are asked for), the
+    student (a saved 2-layer copy: no teacher weights are loaded) learns its text by CE."""
+    from lmdistill.cli import main
+    from lmdistill.pipeline import save_student
+
+    teacher, tokenizer = smollm2
+    student, _ = build_student(StudentConfig(num_layers=2), teacher, tokenizer)
+    save_student(student, tokenizer, tmp_path / "small")
+    out = tmp_path / "text"
+    more = ("teacher.kind=text", "student.init=path", f"student.path={tmp_path / 'small'}",
+            "loss.alpha=1.0", "eval.fidelity=false", "eval.task_teacher=false", "baseline=false",
+            "train.max_steps=2")  # fmt: skip
+    assert main(["run", *served_overrides(server, out, *more)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["models"]["teacher_signal"] == "text only"
+    assert metrics["served"]["requests"] >= 12 and metrics["kd"]["steps"] == 2
+    rows = [json.loads(line) for line in (out / "generate" / "teacher_responses.jsonl").open()]
+    assert len(rows) == 12 and all(r["signal"] is None and r["response"] for r in rows)

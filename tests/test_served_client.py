@@ -499,3 +499,85 @@ def test_positions_the_server_cannot_score_are_masked_out_of_the_loss(
     signal = scorer.score(collate([masked], 0), [0], LossConfig()).sparse
     assert len(script.seen) == requests and signal is not None and signal.present is not None
     assert signal.token_ids.shape[0] == len(ids) - 1 - 3 and bool(signal.present.all())
+
+
+# ---------------------------------------------------------------------------------------------
+# A black-box teacher: text only (a closed API without log-probs)
+
+TEXT_ONLY = (
+    "teacher.kind=text",
+    "teacher.model=fake-model",
+    "teacher.api_key_env=LMDISTILL_TEST_KEY",
+    "student.init=path",
+    "student.path=tiny-llama",
+    "loss.alpha=1.0",
+    "eval.fidelity=false",
+    "eval.task_teacher=false",
+    "baseline=false",
+)
+
+
+def test_a_text_only_teacher_trains_the_student_on_its_text(
+    fake: tuple[Script, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import tiny_run_config
+
+    from lmdistill.pipeline import run
+
+    script, url = fake
+    monkeypatch.setenv("LMDISTILL_TEST_KEY", script.key)
+    # What a closed API answers: text, no log-probs.
+    script.default = (200, {"choices": [{"message": {"role": "assistant",
+                                                     "content": "It is 42. #### 42"},
+                                         "finish_reason": "stop"}]})  # fmt: skip
+    config = tiny_run_config(tmp_path, *TEXT_ONLY, f"teacher.base_url={url}")
+    metrics = run(config)
+    asked = [seen["body"] for seen in script.seen]
+    assert asked and all("logprobs" not in body and "top_logprobs" not in body for body in asked)
+    assert metrics.models["teacher_signal"] == "text only"
+    assert metrics.models["teacher_parameters"] is None
+    rows = [json.loads(line) for line in (tmp_path / "run" / "generate" /
+                                          "teacher_responses.jsonl").open()]  # fmt: skip
+    assert rows and all(r["signal"] is None and r["response"] == "It is 42. #### 42" for r in rows)
+    history = metrics.kd.history
+    assert metrics.kd.steps == config.train.max_steps and history[-1]["loss"] < history[0]["loss"]
+    assert (tmp_path / "run" / "student" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("loss.alpha=0.5", r"loss\.alpha: .*text only|loss\.alpha: .*no log-probs"),
+        ("on_policy.fraction=0.5", r"on_policy\.fraction: .*text teacher cannot score new text"),
+        ("eval.fidelity=true", r"eval\.fidelity"),
+        ("student.init=layers_from_teacher", r"student\.init: .*no teacher weights"),
+        ("baseline=true", r"baseline"),
+        ("loss.hidden_weight=0.5", r"hidden_weight"),
+    ],
+)
+def test_what_a_text_only_teacher_cannot_do_is_refused_when_the_config_loads(
+    tmp_path: Path, override: str, message: str
+) -> None:
+    from conftest import tiny_run_config
+
+    from lmdistill.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        tiny_run_config(tmp_path, *TEXT_ONLY, "teacher.base_url=http://127.0.0.1:9/v1", override)
+
+
+def test_cache_and_eval_refuse_a_text_only_teacher(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import TINY_OVERRIDES
+
+    from lmdistill.cli import main
+
+    args = [str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"),
+            f"output_dir={tmp_path / 'run'}", *TINY_OVERRIDES, *TEXT_ONLY,
+            "teacher.base_url=http://127.0.0.1:9/v1"]  # fmt: skip
+    for command in (["cache", *args], ["eval", *args, "--student", "tiny-llama"]):
+        assert main(command) != 0
+        err = capsys.readouterr().err
+        assert "gives text only" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

@@ -75,3 +75,31 @@ def test_a_few_kd_steps_move_the_student_toward_the_real_teacher(
     losses = [r["loss"] for r in result.state.history]
     assert after < 0.8 * before, (before, after)
     assert losses[-1] < losses[0]
+
+
+def test_a_student_of_the_gguf_teacher_is_a_plain_model(
+    smollm2: tuple[Any, Any], tmp_path: Path
+) -> None:
+    """transformers reads the GGUF file into plain weights but used to leave its quantizer on
+    the model and `quantization_config` (naming the file) in the config: every student made
+    from it reloaded as "quantized" and could not be saved again (issue 18, item 0)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from lmdistill.pipeline import save_student
+
+    teacher, tokenizer = smollm2
+    assert not getattr(teacher, "is_quantized", False)
+    assert getattr(teacher, "hf_quantizer", None) is None
+    student, _ = build_student(StudentConfig(num_layers=2), teacher, tokenizer)
+    save_student(student, tokenizer, tmp_path / "student")
+    written = (tmp_path / "student" / "config.json").read_text()
+    assert "quantization_config" not in json.loads(written) and "gguf" not in written.lower()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    assert not getattr(reloaded, "is_quantized", False)
+    assert getattr(reloaded, "hf_quantizer", None) is None
+    reloaded.save_pretrained(tmp_path / "again")  # used to fail: "quantized with gguf"
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    for name, weight in again.state_dict().items():
+        assert torch.equal(weight, student.state_dict()[name]), name

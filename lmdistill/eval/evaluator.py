@@ -33,7 +33,7 @@ class Evaluator:
     once per run (the teacher answers the task questions then), called on each student."""
 
     config: RunConfig
-    signal: Teacher
+    signal: Teacher | None
     eval_set: list[TokenizedExample]
     vocab_size: int
     tokenizer: Any
@@ -69,7 +69,7 @@ class Evaluator:
         task_sets = {s: eval_prompts(q, config.objective) for s, q in questions.items()}
         return cls(
             config,
-            setup.signal["eval"],
+            setup.signal.get("eval"),  # None: a text-only teacher (fidelity is refused)
             eval_set,
             vocab_size,
             setup.tokenizer,
@@ -82,7 +82,7 @@ class Evaluator:
     def __call__(self, model: PreTrainedModel) -> EvalMetrics:
         settings, tokenizer = self.config.eval, self.tokenizer
         fidelity_metrics = None
-        if settings.fidelity:
+        if settings.fidelity and self.signal is not None:
             fidelity_metrics = fidelity(
                 model,
                 self.signal,

@@ -70,11 +70,30 @@ def load_model(spec: ModelConfig) -> tuple[PreTrainedModel, Any]:
         first = " ".join(str(error).split())[:300]
         hub = "" if Path(source).exists() else " (a Hub id: is the network reachable?)"
         raise ModelLoadError(f"cannot load the model {spec.path!r}{hub}: {first}") from None
+    if gguf_file:
+        plain_model(model)
     if tokenizer.pad_token is None:
         # Padding positions are masked out by the attention mask and the loss mask, so any
         # id works; eos is what most causal LMs use.
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def plain_model(model: PreTrainedModel) -> None:
+    """Forget that `model` was read from a GGUF file. transformers dequantizes the file into
+    plain weights but keeps a GGUF quantizer on the model and `quantization_config` (naming
+    the file) in its config: every model made from it (a student, a copy) would then save a
+    config that reloads as "quantized", cannot be saved again, and that peft, the HF Trainer
+    and lm-eval treat as quantized."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # transformers' own way out: quantizer, config and flag
+        quantizer.remove_quantization_config(model)
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            if getattr(module.config, "_is_quantized", False):
+                module.config._is_quantized = False
+            if hasattr(module.config, "quantization_config"):
+                del module.config.quantization_config
 
 
 def _resolve_source(spec: ModelConfig) -> tuple[str, str | None]:

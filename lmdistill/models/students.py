@@ -27,9 +27,17 @@ def evenly_spaced_layers(total: int, keep: int) -> list[int]:
 
 
 def build_student(
-    spec: StudentConfig, teacher: PreTrainedModel, teacher_tokenizer: Any
+    spec: StudentConfig, teacher: PreTrainedModel | None, teacher_tokenizer: Any
 ) -> tuple[PreTrainedModel, Any]:
-    """Return `(student, tokenizer)`; the tokenizer is checked against the teacher's."""
+    """Return `(student, tokenizer)`; the tokenizer is checked against the teacher's. With no
+    teacher weights (a text-only teacher) the student is `spec.path` and its tokenizer the
+    one given."""
+    if teacher is None:
+        assert spec.init == "path" and spec.path is not None
+        student, tokenizer = load_model(ModelConfig(path=spec.path, gguf_file=spec.gguf_file))
+        check_tokenizers(teacher_tokenizer, tokenizer)
+        shared_vocab_size(None, student, tokenizer)
+        return student, tokenizer
     if spec.init == "layers_from_teacher":
         student = layers_from_teacher(teacher, spec.num_layers)
         tokenizer = teacher_tokenizer
@@ -121,11 +129,15 @@ def check_tokenizers(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
         raise TokenizerMismatchError("teacher and student have different chat templates")
 
 
-def shared_vocab_size(teacher: PreTrainedModel, student: PreTrainedModel, tokenizer: Any) -> int:
+def shared_vocab_size(
+    teacher: PreTrainedModel | None, student: PreTrainedModel, tokenizer: Any
+) -> int:
     """The vocabulary both heads score: the tokenizer's ids. Rows beyond it are padding
     (models round their embedding up, e.g. to a multiple of 64) and are masked out."""
     real = len(tokenizer)
     for name, model in (("teacher", teacher), ("student", student)):
+        if model is None:
+            continue
         rows = model.get_output_embeddings().weight.shape[0]
         if rows < real:
             raise TokenizerMismatchError(

@@ -52,9 +52,13 @@ def setup_lines(metrics: RunMetrics, config: dict[str, Any]) -> list[str]:
     """Who was distilled into what, with which objective, on which data."""
     models, data, kd = metrics.models, metrics.data, metrics.kd
     loss = config["loss"]
+    size = (
+        f"{models['teacher_parameters'] / 1e6:.1f} M parameters, {models['teacher_layers']} layers"
+        if models.get("teacher_parameters") is not None
+        else "text only: no log-probs, no weights here"
+    )
     return [
-        f"Teacher `{models['teacher']}` ({models['teacher_parameters'] / 1e6:.1f} M parameters, "
-        f"{models['teacher_layers']} layers) -> student "
+        f"Teacher `{models['teacher']}` ({size}) -> student "
         f"({models['student_parameters'] / 1e6:.1f} M parameters, {models['student_layers']} "
         f"layers, init `{config['student']['init']}`).",
         "",

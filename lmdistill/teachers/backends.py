@@ -33,7 +33,7 @@ class TeacherSetup:
 
     def release_model(self) -> None:
         """Drop the local weights when training does not need them (served, cache)."""
-        if not isinstance(self.signal["train"], LocalTeacher):
+        if not isinstance(self.signal.get("train"), LocalTeacher):
             self.model = None
             gc.collect()
 

@@ -8,8 +8,9 @@
 Backends: `LocalTeacher` (a model in this process) is both; `CachedTeacher` (a signal cache on
 disk) is both (it scores the sequences it stored and returns the responses it stored);
 `ServedTeacher` (an OpenAI-compatible server) is a writer: the log-probs it returns for the
-text it writes become a cache, and the cache scores. No backend has a method that only
-raises.
+text it writes become a cache, and the cache scores (and `ServedScorer` scores text it did not
+write, through the echo's log-probs). `TextTeacher` (a server that gives text only) is a
+writer alone. No backend has a method that only raises.
 """
 
 from __future__ import annotations
@@ -168,6 +169,15 @@ class ServedTeacher(ResponseWriter):
             self.spec,
             teacher_id=self.identity,
         )
+
+
+class TextTeacher(ServedTeacher):
+    """A teacher that gives text only (a closed API: no log-probs, no local weights): it
+    writes the responses the student learns by CE (sequence-level KD) and scores nothing."""
+
+    def __init__(self, spec: TeacherConfig, tokenizer: Any) -> None:
+        super().__init__(spec, tokenizer)
+        self.identity = f"text:{spec.model}@{spec.base_url}"
 
 
 def json_row(example: Example, finish_reason: str) -> str:

@@ -184,7 +184,9 @@ def served_generate(
         out_path.with_name("manifest.json"),
         {
             "teacher": teacher_id,
-            "generate": generation_settings(config, top_logprobs=spec.top_logprobs),
+            "generate": generation_settings(
+                config, top_logprobs=spec.top_logprobs if scored(spec) else 0
+            ),
         },
     )
     done = finished_rows(out_path, prompts)
@@ -225,8 +227,18 @@ def _answer_row(
 ) -> dict[str, Any]:
     """One request: the row `generate` writes, with the top-k signal (or None: text only)."""
     seed = config.seed * 1_000_003 + _stable_hash(prompt.id)  # a resumed run samples alike
-    choice = client.chat(list(prompt.messages), config, top_logprobs=spec.top_logprobs, seed=seed)
+    k = spec.top_logprobs if scored(spec) else None
+    choice = client.chat(list(prompt.messages), config, top_logprobs=k, seed=seed)
     text = (choice.get("message") or {}).get("content") or ""
+    if k is None:  # a text-only teacher: sequence-level KD on its text
+        return {
+            "id": prompt.id,
+            "messages": list(prompt.messages),
+            "response": text,
+            "finish_reason": "length" if choice.get("finish_reason") == "length" else "stop",
+            "new_tokens": len(tokenizer.encode(text, add_special_tokens=False)),
+            "signal": None,
+        }
     try:
         signal: dict[str, Any] | None = row_signal(choice, mapper, client.stats)
     except UnmappableTokenError as error:
@@ -245,6 +257,11 @@ def _answer_row(
         "new_tokens": len(signal["chosen"]) if signal else len(tokenizer.encode(text)),
         "signal": signal,
     }
+
+
+def scored(spec: TeacherConfig) -> bool:
+    """Whether the server is asked for log-probs (`teacher.kind: text` is text only)."""
+    return spec.kind != "text"
 
 
 def _write_as_completed(

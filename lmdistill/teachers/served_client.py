@@ -91,9 +91,11 @@ class ServedClient:
         messages: list[dict[str, str]],
         config: GenerateConfig,
         *,
-        top_logprobs: int,
+        top_logprobs: int | None,
         seed: int,
     ) -> dict[str, Any]:
+        """One chat completion; with `top_logprobs` None no log-probs are asked for (a
+        text-only teacher)."""
         body: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
@@ -101,8 +103,7 @@ class ServedClient:
             "temperature": config.temperature if config.do_sample else 0.0,
             "top_p": config.top_p if config.do_sample else 1.0,
             "seed": seed,
-            "logprobs": True,
-            "top_logprobs": top_logprobs,
+            **({"logprobs": True, "top_logprobs": top_logprobs} if top_logprobs else {}),
             **self.extra_body,
         }
         answer = self._request("POST", "/chat/completions", body)

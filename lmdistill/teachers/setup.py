@@ -8,6 +8,8 @@
   log-probs (lmdistill/teachers/served_scoring.py), after a probe that finds how its echoed
   log-probs line up.
 - `cache`: the examples and the signal `lmdistill cache` stored; no teacher in memory.
+- `text`: a server that gives text only (a closed API): it writes the responses, the student
+  (`student.init: path`, whose tokenizer is used) learns them by CE; nothing is scored.
 
 Caches live in `cache.dir` (default OUTPUT_DIR/teacher_cache), one per split: train/, eval/.
 """
@@ -21,7 +23,7 @@ from typing import Any
 from accelerate import PartialState
 from transformers import PreTrainedModel
 
-from lmdistill.config import RunConfig
+from lmdistill.config import ConfigError, ModelConfig, RunConfig
 from lmdistill.config.checks import check
 from lmdistill.data import (
     Example,
@@ -34,6 +36,7 @@ from lmdistill.teachers.base import (
     LocalTeacher,
     ResponseWriter,
     ServedTeacher,
+    TextTeacher,
 )
 from lmdistill.teachers.consistency import (
     as_asked,
@@ -102,6 +105,41 @@ def _check_served(config: RunConfig) -> None:
         "1.0 with teacher.kind=served (servers report log-probs at temperature 1, and the "
         "tail mass outside their top-k cannot be re-tempered)",
     )
+
+
+def _check_text(config: RunConfig) -> None:
+    """A text-only teacher gives no scores and no weights: whatever needs them is refused."""
+    why = "with teacher.kind=text (a text-only teacher gives no log-probs"
+    _no_features(config)
+    for name in ("base_url", "model"):
+        value = getattr(config.teacher, name)
+        check(bool(value), f"teacher.{name}", value, "a value when teacher.kind=text")
+    check(config.generate.enabled, "generate.enabled", config.generate.enabled,
+          f"true {why}: the student learns the text it writes)")  # fmt: skip
+    check(config.student.init == "path", "student.init", config.student.init,
+          "path with teacher.kind=text (no teacher weights to build a student from; "
+          "student.path names the student, and its tokenizer is used)")  # fmt: skip
+    check(config.loss.alpha == 1.0, "loss.alpha", config.loss.alpha,
+          f"1.0 {why}: sequence-level KD is CE on its text)")  # fmt: skip
+    check(not config.eval.fidelity, "eval.fidelity", config.eval.fidelity,
+          f"false {why} to measure a student's fidelity against)")  # fmt: skip
+    check(not config.eval.task_teacher, "eval.task_teacher", config.eval.task_teacher,
+          "false with teacher.kind=text (its task answers are not asked for)")  # fmt: skip
+    check(not config.baseline, "baseline", config.baseline,
+          "false with teacher.kind=text (the student already trains on CE alone: a CE-only "
+          "baseline on the same text is the same run)")  # fmt: skip
+
+
+def _text_generating(config: RunConfig) -> tuple[ResponseWriter, dict[str, Any]]:
+    return TextTeacher(config.teacher, _student_tokenizer(config)), {}
+
+
+def _student_tokenizer(config: RunConfig) -> Any:
+    path = config.student.path
+    if path is None:
+        raise ConfigError("student.path: a model is needed with teacher.kind=text (its tokenizer)")
+    _, tokenizer = load_model(ModelConfig(path=path, gguf_file=config.student.gguf_file))
+    return tokenizer
 
 
 def _local_generating(config: RunConfig) -> tuple[ResponseWriter, dict[str, Any]]:
@@ -224,6 +262,27 @@ def _open_cache(config: RunConfig, write_local_cache: bool) -> TeacherSetup:
     if "generate" in written:
         setup.report["generate"] = written["generate"]
     return setup
+
+
+@register_teacher(
+    "text",
+    generating=_text_generating,
+    check=_check_text,
+    in_process=False,
+    caches_signal=False,
+    writes_text=True,
+    scores_text=False,
+)
+def _open_text(config: RunConfig, write_local_cache: bool) -> TeacherSetup:
+    """The server writes every response (no log-probs asked for); the student learns them by
+    CE. No teacher weights are loaded and nothing is scored."""
+    tokenizer = _student_tokenizer(config)
+    train, held_out = load_splits(config)
+    writer = TextTeacher(config.teacher, tokenizer)
+    report: dict[str, Any] = {}
+    examples, report["generate"] = _generate(config, writer, {"train": train, "eval": held_out})
+    report["served"] = writer.client.stats.as_dict()
+    return TeacherSetup(tokenizer, None, examples, {}, report)
 
 
 def _probed(
