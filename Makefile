@@ -15,7 +15,7 @@ LLAMA_VERSION ?= 0.3.36
 LLAMA_PIN ?= llama-cpp-python[server]==$(LLAMA_VERSION)
 LLAMA_WHEELS ?= $(HOME)/.cache/lmdistill/wheels/llama-cpp-python-$(LLAMA_VERSION)-portable
 
-.PHONY: demo demo-results test lint typecheck clean lab lab-e1 lab-e2 lab-dd e1-demo demo-dd
+.PHONY: demo demo-results test lint typecheck clean lab lab-e1 lab-e2 lab-dd e1-demo demo-dd lab-on-policy
 
 $(VENV)/.base: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,11 @@ lab-e1: $(LAB_RATIONALES)
 	$(LMDISTILL) sweep configs/lab/student.yaml loss.temperature=1,2,4,8 loss.alpha=0.5 \
 	  train.max_steps=300 --out $(LAB)/e1 --reference loss.alpha=1.0
 	$(PY) benchmarks/lab_results.py e1
+
+# E3: on-policy against off-policy distillation at equal training wall time, 3 seeds
+# (configs/lab/on-policy.yaml; ~1 h on 2 cores; finished runs are kept).
+lab-on-policy: $(LAB_RATIONALES)
+	$(PY) benchmarks/on_policy_lab.py --out $(LAB)/on-policy --seeds 3 --budget-s 150
 
 # Dataset distillation on the lab (docs/dataset-distillation.md): the data-efficiency
 # protocol over the teacher's rationales (58 arms, ~4 h on 2 cores; finished arms are kept).

@@ -30,6 +30,7 @@ COMMANDS = {
     "demo": "make demo-results",
     "lab-dd": "make lab-dd",
     "demo-dd": "make demo-dd",
+    "on-policy": "make lab-on-policy",
 }
 OUTPUTS = {
     "demo": "demo.json",

@@ -135,17 +135,50 @@ def task_from_dict(d: dict[str, Any]) -> TaskMetrics | ChoiceMetrics:
 
 
 @dataclass(frozen=True)
+class AnswerMetrics:
+    """A model's own greedy answers to held-out prompts (lmdistill/eval/answers.py): the share
+    of repeated 4-grams, the share that end by themselves, and per token the teacher's NLL and
+    KL(model || teacher) on that text (None without a teacher's full distribution)."""
+
+    answers: int
+    tokens: int
+    mean_tokens: float
+    repetition: float
+    ended: float
+    teacher_nll: float | None
+    reverse_kl: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AnswerMetrics:
+        return cls(
+            answers=d["answers"],
+            tokens=d["tokens"],
+            mean_tokens=d["mean_tokens"],
+            repetition=d["repetition"],
+            ended=d["ended"],
+            teacher_nll=d.get("teacher_nll"),
+            reverse_kl=d.get("reverse_kl"),
+        )
+
+
+@dataclass(frozen=True)
 class EvalMetrics:
     """One model evaluated: fidelity to the teacher (None when `eval.fidelity` is off) and
     each task set by its source. Written flat: the fidelity keys, then `tasks`."""
 
     fidelity: FidelityMetrics | None = None
     tasks: dict[str, TaskMetrics | ChoiceMetrics] = field(default_factory=dict)
+    answers: AnswerMetrics | None = None  # its own greedy answers (eval.answers > 0)
 
     def as_dict(self) -> dict[str, Any]:
         d = self.fidelity.as_dict() if self.fidelity is not None else {}
         if self.tasks:
             d["tasks"] = {source: task.as_dict() for source, task in self.tasks.items()}
+        if self.answers is not None:
+            d["answers"] = self.answers.as_dict()
         return d
 
     @classmethod
@@ -154,6 +187,7 @@ class EvalMetrics:
         return cls(
             fidelity=FidelityMetrics.from_dict(d) if "kl" in d else None,
             tasks={s: task_from_dict(t) for s, t in (d.get("tasks") or {}).items()},
+            answers=AnswerMetrics.from_dict(d["answers"]) if d.get("answers") else None,
         )
 
     def exact_match(self, source: str) -> float:

@@ -45,6 +45,13 @@ def check_sections(config: RunConfig) -> None:
     check(train.curriculum_steps >= 0, "train.curriculum_steps", train.curriculum_steps, ">= 0")
     check(config.data.max_length >= 8, "data.max_length", config.data.max_length, "an int >= 8")
     check(config.eval.task_samples >= 0, "eval.task_samples", config.eval.task_samples, ">= 0")
+    check(config.eval.answers >= 0, "eval.answers", config.eval.answers, ">= 0")
+    check(
+        config.eval.answer_max_new_tokens >= 1,
+        "eval.answer_max_new_tokens",
+        config.eval.answer_max_new_tokens,
+        ">= 1",
+    )
     check(config.data.eval_size >= 0, "data.eval_size", config.data.eval_size, "an int >= 0")
     student = config.student
     check(student.num_layers >= 1, "student.num_layers", student.num_layers, "an integer >= 1")

@@ -246,6 +246,11 @@ class EvalConfig:
     # Where the teacher's task answers are kept (default OUTPUT_DIR/teacher_answers); point
     # the runs of a sweep at one directory and the teacher answers once.
     teacher_answers_dir: str | None = None
+    # Each model answers the first `answers` held-out prompts greedily (up to
+    # `answer_max_new_tokens`): repeated 4-grams, answers that end by themselves, the
+    # teacher's NLL of them and KL(model || teacher) on them (lmdistill/eval/answers.py).
+    answers: int = 0
+    answer_max_new_tokens: int = 128
 
 
 @dataclass

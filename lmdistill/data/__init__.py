@@ -9,6 +9,7 @@ from lmdistill.data.tokenize import (
     collate,
     collate_prompts,
     encode_prompt,
+    prompt_ids,
     to_device,
     tokenize_examples,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "data_hash",
     "encode_prompt",
     "load_examples",
+    "prompt_ids",
     "to_device",
     "tokenize_examples",
     "write_examples",

@@ -235,6 +235,12 @@ def to_device(batch: dict[str, torch.Tensor], device: Any) -> dict[str, torch.Te
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def prompt_ids(item: TokenizedExample) -> list[int]:
+    """The tokens before the first response token (the chat template's prompt)."""
+    first = next((i for i, y in enumerate(item.labels) if y != IGNORE_INDEX), len(item.labels))
+    return item.input_ids[:first]
+
+
 def collate_prompts(prompts: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Left-pad prompts for batched generation: new tokens line up at the right edge."""
     width = max(len(ids) for ids in prompts)

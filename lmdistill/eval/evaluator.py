@@ -4,6 +4,7 @@ of a sweep share its answers)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -14,7 +15,8 @@ from accelerate import PartialState
 from transformers import PreTrainedModel
 
 from lmdistill.config import RunConfig
-from lmdistill.data import Example, TokenizedExample, load_examples
+from lmdistill.data import Example, TokenizedExample, load_examples, prompt_ids
+from lmdistill.eval.answers import answer_quality
 from lmdistill.eval.choice import load_choice_questions, multiple_choice
 from lmdistill.eval.fidelity import fidelity
 from lmdistill.eval.task import greedy_answers, task_accuracy
@@ -67,9 +69,21 @@ class Evaluator:
             if source.startswith("mc:")
         }
         task_sets = {s: eval_prompts(q, config.objective) for s, q in questions.items()}
+        signal = setup.signal.get("eval")  # None: a text-only teacher (fidelity is refused)
+        if config.eval.enabled and config.eval.answers and setup.model is not None:
+            own = answer_quality(  # the teacher's own answers: the reference row
+                setup.model,
+                setup.tokenizer,
+                [prompt_ids(item) for item in eval_set[: config.eval.answers]],
+                signal,
+                max_new_tokens=config.eval.answer_max_new_tokens,
+                vocab_size=vocab_size,
+                batch_size=config.eval.batch_size,
+            )
+            teacher = dataclasses.replace(teacher or EvalMetrics(), answers=own)
         return cls(
             config,
-            setup.signal.get("eval"),  # None: a text-only teacher (fidelity is refused)
+            signal,
             eval_set,
             vocab_size,
             setup.tokenizer,
@@ -104,7 +118,18 @@ class Evaluator:
                 teacher_answers=self.teacher_answers.get(source),
                 samples=settings.task_samples,
             )
-        return EvalMetrics(fidelity_metrics, tasks)
+        answers = None
+        if settings.answers:
+            answers = answer_quality(
+                model,
+                tokenizer,
+                [prompt_ids(item) for item in self.eval_set[: settings.answers]],
+                self.signal,
+                max_new_tokens=settings.answer_max_new_tokens,
+                vocab_size=self.vocab_size,
+                batch_size=settings.batch_size,
+            )
+        return EvalMetrics(fidelity_metrics, tasks, answers)
 
 
 def _teacher_tasks(

@@ -25,7 +25,13 @@ import torch
 from transformers import PreTrainedModel
 
 from lmdistill.config import LossConfig, OnPolicyConfig
-from lmdistill.data import IGNORE_INDEX, TokenizedExample, collate, collate_prompts
+from lmdistill.data import (
+    IGNORE_INDEX,
+    TokenizedExample,
+    collate,
+    collate_prompts,
+    prompt_ids,
+)
 from lmdistill.teachers.base import Teacher
 
 
@@ -80,12 +86,6 @@ def is_on_policy(seed: int, step: int, fraction: float) -> bool:
     if fraction >= 1.0:
         return True
     return random.Random(f"on-policy step {seed} {step}").random() < fraction
-
-
-def prompt_ids(item: TokenizedExample) -> list[int]:
-    """The tokens before the first response token (the chat template's prompt)."""
-    first = next((i for i, y in enumerate(item.labels) if y != IGNORE_INDEX), len(item.labels))
-    return item.input_ids[:first]
 
 
 def sample_key(seed: int, step: int, index: int) -> int:

@@ -35,6 +35,8 @@ def render(metrics: RunMetrics, config: dict[str, Any], has_eval: bool) -> str:
             *fidelity_table(metrics),
         ]
         lines += ["", "![fidelity](fidelity.png)"]
+    if metrics.kd.after is not None and metrics.kd.after.answers is not None:
+        lines += ["", "## The models' own greedy answers", "", *answers_table(metrics)]
     if metrics.kd.after is not None and metrics.kd.after.tasks:
         lines += ["", "## Task accuracy (greedy answers)", "", *task_table(metrics)]
     lines += ["", "## Training", "", "![loss](loss.png)", ""]
@@ -196,6 +198,30 @@ def fidelity_table(metrics: RunMetrics) -> list[str]:
             "the end-of-turn tokens); KL is over the teacher's top-k ids plus one tail bucket.",
         ]
     return rows
+
+
+def answers_table(metrics: RunMetrics) -> list[str]:
+    """How each model's greedy answers to held-out prompts read, and how plausible the
+    teacher finds them (lmdistill/eval/answers.py)."""
+    arms: list[tuple[str, EvalMetrics | None]] = [("teacher (reference)", metrics.teacher)]
+    arms += [(NAMES[arm], values) for arm, values in metrics.arms()]
+    rows = [
+        "| model | repeated 4-grams ↓ | end by themselves ↑ | tokens per answer "
+        "| teacher NLL per token ↓ | KL(model‖teacher) on its answers ↓ |",
+        "|---|---|---|---|---|---|",
+    ]
+    shown = 0
+    for name, values in arms:
+        a = values.answers if values is not None else None
+        if a is None:
+            continue
+        shown = a.answers
+        nll = "n/a" if a.teacher_nll is None else f"{a.teacher_nll:.3f}"
+        kl = "n/a" if a.reverse_kl is None else f"{a.reverse_kl:.3f}"
+        rows.append(
+            f"| {name} | {a.repetition:.3f} | {a.ended:.3f} | {a.mean_tokens:.1f} | {nll} | {kl} |"
+        )
+    return [f"Greedy answers to the first {shown} held-out prompts.", "", *rows]
 
 
 def task_table(metrics: RunMetrics) -> list[str]:
