@@ -31,6 +31,7 @@ COMMANDS = {
     "lab-dd": "make lab-dd",
     "demo-dd": "make demo-dd",
     "on-policy": "make lab-on-policy",
+    "on-policy-demo": "make demo-on-policy",
 }
 OUTPUTS = {
     "demo": "demo.json",

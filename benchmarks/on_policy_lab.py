@@ -35,7 +35,7 @@ CONFIG = "configs/lab/on-policy.yaml"
 ARMS = {"off-policy": 0.0, "on-policy": 1.0, "mixed": 0.5}
 TEST = "lab:test:200:0:steps=3:min_steps=1:start_max=9:operand_max=5:value_max=30"
 OOD = "lab:ood:200:0:steps=3:min_steps=1:start_max=9:operand_max=5:value_max=30"
-CALIBRATION_STEPS = 12
+CALIBRATION_STEPS = 20
 
 
 def run(config: str, out: Path, *overrides: str) -> dict[str, Any]:
