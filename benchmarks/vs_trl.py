@@ -221,12 +221,7 @@ def main() -> None:
             arms[arm] = json.loads((out / f"{arm}.json").read_text())
             student = out / arm / "student"
         else:
-            run_dir = out / arm
-            gen = run_dir / "generate"
-            if not gen.exists():
-                gen.mkdir(parents=True)
-                for name in ("teacher_responses.jsonl", "manifest.json"):
-                    (gen / name).write_bytes((responses.parent / name).read_bytes())
+            run_dir = with_answers(out / arm, responses)
             steps = f"train.max_steps={args.on_policy_steps if arm == 'lmd-on' else args.steps}"
             lmdistill("run", CONFIG, f"output_dir={run_dir}", *COMMON, *LMD_ARMS[arm], steps)
             metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -245,14 +240,25 @@ def main() -> None:
                 },
             }
             student = run_dir / "student"
-        arms[arm]["held_out_kl"] = held_out_kl(out, student)
+        arms[arm]["held_out_kl"] = held_out_kl(out, student, responses)
     write(args, arms, gflops)
 
 
-def held_out_kl(out: Path, student: Path) -> float:
+def with_answers(run_dir: Path, responses: Path) -> Path:
+    """`run_dir` holding the teacher's answers (so nothing is generated again)."""
+    generated = run_dir / "generate"
+    if not generated.exists():
+        generated.mkdir(parents=True)
+        for name in ("teacher_responses.jsonl", "manifest.json"):
+            (generated / name).write_bytes((responses.parent / name).read_bytes())
+    return run_dir
+
+
+def held_out_kl(out: Path, student: Path, responses: Path) -> float:
     """KL(teacher || student) on the 32 held-out teacher answers (`lmdistill eval`)."""
+    evaluated = with_answers(out / "eval", responses)
     result = subprocess.run(
-        [sys.executable, "-m", "lmdistill", "eval", CONFIG, f"output_dir={out / 'eval'}",
+        [sys.executable, "-m", "lmdistill", "eval", CONFIG, f"output_dir={evaluated}",
          *DATA, "teacher.kind=local", "--student", str(student)],
         cwd=ROOT, check=True, capture_output=True, text=True,
     )  # fmt: skip
