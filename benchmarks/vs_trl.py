@@ -145,6 +145,9 @@ def trl_arm(arm: str, responses: Path, out: Path, steps: int) -> dict[str, Any]:
         # TRL's SFT-derived default is True (recompute activations, and generate without a KV
         # cache); lmdistill checkpoints nothing, so neither does TRL here: the same work.
         gradient_checkpointing=False,
+        # TRL's base config turns bf16 on when fp16 is off (CPU autocast): fp32, as lmdistill.
+        bf16=False,
+        fp16=False,
     )
     trainer = Sequential(
         model=student,
@@ -166,6 +169,7 @@ def trl_arm(arm: str, responses: Path, out: Path, steps: int) -> dict[str, Any]:
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "precision": {"bf16": trainer.args.bf16, "fp16": trainer.args.fp16},
     }
 
 

@@ -499,6 +499,7 @@ def test_positions_the_server_cannot_score_are_masked_out_of_the_loss(
     signal = scorer.score(collate([masked], 0), [0], LossConfig()).sparse
     assert len(script.seen) == requests and signal is not None and signal.present is not None
     assert signal.token_ids.shape[0] == len(ids) - 1 - 3 and bool(signal.present.all())
+    assert not scorer._memo  # nothing kept once scored (a long run would grow without bound)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -183,6 +183,7 @@ class ServedScorer(Teacher):
                 if row is None:
                     labels[position] = IGNORE_INDEX
             kept = TokenizedExample(item.id, item.input_ids, labels, item.truncated)
+            self._memo.pop(_key(item), None)  # `score` looks the masked sequence up
             self._memo[_key(kept)] = ScoredRow([r for r in scored.rows if r is not None])
             masked.append(kept)
         return masked
