@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 
 from lmdistill.config import LossConfig
 from lmdistill.data import IGNORE_INDEX, TokenizedExample, collate, collate_prompts, to_device
@@ -55,13 +55,15 @@ def greedy_ids(
     for start in range(0, len(prompts), batch_size):
         batch = collate_prompts(prompts[start : start + batch_size], pad_token_id)
         batch = to_device(batch, model.device)
-        output = model.generate(  # type: ignore[operator]
-            **batch,
+        # Plain greedy decoding: a repetition penalty in the model's own generation config
+        # would hide the very loops this measures.
+        plain = GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=stops,
             pad_token_id=pad_token_id,
         )
+        output = model.generate(**batch, generation_config=plain)  # type: ignore[operator]
         for ids in output[:, batch["input_ids"].shape[1] :].tolist():
             end = next((i for i, t in enumerate(ids) if t in stops), None)
             answers.append((ids if end is None else ids[: end + 1], end is not None))

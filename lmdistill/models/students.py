@@ -36,9 +36,7 @@ def build_student(
         assert spec.init == "path" and spec.path is not None
         student, tokenizer = load_model(ModelConfig(path=spec.path, gguf_file=spec.gguf_file))
         check_tokenizers(teacher_tokenizer, tokenizer)
-        shared_vocab_size(None, student, tokenizer)
-        return student, tokenizer
-    if spec.init == "layers_from_teacher":
+    elif spec.init == "layers_from_teacher":
         student = layers_from_teacher(teacher, spec.num_layers)
         tokenizer = teacher_tokenizer
     elif spec.init == "shrunk_config":

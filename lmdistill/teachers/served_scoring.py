@@ -190,7 +190,11 @@ class ServedScorer(Teacher):
 
     def _score_one(self, item: TokenizedExample) -> ScoredRow:
         ids = list(item.input_ids)
-        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        # The tokens' own text: no clean-up of spaces before punctuation, which would shift
+        # every later offset against the server's tokens.
+        text = self.tokenizer.decode(
+            ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
         echoed = self.client.echo(text, top_logprobs=self.top_logprobs)
         matched = self.aligner.match(ids, list(echoed["tokens"]))
         rows: list[dict[int, float] | None] = []
