@@ -227,7 +227,8 @@ def main() -> None:
         else:
             run_dir = with_answers(out / arm, responses)
             steps = f"train.max_steps={args.on_policy_steps if arm == 'lmd-on' else args.steps}"
-            lmdistill("run", CONFIG, f"output_dir={run_dir}", *COMMON, *LMD_ARMS[arm], steps)
+            if not (run_dir / "metrics.json").is_file():  # a finished arm is kept
+                lmdistill("run", CONFIG, f"output_dir={run_dir}", *COMMON, *LMD_ARMS[arm], steps)
             metrics = json.loads((run_dir / "metrics.json").read_text())
             kd, history = metrics["kd"], metrics["kd"]["history"]
             arms[arm] = {
