@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from lab_results import provenance
-from on_policy_lab import run, summary
+from on_policy_lab import calibrate, run, summary
+from vs_trl import with_answers
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "configs/experiments/on-policy-demo.yaml"
@@ -63,9 +63,7 @@ def measures(evaluated: dict[str, Any]) -> dict[str, float | None]:
 
 def with_start_answers(out: Path, start: Path) -> Path:
     """`out` holding the start run's teacher answers (so the arm generates nothing)."""
-    if not (out / "generate").exists():
-        shutil.copytree(start / "generate", out / "generate")
-    return out
+    return with_answers(out, start / "generate" / "teacher_responses.jsonl")
 
 
 def main() -> None:
@@ -89,17 +87,13 @@ def main() -> None:
     )
     print(f"start: {measures(start['kd']['after'])}", flush=True)
 
-    seconds_per_step = {}
-    for arm, fraction in ARMS.items():
-        metrics = run(
-            CONFIG,
-            with_start_answers(out / "calibrate" / arm, start_dir),
-            f"on_policy.fraction={fraction}",
-            f"train.max_steps={CALIBRATION_STEPS}",
-            "eval.enabled=false",
-        )
-        seconds_per_step[arm] = metrics["kd"]["train_seconds"] / metrics["kd"]["steps"]
-    steps = {arm: max(1, round(args.budget_s / s)) for arm, s in seconds_per_step.items()}
+    seconds_per_step, steps = calibrate(
+        CONFIG,
+        ARMS,
+        lambda arm: with_start_answers(out / "calibrate" / arm, start_dir),
+        CALIBRATION_STEPS,
+        args.budget_s,
+    )
     print(f"seconds per step {seconds_per_step} -> steps {steps}", flush=True)
 
     runs = []

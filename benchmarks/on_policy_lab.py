@@ -24,6 +24,7 @@ import json
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,31 @@ def tasks_of(evaluated: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
+def calibrate(
+    config: str,
+    arms: dict[str, float],
+    directory: Callable[[str], Path],
+    calibration_steps: int,
+    budget_s: float,
+    *overrides: str,
+) -> tuple[dict[str, float], dict[str, int]]:
+    """Each arm (its on_policy.fraction) trains `calibration_steps` steps without evaluation;
+    its seconds per step give it the steps that fill `budget_s` seconds of training."""
+    seconds_per_step = {}
+    for arm, fraction in arms.items():
+        metrics = run(
+            config,
+            directory(arm),
+            f"on_policy.fraction={fraction}",
+            f"train.max_steps={calibration_steps}",
+            "eval.enabled=false",
+            *overrides,
+        )
+        seconds_per_step[arm] = metrics["kd"]["train_seconds"] / metrics["kd"]["steps"]
+    steps = {arm: max(1, round(budget_s / s)) for arm, s in seconds_per_step.items()}
+    return seconds_per_step, steps
+
+
 def summary(values: list[float]) -> dict[str, float | int]:
     return {
         "mean": statistics.fmean(values),
@@ -85,18 +111,10 @@ def main() -> None:
     start = tasks_of(warmup["kd"]["after"])
     print(f"warm-up ({args.warmup_steps} steps): {start}", flush=True)
 
-    seconds_per_step = {}
-    for arm, fraction in ARMS.items():
-        metrics = run(
-            CONFIG,
-            out / "calibrate" / arm,
-            f"on_policy.fraction={fraction}",
-            f"train.max_steps={CALIBRATION_STEPS}",
-            "train.checkpoint_every=0",
-            "eval.enabled=false",
-        )
-        seconds_per_step[arm] = metrics["kd"]["train_seconds"] / metrics["kd"]["steps"]
-    steps = {arm: max(1, round(args.budget_s / s)) for arm, s in seconds_per_step.items()}
+    seconds_per_step, steps = calibrate(
+        CONFIG, ARMS, lambda arm: out / "calibrate" / arm, CALIBRATION_STEPS, args.budget_s,
+        "train.checkpoint_every=0",
+    )  # fmt: skip
     print(f"seconds per step {seconds_per_step} -> steps {steps}", flush=True)
 
     runs = []

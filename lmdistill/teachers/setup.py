@@ -79,6 +79,18 @@ def _no_features(config: RunConfig) -> None:
     )
 
 
+def _server_named(config: RunConfig) -> None:
+    """A teacher behind a server needs its address and model name."""
+    for name in ("base_url", "model"):
+        value = getattr(config.teacher, name)
+        check(
+            bool(value),
+            f"teacher.{name}",
+            value,
+            f"a value when teacher.kind={config.teacher.kind}",
+        )
+
+
 def _check_served(config: RunConfig) -> None:
     teacher = config.teacher
     _no_features(config)
@@ -89,9 +101,7 @@ def _check_served(config: RunConfig) -> None:
             f"(set cache.k={teacher.top_logprobs} to say so)",
             stacklevel=2,  # one place (validate), so it is shown once per process
         )
-    for name in ("base_url", "model"):
-        value = getattr(teacher, name)
-        check(bool(value), f"teacher.{name}", value, "a value when teacher.kind=served")
+    _server_named(config)
     check(
         config.generate.enabled,
         "generate.enabled",
@@ -111,9 +121,7 @@ def _check_text(config: RunConfig) -> None:
     """A text-only teacher gives no scores and no weights: whatever needs them is refused."""
     why = "with teacher.kind=text (a text-only teacher gives no log-probs"
     _no_features(config)
-    for name in ("base_url", "model"):
-        value = getattr(config.teacher, name)
-        check(bool(value), f"teacher.{name}", value, "a value when teacher.kind=text")
+    _server_named(config)
     check(config.generate.enabled, "generate.enabled", config.generate.enabled,
           f"true {why}: the student learns the text it writes)")  # fmt: skip
     check(config.student.init == "path", "student.init", config.student.init,
