@@ -282,6 +282,8 @@ def test_the_server_scores_text_it_did_not_write_like_the_local_model(
     chat = probe_scoring(client, tokenizer, teacher, top_logprobs=5, tolerance=0.25)
     raw = probe_scoring(client, tokenizer, teacher, top_logprobs=5, tolerance=0.25,
                         prompts=["The capital of France is", "Once upon a time"])  # fmt: skip
+    # llama.cpp takes no token-id prompt (vLLM's prompt_logprobs): the echo is used.
+    assert chat["method"] == raw["method"] == "echo"
     assert chat["shift"] == 0 and raw["shift"] == 1
     assert chat["mean_abs_diff"] < 0.25 and raw["mean_abs_diff"] < 0.25
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,8 @@ class Script:
         self.default: tuple[int, Any] | None = None
         self.seen: list[dict[str, Any]] = []
         self.key = "sk-test-123"
+        # vLLM's token-id scoring; None: such requests are refused as llama.cpp does (HTTP 400)
+        self.prompt_logprobs: Callable[[dict[str, Any]], Any] | None = None
 
 
 def _handler(script: Script) -> type[BaseHTTPRequestHandler]:
@@ -70,6 +72,12 @@ def _handler(script: Script) -> type[BaseHTTPRequestHandler]:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             script.seen.append({"headers": dict(self.headers), "body": body})
             if not self._authorised():
+                return
+            if "prompt_logprobs" in body:
+                if script.prompt_logprobs is None:
+                    self._send(400, {"error": "prompt must be a string"})
+                else:
+                    self._send(200, script.prompt_logprobs(body))
                 return
             status, answer = script.chat.pop(0) if script.chat else script.default  # type: ignore[misc]
             self._send(status, answer, {"Retry-After": "0"} if status == 429 else None)
@@ -467,6 +475,86 @@ def test_the_probe_finds_the_echo_shift_and_the_scorer_corrects_it(
         column = signal.token_ids[row].tolist().index(target)
         assert float(signal.logprobs[row, column]) == pytest.approx(-0.5)
     assert scorer.stats.unscored == 0 and scorer.stats.positions == rows
+
+
+def vllm_scores(body: dict[str, Any], shift: int = 0) -> dict[str, Any]:
+    """vLLM's answer to a token-id prompt with `prompt_logprobs`: entry i holds token i + shift
+    at -0.5 (its top-1) and a distractor; shift 0 is vLLM's convention."""
+    ids = body["prompt"]
+    entries: list[dict[str, Any] | None] = [None]
+    for i in range(1, len(ids)):
+        top = ids[min(i + shift, len(ids) - 1)]
+        entry = {str(top): {"logprob": -0.5, "rank": 1, "decoded_token": "x"}}
+        entry.setdefault(str(ids[i]), {"logprob": -2.0, "rank": 2, "decoded_token": "y"})
+        entry["7"] = {"logprob": -4.0, "rank": 3, "decoded_token": "z"}
+        entries.append(entry)
+    return {"choices": [{"text": "!", "prompt_logprobs": entries}],
+            "usage": {"prompt_tokens": len(ids)}}  # fmt: skip
+
+
+def test_the_probe_prefers_vllms_prompt_logprobs_and_refuses_them_misaligned(
+    fake: tuple[Script, str], tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmdistill.teachers.served_scoring import probe_scoring
+
+    script, url = fake
+    monkeypatch.setenv("LMDISTILL_TEST_KEY", script.key)
+    script.default = (200, {"choices": [{"text": " there was a cat."}]})
+    script.prompt_logprobs = vllm_scores
+    client = ServedClient(spec(url), backoff_s=0.01)
+    found = probe_scoring(client, tiny_tokenizer, None, top_logprobs=3, tolerance=0.25,
+                          prompts=["Once upon a time"])  # fmt: skip
+    assert found["method"] == "prompt_logprobs" and found["shift"] == 0
+    assert found["greedy_top1"]["0"] == found["positions"] > 0
+    assert not any(r["body"].get("echo") for r in script.seen)  # echo never needed
+
+    script.prompt_logprobs = lambda body: vllm_scores(body, shift=1)
+    with pytest.raises(ServedTeacherError, match="do not rank its own greedy tokens first"):
+        probe_scoring(client, tiny_tokenizer, None, top_logprobs=3, tolerance=0.25,
+                      prompts=["Once upon a time"])  # fmt: skip
+
+
+def test_prompt_logprobs_scoring_equals_the_teachers_own_distribution(
+    fake: tuple[Script, str],
+    tiny_tokenizer: Any,
+    tiny_teacher: torch.nn.Module,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fake vLLM backed by the tiny teacher: each response token's row holds the teacher's
+    own top-k (entry i predicts token i, from the logits at i - 1) and the token itself."""
+    from lmdistill.config import LossConfig
+    from lmdistill.data import IGNORE_INDEX, TokenizedExample, collate
+    from lmdistill.teachers.served_scoring import ServedScorer
+
+    script, url = fake
+    monkeypatch.setenv("LMDISTILL_TEST_KEY", script.key)
+    k = 3
+
+    def teacher_scores(body: dict[str, Any]) -> dict[str, Any]:
+        ids = body["prompt"]
+        with torch.no_grad():
+            log_p = torch.log_softmax(tiny_teacher(input_ids=torch.tensor([ids])).logits[0], -1)
+        entries: list[dict[str, float] | None] = [None]
+        for i in range(1, len(ids)):
+            top = log_p[i - 1].topk(body["prompt_logprobs"]).indices.tolist()
+            entries.append({str(t): float(log_p[i - 1, t]) for t in {*top, ids[i]}})
+        return {"choices": [{"text": "", "prompt_logprobs": entries}]}
+
+    script.prompt_logprobs = teacher_scores
+    ids = tiny_tokenizer("A cat sat on the mat.", add_special_tokens=False)["input_ids"]
+    item = TokenizedExample("x", ids, [IGNORE_INDEX] * 3 + ids[3:], False)
+    client = ServedClient(spec(url), backoff_s=0.01)
+    scorer = ServedScorer(client, tiny_tokenizer, k, shift=0, method="prompt_logprobs")
+    signal = scorer.score(collate([item], 0), [0], LossConfig()).sparse
+    assert signal is not None and signal.present is not None and bool(signal.present.all())
+    with torch.no_grad():
+        log_p = torch.log_softmax(tiny_teacher(input_ids=torch.tensor([ids])).logits[0], -1)
+    for row, position in enumerate(range(3, len(ids))):
+        got = dict(zip(signal.token_ids[row].tolist(), signal.logprobs[row].tolist(), strict=True))
+        expected = {*log_p[position - 1].topk(k).indices.tolist(), ids[position]}
+        for token in expected:
+            assert got[token] == pytest.approx(float(log_p[position - 1, token]), abs=1e-5)
+    assert scorer.stats.unscored == 0 and scorer.stats.positions == len(ids) - 3
 
 
 def test_positions_the_server_cannot_score_are_masked_out_of_the_loss(

@@ -29,6 +29,11 @@ class ServedTeacherError(RuntimeError):
     """The server cannot be used: unreachable, key rejected, unknown model, bad answer."""
 
 
+class RequestRefusedError(ServedTeacherError):
+    """The server answered a well-formed request with a 4xx it will not retry (400, 422...):
+    it does not support what was asked (an unknown field, a token-id prompt)."""
+
+
 class CrossOriginRedirectError(ServedTeacherError):
     """The server redirected to another origin; following would hand that origin the API key."""
 
@@ -147,6 +152,41 @@ class ServedClient:
             )
         return logprobs
 
+    def prompt_logprobs(
+        self, ids: list[int], *, top_logprobs: int
+    ) -> list[dict[int, float] | None] | None:
+        """vLLM's scoring of a token-id prompt (`prompt_logprobs` on `/completions`): per
+        position, {token id: log-prob} of the distribution that predicts it (its own token
+        always included, the first position None); None when the server does not support it
+        (refuses the request, or answers without the field)."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": ids,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "prompt_logprobs": top_logprobs,
+            **self.extra_body,
+        }
+        try:
+            answer = self._request("POST", "/completions", body)
+        except RequestRefusedError:
+            return None
+        try:
+            entries = answer["choices"][0].get("prompt_logprobs")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            return None
+        if not isinstance(entries, list) or len(entries) != len(ids):
+            return None
+        usage = answer.get("usage") or {}
+        self.stats.add(prompt_tokens=int(usage.get("prompt_tokens", 0)))
+        try:
+            return [None if e is None else _id_logprobs(e) for e in entries]
+        except (TypeError, ValueError, AttributeError) as error:
+            detail = json.dumps(entries[:3])[:300]
+            raise ServedTeacherError(
+                f"{self.base_url}: malformed prompt_logprobs {detail}"
+            ) from error
+
     def complete(self, prompt: str, *, max_tokens: int) -> str:
         """A greedy continuation of `prompt` through `/completions` (the probe's text)."""
         body: dict[str, Any] = {
@@ -192,7 +232,8 @@ class ServedClient:
                         f"/v1) and teacher.model={self.model!r}"
                     ) from None
                 if error.code not in RETRYABLE:
-                    raise ServedTeacherError(f"{url}: HTTP {error.code}: {detail}") from None
+                    refused = RequestRefusedError if error.code < 500 else ServedTeacherError
+                    raise refused(f"{url}: HTTP {error.code}: {detail}") from None
                 last = f"HTTP {error.code}: {detail}"
                 retry_after = _retry_after(error)
             # A refused redirect (CrossOriginRedirectError) is no OSError: it is raised at once,
@@ -248,6 +289,14 @@ def _origin(url: str) -> str:
     except ValueError:  # a malformed port: equal to no real origin
         port = None
     return f"{scheme}://{(parts.hostname or '').lower()}:{port}"
+
+
+def _id_logprobs(entry: dict[str, Any]) -> dict[int, float]:
+    """vLLM writes {"id": {"logprob": x, "rank": r, "decoded_token": s}}; accept {"id": x}."""
+    return {
+        int(index): float(value["logprob"] if isinstance(value, dict) else value)
+        for index, value in entry.items()
+    }
 
 
 def _error_text(error: urllib.error.HTTPError) -> str:

@@ -1,12 +1,19 @@
 """A served teacher that scores text it did not write (on-policy distillation).
 
-The server is sent the whole sequence as text (`/completions`, `echo: true`, `logprobs: k`,
-one greedy token generated) and returns, per token of the echoed prompt, its top-k
-alternatives as strings. Those are mapped back to the local tokenizer's ids
-(`TokenMapper`) and lined up with the local tokens by the text they spell: a position the
-server tokenised differently (a student can write a word in pieces the server would not)
-or whose sampled token the server gives no log-prob for is *unscored*: on-policy training
-leaves it out of the loss (its label is masked) and counts it.
+Two ways, chosen by what the server supports (`probe_scoring` tries them in this order):
+
+- `prompt_logprobs` (vLLM): the sequence goes as token ids to `/completions` with
+  `prompt_logprobs: k`; per position the server gives the top-k ids of the distribution that
+  predicts it, and always that position's own token. Nothing to line up: the ids are ours.
+- `echo` (the OpenAI convention, llama.cpp): the whole sequence goes as text to
+  `/completions` (`echo: true`, `logprobs: k`, one greedy token generated), and the server
+  returns, per token of the echoed prompt, its top-k alternatives as strings. Those are
+  mapped back to the local tokenizer's ids (`TokenMapper`) and lined up with the local
+  tokens by the text they spell.
+
+Either way, a position the server tokenised differently (a student can write a word in
+pieces the server would not) or whose sampled token it gives no log-prob for is *unscored*:
+on-policy training leaves it out of the loss (its label is masked) and counts it.
 
 Servers disagree on which entry holds which distribution. OpenAI's convention: entry m holds
 the distribution that predicts token m. llama-cpp-python's server drops a leading BOS token
@@ -137,6 +144,14 @@ def position_logprobs(
     return alternatives
 
 
+def own_row(entry: dict[int, float] | None, chosen: int, vocab: int) -> dict[int, float] | None:
+    """A prompt_logprobs entry as the scorer's row: None without the chosen token's own
+    log-prob; ids outside the tokenizer's vocabulary (none on a matching server) dropped."""
+    if entry is None or chosen not in entry or not math.isfinite(entry[chosen]):
+        return None
+    return {i: lp for i, lp in entry.items() if 0 <= i < vocab and math.isfinite(lp)}
+
+
 @dataclass
 class ScoredRow:
     """One sequence's response positions: the distribution of each scored one (None: not)."""
@@ -152,6 +167,7 @@ class ServedScorer(Teacher):
     tokenizer: Any
     top_logprobs: int
     shift: int
+    method: str = "echo"  # or "prompt_logprobs"
     max_concurrency: int = 4
     stats: ScoringStats = field(default_factory=ScoringStats)
     identity: str = "served"
@@ -190,6 +206,18 @@ class ServedScorer(Teacher):
 
     def _score_one(self, item: TokenizedExample) -> ScoredRow:
         ids = list(item.input_ids)
+        responses = [p for p in range(1, len(item.labels)) if item.labels[p] != IGNORE_INDEX]
+        rows: list[dict[int, float] | None]
+        if self.method == "prompt_logprobs":
+            entries = self.client.prompt_logprobs(ids, top_logprobs=self.top_logprobs)
+            if entries is None:
+                raise ServedTeacherError(
+                    f"{self.client.base_url} stopped answering prompt_logprobs, which its "
+                    "probe found it supports"
+                )
+            rows = [own_row(entries[p], ids[p], len(self.tokenizer)) for p in responses]
+            self.stats.add(rows)
+            return ScoredRow(rows)
         # The tokens' own text: no clean-up of spaces before punctuation, which would shift
         # every later offset against the server's tokens.
         text = self.tokenizer.decode(
@@ -197,10 +225,8 @@ class ServedScorer(Teacher):
         )
         echoed = self.client.echo(text, top_logprobs=self.top_logprobs)
         matched = self.aligner.match(ids, list(echoed["tokens"]))
-        rows: list[dict[int, float] | None] = []
-        for position in range(1, len(item.labels)):
-            if item.labels[position] == IGNORE_INDEX:
-                continue
+        rows = []
+        for position in responses:
             m = matched.get(position)
             rows.append(
                 None
@@ -263,6 +289,9 @@ def _batch_items(batch: dict[str, torch.Tensor]) -> list[TokenizedExample]:
 # Probe
 
 
+Compared = list[tuple[list[int], list[tuple[int, dict[int, float] | None]]]]
+
+
 @torch.no_grad()
 def probe_scoring(
     client: ServedClient,
@@ -274,34 +303,103 @@ def probe_scoring(
     prompts: list[str] | None = None,
     max_new_tokens: int = 16,
 ) -> dict[str, Any]:
-    """Find which echo entry holds which distribution (the shift), or refuse the server.
+    """Find how the server scores text it did not write (`method`, and for `echo` which
+    entry holds which distribution, the `shift`), or refuse the server.
 
     For each probe prompt (chat-templated, as the student's text will be, unless `prompts`
-    gives raw texts) the server writes a greedy continuation; the whole text is echoed and,
-    under each candidate shift, we count the continuation tokens that are the top-1 of the
-    distribution predicting them. The shift under which nearly all are wins; with a local copy
-    of the teacher, the server's log-probs of the continuation must then agree with the local
-    model's within `tolerance` nats on average."""
+    gives raw texts) the server writes a greedy continuation; the whole text is scored and we
+    count the continuation tokens that are the top-1 of the distribution predicting them:
+    nearly all must be. `prompt_logprobs` is tried first (token ids, nothing to line up);
+    a server that refuses it or answers without it is scored by `echo`, under the shift
+    that wins. With a local copy of the teacher, the server's log-probs of the continuation
+    must then agree with the local model's within `tolerance` nats on average."""
     client.check_model()
-    mapper = TokenMapper(tokenizer)
-    aligner = Aligner(tokenizer, mapper)
     texts = prompts or [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
         )
         for p in PROBE_PROMPTS
     ]
+    samples = []
+    for prompt in texts:
+        continuation = client.complete(prompt, max_tokens=max_new_tokens)
+        ids = tokenizer(prompt + continuation, add_special_tokens=False)["input_ids"]
+        start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        samples.append((prompt + continuation, ids, start))
+    first = client.prompt_logprobs(samples[0][1], top_logprobs=top_logprobs)
+    if first is not None:
+        result, compared = _probe_prompt_logprobs(client, tokenizer, samples, first, top_logprobs)
+    else:
+        result, compared = _probe_echo(client, tokenizer, samples, top_logprobs)
+    result["tolerance"] = tolerance
+    if local is not None:
+        diffs = []
+        for ids, rows in compared:
+            logits = local(input_ids=torch.tensor([ids], device=local.device)).logits[0]
+            log_p = torch.log_softmax(logits.float(), dim=-1)
+            for i, row in rows:
+                if row is not None:
+                    diffs += [abs(float(log_p[i - 1, t]) - lp) for t, lp in row.items()]
+        result["compared_logprobs"] = len(diffs)
+        result["mean_abs_diff"] = sum(diffs) / len(diffs) if diffs else None
+        if diffs and result["mean_abs_diff"] > tolerance:
+            raise ServedTeacherError(
+                f"scoring probe: the server's log-probs of text it did not write differ from "
+                f"the local teacher's by {result['mean_abs_diff']:.3f} nats on average "
+                f"(tolerance {tolerance}) ({result})"
+            )
+    return result
+
+
+def _probe_prompt_logprobs(
+    client: ServedClient,
+    tokenizer: Any,
+    samples: list[tuple[str, list[int], int]],
+    first: list[dict[int, float] | None],
+    top_logprobs: int,
+) -> tuple[dict[str, Any], Compared]:
+    top1 = positions = 0
+    compared: Compared = []
+    for n, (_, ids, start) in enumerate(samples):
+        entries = first if n == 0 else client.prompt_logprobs(ids, top_logprobs=top_logprobs)
+        if entries is None:
+            raise ServedTeacherError(
+                "scoring probe: the server answered prompt_logprobs once, then not"
+            )
+        rows = [(i, own_row(entries[i], ids[i], len(tokenizer))) for i in range(start, len(ids))]
+        positions += len(rows)
+        top1 += sum(row is not None and max(row, key=row.__getitem__) == ids[i] for i, row in rows)
+        compared.append((ids, rows))
+    result: dict[str, Any] = {
+        "method": "prompt_logprobs",
+        "shift": 0,
+        "positions": positions,
+        "greedy_top1": {"0": top1},
+    }
+    if positions == 0 or top1 < MIN_GREEDY_TOP1 * positions:
+        raise ServedTeacherError(
+            "scoring probe: the server's prompt_logprobs do not rank its own greedy tokens "
+            f"first ({top1} of {positions}); it cannot score the student's text"
+        )
+    return result, compared
+
+
+def _probe_echo(
+    client: ServedClient,
+    tokenizer: Any,
+    samples: list[tuple[str, list[int], int]],
+    top_logprobs: int,
+) -> tuple[dict[str, Any], Compared]:
+    mapper = TokenMapper(tokenizer)
+    aligner = Aligner(tokenizer, mapper)
     top1 = dict.fromkeys(SHIFTS, 0)
     positions = 0
     probes = []
-    for prompt in texts:
-        continuation = client.complete(prompt, max_tokens=max_new_tokens)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = tokenizer(prompt + continuation, add_special_tokens=False)["input_ids"]
-        echoed = client.echo(prompt + continuation, top_logprobs=top_logprobs)
+    for text, ids, start in samples:
+        echoed = client.echo(text, top_logprobs=top_logprobs)
         strings = aligner.theirs(list(echoed["tokens"]))
         matched = aligner.match(ids, list(echoed["tokens"]))
-        written = [(i, m) for i, m in matched.items() if i >= len(prompt_ids)]
+        written = [(i, m) for i, m in matched.items() if i >= start]
         positions += len(written)
         for shift in SHIFTS:
             for _, m in written:
@@ -312,9 +410,9 @@ def probe_scoring(
                     top1[shift] += aligner.theirs([best])[0] == strings[m]
         probes.append((ids, written, echoed))
     result: dict[str, Any] = {
+        "method": "echo",
         "positions": positions,
         "greedy_top1": {str(s): top1[s] for s in SHIFTS},
-        "tolerance": tolerance,
     }
     if positions == 0:
         raise ServedTeacherError(
@@ -328,21 +426,8 @@ def probe_scoring(
             f"under no shift (top-1 under each: {result['greedy_top1']} of {positions}); it "
             "cannot score the student's text"
         )
-    if local is not None:
-        diffs = []
-        for ids, written, echoed in probes:
-            logits = local(input_ids=torch.tensor([ids], device=local.device)).logits[0]
-            log_p = torch.log_softmax(logits.float(), dim=-1)
-            for i, m in written:
-                row = position_logprobs(echoed, m, shift, ids[i], mapper)
-                if row is not None:
-                    diffs += [abs(float(log_p[i - 1, t]) - lp) for t, lp in row.items()]
-        result["compared_logprobs"] = len(diffs)
-        result["mean_abs_diff"] = sum(diffs) / len(diffs) if diffs else None
-        if diffs and result["mean_abs_diff"] > tolerance:
-            raise ServedTeacherError(
-                f"scoring probe: the server's log-probs of echoed text differ from the local "
-                f"teacher's by {result['mean_abs_diff']:.3f} nats on average (tolerance "
-                f"{tolerance}) under the best shift ({result})"
-            )
-    return result
+    compared: Compared = [
+        (ids, [(i, position_logprobs(echoed, m, shift, ids[i], mapper)) for i, m in written])
+        for ids, written, echoed in probes
+    ]
+    return result, compared
