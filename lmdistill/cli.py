@@ -30,6 +30,7 @@ EPILOG = """examples:
   lmdistill run configs/demo.yaml --resume         # continue a killed run
   lmdistill eval configs/demo.yaml --student lmdistill-demo/student
   lmdistill sweep configs/tiny.yaml loss.temperature=1,2 --seeds 2   # a grid, one table
+  lmdistill conflicts configs/tiny-ensemble.yaml    # where several teachers disagree
   torchrun --nproc_per_node 2 -m lmdistill run configs/tiny.yaml   # 2 processes
 
 `lmdistill COMMAND --help` explains each command.
@@ -162,6 +163,20 @@ def _add_distillation_commands(commands: Any) -> None:
     _common(evaluate, resume=False)
     evaluate.add_argument("--student", required=True, help="student directory (HF format)")
     evaluate.set_defaults(handler=cmd_eval)
+
+    conflicts = commands.add_parser(
+        "conflicts",
+        help="audit several teachers: where they contradict each other, without training",
+        description="Every teacher of the config's `teachers:` list scores the training "
+        "responses as a run would; per token the generalized JSD among them and whether their "
+        "top-1 tokens differ, per example the mean and maximum and (with ensemble.answers) "
+        "whether their final answers differ, and whom the strategy would trust. Writes "
+        "OUT/conflicts.md (with a histogram), conflicts.json and conflicts.jsonl (one row "
+        "per example).",
+    )
+    _common(conflicts, resume=False)
+    conflicts.add_argument("--out", help="output directory (default: OUTPUT_DIR/conflicts)")
+    conflicts.set_defaults(handler=cmd_conflicts)
 
 
 def _add_experiment_commands(commands: Any) -> None:
@@ -418,7 +433,8 @@ def refuse_text_only(config: RunConfig, what: str) -> None:
 def cmd_cache(args: argparse.Namespace) -> int:
     from lmdistill.models import check_model_path
     from lmdistill.pipeline import teacher_directories
-    from lmdistill.teachers.setup import load_splits, open_teacher
+    from lmdistill.teachers.ensemble_setup import open_teachers
+    from lmdistill.teachers.setup import load_splits
     from lmdistill.teachers.signal_caches import cache_dir
 
     config = load_config(args.config, args.overrides)
@@ -428,8 +444,19 @@ def cmd_cache(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as held:
         for directory in dict.fromkeys([cache_dir(config), *teacher_directories(config)]):
             held.enter_context(directory_lock(directory, "writes a teacher cache"))
-        setup = open_teacher(config, write_local_cache=True)
+        setup = open_teachers(config, write_local_cache=True)
     print(json.dumps({"cache": str(cache_dir(config)), **setup.report}, indent=2))
+    return 0
+
+
+def cmd_conflicts(args: argparse.Namespace) -> int:
+    from lmdistill.conflicts import audit_teachers
+
+    config = load_config(args.config, args.overrides)
+    out = Path(args.out or Path(config.output_dir) / "conflicts")
+    command = " ".join(["lmdistill conflicts", args.config, *args.overrides])
+    summary = audit_teachers(config, out, command)["conflicts"]
+    print(json.dumps({k: v for k, v in summary.items() if k != "most_conflicting"}, indent=2))
     return 0
 
 
@@ -444,7 +471,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         shared_vocab_size,
     )
     from lmdistill.pipeline import teacher_directories
-    from lmdistill.teachers.setup import open_teacher
+    from lmdistill.teachers.ensemble_setup import open_teachers
 
     config = load_config(args.config, args.overrides)
     refuse_text_only(config, "`lmdistill eval`, which measures a student against its scores")
@@ -453,7 +480,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as held:  # the teacher may write its responses or its cache
         for directory in teacher_directories(config):
             held.enter_context(directory_lock(directory, "evaluates"))
-        setup = open_teacher(config)
+        setup = open_teachers(config)
     student, student_tokenizer = load_model(ModelConfig(path=args.student))
     check_tokenizers(setup.tokenizer, student_tokenizer)
     assert setup.model is not None  # every kind loads teacher.path (tokenizer and weights)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import os
 import resource
 import sys
@@ -42,7 +43,13 @@ from lmdistill.data import (
 )
 from lmdistill.eval.choice import load_choice_questions
 from lmdistill.eval.evaluator import Evaluator
-from lmdistill.io import atomic_dir, atomic_write_json, directory_lock, remove_left_behind
+from lmdistill.io import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    directory_lock,
+    remove_left_behind,
+)
 from lmdistill.kd.checkpoint import list_checkpoints
 from lmdistill.kd.on_policy import OnPolicy
 from lmdistill.kd.rationale import apply_objective, eval_prompts
@@ -59,7 +66,9 @@ from lmdistill.models.generate import greedy_responses, stop_token_ids
 from lmdistill.report import write_report
 from lmdistill.teachers.backends import TeacherSetup
 from lmdistill.teachers.base import Teacher
-from lmdistill.teachers.setup import TEACHERS, load_splits, open_teacher
+from lmdistill.teachers.ensemble import EnsembleTeacher, conflict_report, example_rows
+from lmdistill.teachers.ensemble_setup import cache_directories, open_teachers
+from lmdistill.teachers.setup import TEACHERS, load_splits
 from lmdistill.teachers.signal_caches import cache_dir, generation_path
 
 
@@ -116,7 +125,9 @@ def teacher_directories(config: RunConfig) -> list[Path]:
     directories = []
     if config.generate.enabled:
         directories.append(generation_path(config).parent)
-    if TEACHERS[config.teacher.kind].caches_signal:
+    if config.teachers:
+        directories += cache_directories(config)
+    elif TEACHERS[config.teacher.kind].caches_signal:
         directories.append(cache_dir(config))
     return directories
 
@@ -149,12 +160,15 @@ def _run(config: RunConfig, *, resume: bool, started: float, device: torch.devic
     evaluation before training, the KD student, the CE-only baseline, the report."""
     out = Path(config.output_dir)
     chash = config_hash(config)
-    setup = open_teacher(config)
+    setup = open_teachers(config)
     teacher_model = setup.model  # None: a text-only teacher
     torch.manual_seed(config.train.seed)  # fresh student weights are reproducible
     student, _ = build_student(config.student, teacher_model, setup.tokenizer)
     vocab_size = shared_vocab_size(teacher_model, student, setup.tokenizer)
     data = prepare_data(config, setup)
+    ensemble = setup.signal.get("train")
+    if isinstance(ensemble, EnsembleTeacher):
+        ensemble.bind(data.train_set)
     models = describe_models(config, setup, student, vocab_size)  # while the teacher is loaded
     evaluate = Evaluator.build(config, setup, data.eval_set, vocab_size)
 
@@ -192,6 +206,8 @@ def _run(config: RunConfig, *, resume: bool, started: float, device: torch.devic
             texts,
         ),
     )
+    if isinstance(ensemble, EnsembleTeacher):
+        metrics.setup["ensemble"]["conflicts"] = record_conflicts(config, ensemble)
     if initial is not None:
         ce_only = dataclasses.replace(
             config.loss, alpha=1.0, hidden_weight=0.0, attention_weight=0.0
@@ -208,6 +224,20 @@ def _run(config: RunConfig, *, resume: bool, started: float, device: torch.devic
         )
     finish(config, metrics, samples, texts, started=started, device=device)
     return metrics
+
+
+def record_conflicts(config: RunConfig, ensemble: EnsembleTeacher) -> dict[str, Any]:
+    """What the teachers contradicted each other on, over every process's examples: the
+    summary for metrics.json, and one row per example in OUTPUT/ensemble/conflicts.jsonl."""
+    state = PartialState()
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        ensemble.audit = dict(gather_object(list(ensemble.audit.items())))
+    if state.is_main_process:
+        rows = "".join(json.dumps(row) + "\n" for row in example_rows(ensemble))
+        atomic_write_text(Path(config.output_dir) / "ensemble" / "conflicts.jsonl", rows)
+    return conflict_report(ensemble, config.ensemble.shown)
 
 
 @dataclass

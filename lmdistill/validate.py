@@ -5,6 +5,7 @@ objectives, scorers, features, selectors). This sits at the top of the import gr
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from lmdistill.dd.stage import FEATURES, SCORERS
 from lmdistill.kd.rationale import OBJECTIVES
 from lmdistill.losses import LOSSES
 from lmdistill.registry import Registry
+from lmdistill.teachers.ensemble import STRATEGIES
 from lmdistill.teachers.setup import TEACHERS
 
 
@@ -37,6 +39,7 @@ def validate(config: RunConfig) -> None:
     _validate_objective(config)
     _validate_on_policy(config)
     _validate_select(config.select)
+    _validate_ensemble(config)
 
 
 def registered(registry: Registry[Any], name: str) -> None:
@@ -105,3 +108,48 @@ def _validate_select(select: SelectConfig) -> None:
             select.features,
             f"a feature kind with select.selector={select.selector}",
         )
+
+
+def _validate_ensemble(config: RunConfig) -> None:
+    """Several teachers (`teachers:`): names, weights and kinds that can be combined."""
+    spec = config.ensemble
+    registered(STRATEGIES, spec.strategy)
+    check(spec.k is None or spec.k >= 1, "ensemble.k", spec.k, "an integer >= 1")
+    check(spec.confidence_temperature > 0, "ensemble.confidence_temperature",
+          spec.confidence_temperature, "a number > 0")  # fmt: skip
+    check(spec.answer_max_new_tokens >= 1, "ensemble.answer_max_new_tokens",
+          spec.answer_max_new_tokens, "an integer >= 1")  # fmt: skip
+    if not config.teachers:
+        return
+    names = [t.name for t in config.teachers]
+    check(len(set(names)) == len(names), "teachers[].name", names, "distinct names")
+    loss = config.loss
+    check(loss.hidden_weight == 0 and loss.attention_weight == 0,
+          "loss.hidden_weight/attention_weight", [loss.hidden_weight, loss.attention_weight],
+          "0 with several teachers (feature losses match one teacher's layers)")  # fmt: skip
+    for i, teacher in enumerate(config.teachers):
+        where = f"teachers[{i}]"
+        check(teacher.weight > 0 and math.isfinite(teacher.weight), f"{where}.weight",
+              teacher.weight, "a finite number > 0")  # fmt: skip
+        registered(TEACHERS, teacher.kind)
+        check(TEACHERS[teacher.kind].scores_text or TEACHERS[teacher.kind].caches_signal,
+              f"{where}.kind", teacher.kind,
+              "a teacher that gives scores (local, served, cache): a text-only teacher has "
+              "nothing to combine")  # fmt: skip
+        if i == 0:
+            continue  # the run's own teacher: checked as `teacher` above
+        check(bool(teacher.path), f"{where}.path", teacher.path, "a model path (its tokenizer)")
+        if teacher.kind == "served":
+            for name in ("base_url", "model"):
+                value = getattr(teacher, name)
+                check(bool(value), f"{where}.{name}", value, "a value with kind=served")
+            check(loss.temperature == 1.0, "loss.temperature", loss.temperature,
+                  f"1.0 with {where}.kind=served (a server scores at temperature 1)")  # fmt: skip
+        if config.on_policy.fraction > 0:
+            check(TEACHERS[teacher.kind].scores_text, "on_policy.fraction",
+                  config.on_policy.fraction,
+                  f"0 with {where}.kind={teacher.kind}: every teacher of an on-policy run must "
+                  "score the text the student writes")  # fmt: skip
+        if config.objective.kind != "cot":
+            check(TEACHERS[teacher.kind].in_process, f"{where}.kind", teacher.kind,
+                  f"'local' with objective.kind={config.objective.kind}")  # fmt: skip

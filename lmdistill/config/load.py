@@ -13,7 +13,7 @@ import yaml
 
 from lmdistill.config.build import build
 from lmdistill.config.checks import check_sections
-from lmdistill.config.schema import ConfigError, RunConfig
+from lmdistill.config.schema import ConfigError, RunConfig, TeacherConfig
 from lmdistill.io import atomic_write_text, read_utf8
 
 
@@ -47,7 +47,26 @@ def build_config(path: str | Path | None = None, overrides: list[str] | None = N
         _apply_override(raw, item)
     _read_listed_protocol(raw)
     config: RunConfig = build(RunConfig, raw, prefix="")
-    return config
+    return with_teacher_list(config)
+
+
+def with_teacher_list(config: RunConfig) -> RunConfig:
+    """`teachers:` read: a list of one is today's single `teacher:` (the same run, exactly);
+    with several, `teacher` is the first of them (and must not say otherwise), and each
+    teacher has a name."""
+    if not config.teachers:
+        return config
+    if config.teacher != TeacherConfig() and config.teacher != config.teachers[0]:
+        raise ConfigError(
+            "teacher: set either teacher or teachers (a list whose first entry is the run's "
+            "teacher), not both"
+        )
+    if len(config.teachers) == 1:
+        return dataclasses.replace(config, teacher=config.teachers[0], teachers=[])
+    named = [
+        dataclasses.replace(t, name=t.name or f"teacher{i}") for i, t in enumerate(config.teachers)
+    ]
+    return dataclasses.replace(config, teacher=named[0], teachers=named)
 
 
 def _read_listed_protocol(raw: dict[str, Any]) -> None:

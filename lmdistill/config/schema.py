@@ -62,6 +62,10 @@ class TeacherConfig(ModelConfig):
     # Extra fields for every chat request, e.g. {repeat_penalty: 1.0} for llama.cpp, whose
     # default penalty makes its samples differ from the distribution its log-probs report.
     extra_body: dict[str, Any] | None = None
+    # In a `teachers:` list (an ensemble): its name (default teacher0, teacher1, ...) and its
+    # weight in the combination (normalised over the teachers).
+    name: str | None = None
+    weight: float = 1.0
 
 
 @dataclass
@@ -211,6 +215,24 @@ class TrainConfig:
     curriculum: Literal["none", "easy_to_hard", "progressive_steps"] = "none"
     curriculum_start: float = 0.25
     curriculum_steps: int = 0
+
+
+@dataclass
+class EnsembleConfig:
+    """How the signals of several teachers (`teachers:`) are combined, per token.
+
+    `strategy`: a registered one (lmdistill/teachers/ensemble.py): mean, product, confidence,
+    vote, route. `k`: the top-k a local teacher's logits are cut to before combining
+    (default: cache.k; the vocabulary size makes it exact). `answers`: each teacher writes its
+    own greedy answer to every training prompt once, for `vote`, `route` and the report's
+    "answers differ" (None: when the strategy needs them)."""
+
+    strategy: str = "mean"
+    k: int | None = None
+    confidence_temperature: float = 1.0  # confidence: weight ~ exp(-entropy / this), in nats
+    answers: bool | None = None
+    answer_max_new_tokens: int = 256
+    shown: int = 5  # the most conflicting examples shown side by side in the report
 
 
 @dataclass
@@ -385,6 +407,10 @@ class ProtocolConfig:
 class RunConfig:
     output_dir: str = "outputs/run"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # Several teachers (an ensemble), any mix of kinds; `teacher` is then the first of them
+    # (it builds the student, writes the responses, and fidelity is measured against it).
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)

@@ -7,6 +7,7 @@ from typing import Any
 
 from lmdistill.io import atomic_write_text
 from lmdistill.metrics import EvalMetrics, RunMetrics, TaskMetrics
+from lmdistill.report.ensemble import conflict_histogram, conflict_lines
 from lmdistill.report.plots import fidelity_bars, loss_curves
 
 
@@ -15,6 +16,9 @@ def write_report(out: Path, metrics: RunMetrics, config: dict[str, Any]) -> Path
     has_eval = metrics.kd.after is not None and metrics.kd.after.fidelity is not None
     if has_eval:
         fidelity_bars(metrics, out / "fidelity.png")
+    conflicts = metrics.setup.get("ensemble", {}).get("conflicts")
+    if conflicts:
+        conflict_histogram(conflicts, out / "conflict.png")
     path = out / "report.md"
     atomic_write_text(path, render(metrics, config, has_eval))
     return path
@@ -27,6 +31,10 @@ def render(metrics: RunMetrics, config: dict[str, Any], has_eval: bool) -> str:
         *setup_lines(metrics, config),
         *teacher_lines(metrics),
     ]
+    conflicts = metrics.setup.get("ensemble", {}).get("conflicts")
+    if conflicts:
+        lines += ["", "## Several teachers: where they contradict each other", ""]
+        lines += conflict_lines(conflicts, "conflict.png")
     if has_eval:
         lines += [
             "",

@@ -231,6 +231,7 @@ def _open_served(config: RunConfig, write_local_cache: bool) -> TeacherSetup:
             tokenizer,
             config.teacher.top_logprobs,
             shift=report["scoring_probe"]["shift"],
+            method=report["scoring_probe"]["method"],
             max_concurrency=config.teacher.max_concurrency,
             identity=served.identity,
         )
