@@ -15,7 +15,7 @@ LLAMA_VERSION ?= 0.3.36
 LLAMA_PIN ?= llama-cpp-python[server]==$(LLAMA_VERSION)
 LLAMA_WHEELS ?= $(HOME)/.cache/lmdistill/wheels/llama-cpp-python-$(LLAMA_VERSION)-portable
 
-.PHONY: demo demo-results test lint typecheck clean lab lab-e1 lab-e2 lab-dd e1-demo demo-dd lab-on-policy demo-on-policy
+.PHONY: demo demo-results test lint typecheck clean lab lab-e1 lab-e2 lab-dd e1-demo demo-dd lab-on-policy demo-on-policy lab-multi
 
 $(VENV)/.base: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +77,11 @@ lab-on-policy: $(LAB_RATIONALES)
 # (configs/experiments/on-policy-demo.yaml; ~45 min on 2 cores; finished runs are kept).
 demo-on-policy: $(VENV)/.base
 	$(PY) benchmarks/on_policy_demo.py --out outputs/on-policy-demo --seeds 3 --budget-s 200
+
+# Many teachers on the lab (docs/reasoning.md, configs/lab/multi-teacher.yaml): a second and
+# three contradicting teachers are trained, then conflict audits and students per strategy.
+lab-multi: $(LAB_TEACHER)
+	$(PY) benchmarks/multi_teacher_lab.py --out $(LAB)/multi --seeds 3
 
 # Dataset distillation on the lab (docs/dataset-distillation.md): the data-efficiency
 # protocol over the teacher's rationales (58 arms, ~4 h on 2 cores; finished arms are kept).

@@ -32,6 +32,7 @@ COMMANDS = {
     "demo-dd": "make demo-dd",
     "on-policy": "make lab-on-policy",
     "on-policy-demo": "make demo-on-policy",
+    "multi-teacher": "make lab-multi",
 }
 OUTPUTS = {
     "demo": "demo.json",

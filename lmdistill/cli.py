@@ -320,6 +320,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lmdistill.teachers.setup import TEACHERS, generating_teacher, load_splits
 
     config = load_config(args.config, args.overrides)
+    if config.teachers:  # several teachers: each writes, answers kept by agreement
+        return _generate_by_agreement(args, config)
     out = Path(args.out or Path(config.output_dir) / "generate" / "teacher_responses.jsonl")
     if not TEACHERS[config.teacher.kind].writes_text and (
         filtering(config.generate) or config.generate.rationale_prompt
@@ -336,6 +338,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with directory_lock(out.parent, "generates"):
         teacher, report = generating_teacher(config)
         return _generate_into(out, config, teacher, report, train, held_out)
+
+
+def _generate_by_agreement(args: argparse.Namespace, config: RunConfig) -> int:
+    from lmdistill.models import check_model_path
+    from lmdistill.teachers.ensemble_setup import generate_by_agreement
+    from lmdistill.teachers.setup import load_splits
+
+    out = Path(args.out or Path(config.output_dir) / "generate" / "agreed.jsonl")
+    for i, teacher in enumerate(config.teachers):
+        if teacher.kind != "served":
+            check_model_path(teacher, f"teachers[{i}].path")  # before anything is written
+    train, held_out = load_splits(config)
+    with directory_lock(out.parent, "generates"):
+        report = generate_by_agreement(config, out, train, held_out)
+    print(json.dumps(report, indent=2))
+    return 0
 
 
 def _generate_into(

@@ -67,7 +67,12 @@ from lmdistill.report import write_report
 from lmdistill.teachers.backends import TeacherSetup
 from lmdistill.teachers.base import Teacher
 from lmdistill.teachers.ensemble import EnsembleTeacher, conflict_report, example_rows
-from lmdistill.teachers.ensemble_setup import cache_directories, open_teachers
+from lmdistill.teachers.ensemble_setup import (
+    answers_dir,
+    cache_directories,
+    needs_answers,
+    open_teachers,
+)
 from lmdistill.teachers.setup import TEACHERS, load_splits
 from lmdistill.teachers.signal_caches import cache_dir, generation_path
 
@@ -127,6 +132,8 @@ def teacher_directories(config: RunConfig) -> list[Path]:
         directories.append(generation_path(config).parent)
     if config.teachers:
         directories += cache_directories(config)
+        if needs_answers(config):
+            directories.append(answers_dir(config))
     elif TEACHERS[config.teacher.kind].caches_signal:
         directories.append(cache_dir(config))
     return directories

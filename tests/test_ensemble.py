@@ -313,3 +313,45 @@ def test_a_list_of_one_teacher_is_todays_single_teacher() -> None:
     listed = load_config(ROOT / "configs/tiny.yaml", [one])
     single = load_config(ROOT / "configs/tiny.yaml")
     assert listed == single
+
+
+def test_generate_keeps_the_majority_answer_of_several_teachers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each teacher writes; per prompt the majority final answer wins and the first teacher
+    that gives it supplies the response; ties and prompts without answers are dropped."""
+    from lmdistill.data import Example, load_examples
+    from lmdistill.teachers import ensemble_setup, setup
+    from lmdistill.teachers.base import ResponseWriter
+    from lmdistill.teachers.generate import GenerationReport
+    from lmdistill.validate import load_config
+
+    said = {  # per teacher, per prompt: its final answer (None: it gives none)
+        "first": ["5", "3", "1", None],
+        "second": ["5", "4", "2", None],
+        "third": ["7", "4", "3", None],
+    }
+
+    class Scripted(ResponseWriter):
+        def __init__(self, name: str) -> None:
+            self.identity = name
+
+        def generate(self, prompts: list[Example], out_path: Path, config: Any) -> Any:
+            rows = [
+                dataclasses.replace(p, response=f"{self.identity} says\n#### {a}" if a else "?")
+                for p, a in zip(prompts, said[self.identity] + [None] * len(prompts), strict=False)
+            ]
+            return rows, GenerationReport(len(prompts), len(prompts), 0, 0, 0.0)
+
+    monkeypatch.setattr(setup, "generating_teacher", lambda c: (Scripted(c.teacher.name), {}))
+    three = "teachers=[" + ", ".join(f"{{name: {n}, path: tiny-llama}}" for n in said) + "]"
+    config = load_config(ROOT / "configs/tiny-ensemble.yaml", [f"output_dir={tmp_path}", three])
+    prompts = [Example(f"p{i}", ({"role": "user", "content": f"q{i}"},), None) for i in range(4)]
+    out = tmp_path / "agreed.jsonl"
+    report = ensemble_setup.generate_by_agreement(config, out, prompts, [])
+    kept = load_examples(str(out))
+    assert [e.id for e in kept] == ["p0", "p1"]
+    assert kept[0].response == "first says\n#### 5" and kept[1].response == "second says\n#### 4"
+    assert report["dropped"] == {"tie": 1, "no_answer": 1}
+    assert report["agreed_with_majority"] == {"first": 1, "second": 2, "third": 1}
+    assert report["written_by"] == {"first": 1, "second": 1, "third": 0}

@@ -232,6 +232,7 @@ class EnsembleConfig:
     confidence_temperature: float = 1.0  # confidence: weight ~ exp(-entropy / this), in nats
     answers: bool | None = None
     answer_max_new_tokens: int = 256
+    answers_dir: str | None = None  # default OUTPUT_DIR/ensemble/answers (runs may share one)
     shown: int = 5  # the most conflicting examples shown side by side in the report
 
 

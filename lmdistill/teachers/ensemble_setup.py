@@ -12,7 +12,7 @@ teacher scores those same response tokens:
 
 Every teacher must share the first one's tokenizer (the student's). Held-out fidelity is
 measured against the first teacher. With `ensemble.answers`, each teacher also writes its own
-greedy answer to every training prompt once (`OUTPUT/ensemble/answers/<name>/`), whose final
+greedy answer to every training prompt once (`ensemble.answers_dir/<name>/`), whose final
 answers `vote`, `route` and the conflict report use.
 """
 
@@ -177,7 +177,9 @@ def _writer(spec: RunConfig, model: Any, tokenizer: Any) -> ResponseWriter | Non
 
 
 def answers_dir(config: RunConfig) -> Path:
-    return Path(config.output_dir) / "ensemble" / "answers"
+    """Where each teacher's answers live: runs of the same teachers on the same prompts may
+    share the directory (each teacher's manifest checks its weights and settings)."""
+    return Path(config.ensemble.answers_dir or Path(config.output_dir) / "ensemble" / "answers")
 
 
 def teacher_answers(
@@ -221,3 +223,61 @@ def teacher_answers(
         reference = {e.id: final_answer(e.response or "") for e in train}
     weights = [t.weight for t in config.teachers]
     return Answers(by_teacher, reference, weights), report
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence-level KD from several teachers: `lmdistill generate` keeps answers by agreement
+
+
+def generate_by_agreement(
+    config: RunConfig, out: Path, train: list[Example], held_out: list[Example]
+) -> dict[str, Any]:
+    """Every teacher writes a response to every training prompt (its own file under
+    `out.parent/<name>/`, resumable, the config's filters applied per teacher); per prompt the
+    weighted majority final answer wins (as self-consistency does across samples), and the
+    response kept is that of the first teacher, in list order, that gives it. Prompts where no
+    teacher has an answer, or the top answers tie, are dropped and counted. Writes the kept
+    training examples to `out` (JSONL, for `data.train`); returns the report."""
+    from lmdistill.data import write_examples
+    from lmdistill.teachers.setup import generating_teacher, write_responses
+
+    written: list[dict[str, Example]] = []
+    report: dict[str, Any] = {"teachers": {}}
+    for index, teacher in enumerate(config.teachers):
+        spec = member_config(config, index)
+        writer, found = generating_teacher(spec)
+        path = out.parent / str(teacher.name) / "teacher_responses.jsonl"
+        answered, produced = write_responses(spec, writer, train, held_out, path)
+        written.append({e.id: e for e in answered["train"]})
+        report["teachers"][teacher.name] = {**found, **produced, "output": str(path)}
+    answers = Answers(
+        [{i: final_answer(e.response or "") for i, e in by_id.items()} for by_id in written],
+        {},
+        [t.weight for t in config.teachers],
+    )
+    kept: list[Example] = []
+    dropped = {"no_answer": 0, "tie": 0}
+    agreed = [0] * len(written)
+    wrote = [0] * len(written)
+    for prompt in train:
+        majority = answers.majority(prompt.id)
+        if majority is None:
+            any_answer = any(a.get(prompt.id) is not None for a in answers.by_teacher)
+            dropped["tie" if any_answer else "no_answer"] += 1
+            continue
+        chosen = next(j for j, a in enumerate(answers.by_teacher) if a.get(prompt.id) == majority)
+        for j, by_id in enumerate(answers.by_teacher):
+            agreed[j] += by_id.get(prompt.id) == majority
+        kept.append(written[chosen][prompt.id])
+        wrote[chosen] += 1
+    write_examples(out, kept)
+    names = [str(t.name) for t in config.teachers]
+    report.update(
+        output=str(out),
+        prompts=len(train),
+        kept=len(kept),
+        dropped=dropped,
+        agreed_with_majority=dict(zip(names, agreed, strict=True)),
+        written_by=dict(zip(names, wrote, strict=True)),
+    )
+    return report

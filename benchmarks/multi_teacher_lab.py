@@ -1,0 +1,391 @@
+"""Many teachers on the reasoning lab: can a student detect and resolve contradictions?
+
+    make lab-multi
+    # = python benchmarks/multi_teacher_lab.py --out outputs/lab/multi --seeds 3
+
+Three teachers score the same worked solutions (the lab's own, for 1,000 training questions):
+the lab teacher (configs/lab/teacher.yaml), a second one (another seed, 2 layers instead of 4,
+400 steps instead of 700),
+and a **contradicting teacher**: the lab teacher fine-tuned on solutions whose last step is
+confidently wrong (its result, and so the final answer, one more) for every question about a
+seeded set of (name, item) pairs, a share r of all pairs; r in {0.1, 0.3, 0.5}, the sets
+nested. The injected training questions are those about a corrupted pair.
+
+1. The teachers: the second one trained, each contradicting teacher fine-tuned (100 steps on
+   3,000 corrupted-rule solutions).
+2. Detection, per r (`lmdistill conflicts`): the per-example conflict score (mean token JSD
+   among the three) against the injected questions: ROC AUC, and precision and recall at the
+   threshold chosen on one half of the questions (the lowest with precision >= 0.9 there),
+   measured on the other half. The maximum token JSD and "final answers differ" likewise.
+3. Resolution: students as in E2 (3 layers, 128 wide, 5x smaller than the lab teacher), KD
+   only (alpha 0, forward KL at T = 1) from the teachers' caches, 150 steps, `--seeds` seeds:
+   each strategy at each r, and the clean single lab teacher; exact match on 100 held-out
+   problems. `mean` is the survey's simple averaging.
+4. Cost: seconds per optimizer step with one cached teacher, three cached, three live.
+
+Finished runs are kept and not run again. Writes docs/results/multi-teacher.json (every run,
+per r and strategy mean/std/n, detection, costs, commit, command, machine) and
+docs/results/multi-teacher.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from lab_results import provenance
+
+ROOT = Path(__file__).resolve().parent.parent
+LMDISTILL = [sys.executable, "-m", "lmdistill"]
+CONFIG = "configs/lab/multi-teacher.yaml"
+KNOBS = "steps=3:min_steps=1:start_max=9:operand_max=5:value_max=30"
+TRAIN = f"lab:train:1000:11:{KNOBS}"  # the experiment's training questions (config's data)
+CORRUPT_SOURCE = f"lab:train:3000:7:{KNOBS}"  # what the contradicting teachers learn from
+TEST = f"lab:test:100:0:{KNOBS}"
+LAB_TEACHER = "outputs/lab/teacher/student"
+RATES = (0.1, 0.3, 0.5)
+STRATEGIES = ("mean", "product", "confidence", "vote", "route")
+NAMES = ("Ana", "Ben", "Cal", "Dia", "Eve", "Finn", "Gus", "Hana")
+ITEMS = ("apples", "books", "coins", "eggs", "pens", "shells", "stamps", "cards")
+LAST_STEP = re.compile(r"^(.*=<<[^=]*=)(-?\d+)(>>)(-?\d+)(.*)$")
+
+
+def run(command: str, config: str, out: Path, *overrides: str, extra: tuple[str, ...] = ()) -> None:
+    command_line = [*LMDISTILL, command, config, f"output_dir={out}", *overrides, *extra]
+    print("+", " ".join(command_line[2:]), flush=True)
+    subprocess.run(command_line, cwd=ROOT, check=True)
+
+
+def finished_run(config: str, out: Path, *overrides: str) -> dict[str, Any]:
+    """`lmdistill run` into `out` unless it already finished there; its metrics.json."""
+    metrics = out / "metrics.json"
+    if not metrics.is_file():
+        run("run", config, out, *overrides)
+    return dict(json.loads(metrics.read_text()))
+
+
+def corrupted_pairs(rate: float) -> set[tuple[str, str]]:
+    """The (name, item) pairs the contradicting teacher gets wrong: the first round(r * 64) of
+    one seeded order, so the sets for growing r are nested."""
+    pairs = [(n, i) for n in NAMES for i in ITEMS]
+    random.Random(2026).shuffle(pairs)
+    return set(pairs[: round(rate * len(pairs))])
+
+
+def pair_of(question: str) -> tuple[str, str]:
+    match = re.match(r"^(\w+) has \d+ (\w+)\.", question)
+    assert match, question
+    return match.group(1), match.group(2)
+
+
+def corrupt(solution: str) -> str:
+    """The solution with its last step's result one more (both where it is written) and the
+    final answer with it: wrong, consistent, confident."""
+    lines = solution.split("\n")
+    last = max(i for i, line in enumerate(lines) if LAST_STEP.match(line))
+    head, result, mid, again, tail = LAST_STEP.match(lines[last]).groups()  # type: ignore[union-attr]
+    assert result == again, lines[last]
+    wrong = str(int(result) + 1)
+    lines[last] = f"{head}{wrong}{mid}{wrong}{tail}"
+    lines[-1] = f"#### {wrong}"
+    return "\n".join(lines)
+
+
+def contradicting_data(rate: float, path: Path) -> dict[str, Any]:
+    from lmdistill.data import load_examples, write_examples
+
+    examples = load_examples(CORRUPT_SOURCE)
+    wrong = corrupted_pairs(rate)
+    out, changed = [], 0
+    for example in examples:
+        if pair_of(example.messages[-1]["content"]) in wrong:
+            example = dataclasses.replace(example, response=corrupt(example.response or ""))
+            changed += 1
+        out.append(example)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_examples(path, out)
+    return {"examples": len(out), "corrupted": changed}
+
+
+def teachers_override(second: Path, contra: Path, rate: float) -> str:
+    """The three teachers, all read from their caches (written once, by their weights)."""
+    return (
+        f"teachers=[{{name: lab, kind: cache, path: {LAB_TEACHER}}}, "
+        f"{{name: second, kind: cache, path: {second}}}, "
+        f"{{name: contra-{rate}, kind: cache, path: {contra}}}]"
+    )
+
+
+def auc(scores: list[float], labels: list[bool]) -> float:
+    """ROC AUC as the Mann-Whitney statistic (ties count half)."""
+    positive = [s for s, y in zip(scores, labels, strict=True) if y]
+    negative = [s for s, y in zip(scores, labels, strict=True) if not y]
+    wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
+    return wins / max(1, len(positive) * len(negative))
+
+
+def precision_recall(
+    scores: list[float], labels: list[bool], threshold: float
+) -> tuple[float, float]:
+    flagged = [y for s, y in zip(scores, labels, strict=True) if s >= threshold]
+    hits = sum(flagged)
+    return hits / max(1, len(flagged)), hits / max(1, sum(labels))
+
+
+def detection(rows: list[dict[str, Any]], injected: dict[str, bool]) -> dict[str, Any]:
+    """For each score: AUC over all questions; the threshold chosen on the even-numbered half
+    (the lowest with precision >= 0.9 there, else the one with the best F1) and precision and
+    recall on the odd-numbered half."""
+    out: dict[str, Any] = {"questions": len(rows), "injected": sum(injected[r["id"]] for r in rows)}
+    for name in ("conflict", "max_jsd", "answers_differ"):
+        scores = [float(r[name]) for r in rows]
+        labels = [injected[r["id"]] for r in rows]
+        index = [int(r["id"].rsplit("-", 1)[1]) for r in rows]
+        choose = [(s, y) for s, y, i in zip(scores, labels, index, strict=True) if i % 2 == 0]
+        check = [(s, y) for s, y, i in zip(scores, labels, index, strict=True) if i % 2 == 1]
+        candidates = sorted({s for s, _ in choose})
+        chosen, best = candidates[-1], (-1.0, -1.0)
+        for threshold in candidates:
+            p, r = precision_recall([s for s, _ in choose], [y for _, y in choose], threshold)
+            key = (1.0 if p >= 0.9 else 0.0, r if p >= 0.9 else 2 * p * r / max(p + r, 1e-9))
+            if key > best:
+                best, chosen = key, threshold
+        p, r = precision_recall([s for s, _ in check], [y for _, y in check], chosen)
+        out[name] = {"auc": auc(scores, labels), "threshold": chosen, "precision": p, "recall": r}
+    return out
+
+
+def summary(values: list[float]) -> dict[str, float | int]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def exact_match(metrics: dict[str, Any]) -> float:
+    return float(metrics["kd"]["after"]["tasks"][TEST]["exact_match"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("outputs/lab/multi"))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--rates", type=float, nargs="*", default=list(RATES))
+    parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES))
+    parser.add_argument("--result", type=Path, default=ROOT / "docs/results/multi-teacher.json")
+    args = parser.parse_args()
+    out: Path = args.out
+    from lmdistill.data import load_examples
+
+    if not (ROOT / LAB_TEACHER / "config.json").is_file():
+        sys.exit(f"{LAB_TEACHER} is missing: run `make {ROOT / LAB_TEACHER}/config.json` first")
+    # 1. The teachers.
+    second = out / "teacher-second"
+    teacher_overrides = (f"eval.tasks=['{TEST}']", "eval.num_samples=0")
+    teachers: dict[str, Any] = {
+        "lab": {"path": LAB_TEACHER},
+        "second": finished_run(
+            "configs/lab/teacher.yaml",
+            second,
+            "train.seed=1",
+            "student.num_layers=2",
+            "train.max_steps=400",
+            *teacher_overrides,
+        )["kd"]["after"]["tasks"][TEST],
+    }
+    contras: dict[float, Path] = {}
+    for rate in args.rates:
+        directory = out / f"contra-{rate}"
+        data = contradicting_data(rate, directory / "data.jsonl")
+        metrics = finished_run(
+            "configs/lab/teacher.yaml",
+            directory / "teacher",
+            "student.init=path",
+            f"student.path={LAB_TEACHER}",
+            f"data.train={directory / 'data.jsonl'}",
+            "train.max_steps=100",
+            "train.lr=1.0e-3",
+            "train.warmup_steps=10",
+            "train.checkpoint_every=50",
+            *teacher_overrides,
+        )
+        teachers[f"contra-{rate}"] = {"data": data, **metrics["kd"]["after"]["tasks"][TEST]}
+        contras[rate] = directory / "teacher" / "student"
+    # Every run shares the caches (one per teacher) and, per r, the teachers' answers.
+    shared = (f"cache.dir={out / 'cache'}",)
+    questions = {e.id: e.messages[-1]["content"] for e in load_examples(TRAIN)}
+    results: dict[str, Any] = {"teachers": teachers, "rates": {}, "runs": []}
+    for rate in args.rates:
+        wrong = corrupted_pairs(rate)
+        injected = {i: pair_of(q) in wrong for i, q in questions.items()}
+        ensemble = teachers_override(second / "student", contras[rate], rate)
+        answers = f"ensemble.answers_dir={out / f'answers-{rate}'}"
+        audit = out / f"conflicts-{rate}"
+        if not (audit / "conflicts.jsonl").is_file():
+            run(
+                "conflicts",
+                CONFIG,
+                out / f"r{rate}",
+                ensemble,
+                answers,
+                "ensemble.answers=true",
+                *shared,
+                extra=("--out", str(audit)),
+            )
+        rows = [json.loads(line) for line in (audit / "conflicts.jsonl").read_text().splitlines()]
+        contra_name = f"contra-{rate}"
+        behaves = {
+            "wrong_on_injected": statistics.fmean(
+                r["answers"][contra_name] != r["reference"] for r in rows if injected[r["id"]]
+            ),
+            "right_elsewhere": statistics.fmean(
+                r["answers"][contra_name] == r["reference"] for r in rows if not injected[r["id"]]
+            ),
+        }
+        entry: dict[str, Any] = {
+            "injected_share": statistics.fmean(injected.values()),
+            "contradicting_teacher": behaves,
+            "detection": detection(rows, injected),
+            "strategies": {},
+        }
+        for strategy in args.strategies:
+            scores = []
+            for seed in range(args.seeds):
+                metrics = finished_run(
+                    CONFIG,
+                    out / f"r{rate}" / f"{strategy}-s{seed}",
+                    ensemble,
+                    answers,
+                    f"ensemble.strategy={strategy}",
+                    f"train.seed={seed}",
+                    *shared,
+                )
+                scores.append(exact_match(metrics))
+                trust = metrics["ensemble"]["conflicts"]["trust"]
+                results["runs"].append(
+                    {
+                        "rate": rate,
+                        "strategy": strategy,
+                        "seed": seed,
+                        "exact_match": scores[-1],
+                        "trust": trust,
+                        "train_seconds": metrics["kd"]["train_seconds"],
+                    }
+                )
+            entry["strategies"][strategy] = {"exact_match": summary(scores)}
+        results["rates"][str(rate)] = entry
+    clean = []
+    for seed in range(args.seeds):
+        metrics = finished_run(
+            CONFIG,
+            out / "clean" / f"s{seed}",
+            f"teachers=[{{name: lab, kind: cache, path: {LAB_TEACHER}}}]",
+            f"train.seed={seed}",
+            *shared,
+        )
+        clean.append(exact_match(metrics))
+        results["runs"].append(
+            {
+                "rate": 0.0,
+                "strategy": "clean single teacher",
+                "seed": seed,
+                "exact_match": clean[-1],
+                "train_seconds": metrics["kd"]["train_seconds"],
+            }
+        )
+    results["clean_single_teacher"] = {"exact_match": summary(clean)}
+    results["costs"] = costs(out, second, contras, shared)
+    results.update(provenance("multi-teacher"))
+    args.result.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    plot(results, args.result.with_suffix(".png"))
+    print(f"wrote {args.result}")
+
+
+def costs(
+    out: Path, second: Path, contras: dict[float, Path], shared: tuple[str, ...]
+) -> dict[str, Any]:
+    """Seconds per optimizer step (20 steps, evaluation off) with one cached teacher, three
+    cached, three live: run one after another on the same machine."""
+    rate = 0.3 if 0.3 in contras else next(iter(contras))
+    three = teachers_override(second / "student", contras[rate], rate)
+    arms = {
+        "one teacher, cached": (f"teachers=[{{name: lab, kind: cache, path: {LAB_TEACHER}}}]",),
+        "three teachers, cached": (three,),
+        "three teachers, live": (three.replace("kind: cache", "kind: local"),),
+    }
+    found: dict[str, Any] = {}
+    for arm, overrides in arms.items():
+        metrics = finished_run(
+            CONFIG,
+            out / "cost" / arm.replace(" ", "-").replace(",", ""),
+            *overrides,
+            "train.max_steps=20",
+            "eval.enabled=false",
+            "ensemble.strategy=mean",
+            *shared,
+        )
+        kd = metrics["kd"]
+        found[arm] = {
+            "seconds_per_step": kd["train_seconds"] / kd["steps"],
+            "tokens_per_s": kd["tokens_per_s"],
+        }
+    base = found["one teacher, cached"]["seconds_per_step"]
+    for arm in found:
+        found[arm]["relative_to_one_cached"] = found[arm]["seconds_per_step"] / base
+    return found
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    rates = sorted(float(r) for r in results["rates"])
+    strategies = list(results["rates"][str(rates[0])]["strategies"])
+    for strategy in strategies:
+        cells = [results["rates"][str(r)]["strategies"][strategy]["exact_match"] for r in rates]
+        left.errorbar(
+            rates,
+            [c["mean"] for c in cells],
+            yerr=[c["std"] for c in cells],
+            marker="o",
+            capsize=3,
+            label=strategy,
+        )
+    clean = results["clean_single_teacher"]["exact_match"]
+    left.axhline(clean["mean"], color="black", linestyle=":", label="clean single teacher")
+    left.set_xlabel("share r of questions the contradicting teacher gets wrong")
+    left.set_ylabel("student exact match (100 held-out)")
+    left.set_title("Resolution")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    for name, marker in (("conflict", "o"), ("max_jsd", "s"), ("answers_differ", "^")):
+        right.plot(
+            rates,
+            [results["rates"][str(r)]["detection"][name]["auc"] for r in rates],
+            marker=marker,
+            label=name,
+        )
+    right.set_xlabel("r")
+    right.set_ylabel("ROC AUC of the injected questions")
+    right.set_title("Detection")
+    right.set_ylim(0.4, 1.02)
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
