@@ -51,7 +51,7 @@ TRAIN = f"lab:train:1000:11:{KNOBS}"  # the experiment's training questions (con
 CORRUPT_SOURCE = f"lab:train:3000:7:{KNOBS}"  # what the contradicting teachers learn from
 TEST = f"lab:test:100:0:{KNOBS}"
 LAB_TEACHER = "outputs/lab/teacher/student"
-RATES = (0.1, 0.3, 0.5)
+RATES = (0.3, 0.1, 0.5)  # r = 0.3 (the targets') first
 STRATEGIES = ("mean", "product", "confidence", "vote", "route")
 NAMES = ("Ana", "Ben", "Cal", "Dia", "Eve", "Finn", "Gus", "Hana")
 ITEMS = ("apples", "books", "coins", "eggs", "pens", "shells", "stamps", "cards")
@@ -182,7 +182,13 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="*", default=list(RATES))
     parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES))
     parser.add_argument("--result", type=Path, default=ROOT / "docs/results/multi-teacher.json")
+    parser.add_argument(
+        "--tables", action="store_true", help="print the docs' tables from --result and stop"
+    )
     args = parser.parse_args()
+    if args.tables:
+        print(tables(json.loads(args.result.read_text())))
+        return
     out: Path = args.out
     from lmdistill.data import load_examples
 
@@ -203,60 +209,34 @@ def main() -> None:
         )["kd"]["after"]["tasks"][TEST],
     }
     contras: dict[float, Path] = {}
-    for rate in args.rates:
-        directory = out / f"contra-{rate}"
-        data = contradicting_data(rate, directory / "data.jsonl")
-        metrics = finished_run(
-            "configs/lab/teacher.yaml",
-            directory / "teacher",
-            "student.init=path",
-            f"student.path={LAB_TEACHER}",
-            f"data.train={directory / 'data.jsonl'}",
-            "train.max_steps=100",
-            "train.lr=1.0e-3",
-            "train.warmup_steps=10",
-            "train.checkpoint_every=50",
-            *teacher_overrides,
-        )
-        teachers[f"contra-{rate}"] = {"data": data, **metrics["kd"]["after"]["tasks"][TEST]}
-        contras[rate] = directory / "teacher" / "student"
     # Every run shares the caches (one per teacher) and, per r, the teachers' answers.
     shared = (f"cache.dir={out / 'cache'}",)
     questions = {e.id: e.messages[-1]["content"] for e in load_examples(TRAIN)}
     results: dict[str, Any] = {"teachers": teachers, "rates": {}, "runs": []}
-    for rate in args.rates:
-        wrong = corrupted_pairs(rate)
-        injected = {i: pair_of(q) in wrong for i, q in questions.items()}
+    planned = [(r, s) for r in args.rates for s in args.strategies]
+
+    def record(done: bool) -> None:
+        """The result file so far (rewritten after each cell: a stopped run leaves what it
+        measured, marked incomplete, with what is missing)."""
+        finished = {
+            (float(r), s) for r in results["rates"] for s in results["rates"][r]["strategies"]
+        }
+        results["complete"] = done
+        results["missing"] = [f"r={r} {s}" for r, s in planned if (r, s) not in finished]
+        if "clean_single_teacher" not in results:
+            results["missing"].append("clean single teacher")
+        results.update(provenance("multi-teacher"))
+        args.result.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        if results["rates"] and "clean_single_teacher" in results:
+            plot(results, args.result.with_suffix(".png"))
+        print(f"wrote {args.result} ({'complete' if done else 'so far'})", flush=True)
+
+    for position, rate in enumerate(args.rates):
+        contras[rate] = contradicting_teacher(out, rate, teachers, teacher_overrides)
+        entry = audit(out, rate, second, contras[rate], questions, shared)
+        results["rates"][str(rate)] = entry
         ensemble = teachers_override(second / "student", contras[rate], rate)
         answers = f"ensemble.answers_dir={out / f'answers-{rate}'}"
-        audit = out / f"conflicts-{rate}"
-        if not (audit / "conflicts.jsonl").is_file():
-            run(
-                "conflicts",
-                CONFIG,
-                out / f"r{rate}",
-                ensemble,
-                answers,
-                "ensemble.answers=true",
-                *shared,
-                extra=("--out", str(audit)),
-            )
-        rows = [json.loads(line) for line in (audit / "conflicts.jsonl").read_text().splitlines()]
-        contra_name = f"contra-{rate}"
-        behaves = {
-            "wrong_on_injected": statistics.fmean(
-                r["answers"][contra_name] != r["reference"] for r in rows if injected[r["id"]]
-            ),
-            "right_elsewhere": statistics.fmean(
-                r["answers"][contra_name] == r["reference"] for r in rows if not injected[r["id"]]
-            ),
-        }
-        entry: dict[str, Any] = {
-            "injected_share": statistics.fmean(injected.values()),
-            "contradicting_teacher": behaves,
-            "detection": detection(rows, injected),
-            "strategies": {},
-        }
         for strategy in args.strategies:
             scores = []
             for seed in range(args.seeds):
@@ -270,44 +250,106 @@ def main() -> None:
                     *shared,
                 )
                 scores.append(exact_match(metrics))
-                trust = metrics["ensemble"]["conflicts"]["trust"]
                 results["runs"].append(
                     {
                         "rate": rate,
                         "strategy": strategy,
                         "seed": seed,
                         "exact_match": scores[-1],
-                        "trust": trust,
+                        "trust": metrics["ensemble"]["conflicts"]["trust"],
                         "train_seconds": metrics["kd"]["train_seconds"],
                     }
                 )
             entry["strategies"][strategy] = {"exact_match": summary(scores)}
-        results["rates"][str(rate)] = entry
-    clean = []
-    for seed in range(args.seeds):
-        metrics = finished_run(
-            CONFIG,
-            out / "clean" / f"s{seed}",
-            f"teachers=[{{name: lab, kind: cache, path: {LAB_TEACHER}}}]",
-            f"train.seed={seed}",
-            *shared,
-        )
-        clean.append(exact_match(metrics))
-        results["runs"].append(
-            {
-                "rate": 0.0,
-                "strategy": "clean single teacher",
-                "seed": seed,
-                "exact_match": clean[-1],
-                "train_seconds": metrics["kd"]["train_seconds"],
-            }
-        )
-    results["clean_single_teacher"] = {"exact_match": summary(clean)}
+            record(False)
+        if position == 0:  # the clean reference, once the first r is in
+            clean = []
+            for seed in range(args.seeds):
+                metrics = finished_run(
+                    CONFIG,
+                    out / "clean" / f"s{seed}",
+                    f"teachers=[{{name: lab, kind: cache, path: {LAB_TEACHER}}}]",
+                    f"train.seed={seed}",
+                    *shared,
+                )
+                clean.append(exact_match(metrics))
+                results["runs"].append(
+                    {
+                        "rate": 0.0,
+                        "strategy": "clean single teacher",
+                        "seed": seed,
+                        "exact_match": clean[-1],
+                        "train_seconds": metrics["kd"]["train_seconds"],
+                    }
+                )
+            results["clean_single_teacher"] = {"exact_match": summary(clean)}
+            record(False)
     results["costs"] = costs(out, second, contras, shared)
-    results.update(provenance("multi-teacher"))
-    args.result.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    plot(results, args.result.with_suffix(".png"))
-    print(f"wrote {args.result}")
+    record(True)
+    print(tables(results))
+
+
+def contradicting_teacher(
+    out: Path, rate: float, teachers: dict[str, Any], overrides: tuple[str, ...]
+) -> Path:
+    """The lab teacher fine-tuned on the corrupted-rule solutions for this r."""
+    directory = out / f"contra-{rate}"
+    data = contradicting_data(rate, directory / "data.jsonl")
+    metrics = finished_run(
+        "configs/lab/teacher.yaml",
+        directory / "teacher",
+        "student.init=path",
+        f"student.path={LAB_TEACHER}",
+        f"data.train={directory / 'data.jsonl'}",
+        "train.max_steps=100",
+        "train.lr=1.0e-3",
+        "train.warmup_steps=10",
+        "train.checkpoint_every=50",
+        *overrides,
+    )
+    teachers[f"contra-{rate}"] = {"data": data, **metrics["kd"]["after"]["tasks"][TEST]}
+    return directory / "teacher" / "student"
+
+
+def audit(
+    out: Path,
+    rate: float,
+    second: Path,
+    contra: Path,
+    questions: dict[str, str],
+    shared: tuple[str, ...],
+) -> dict[str, Any]:
+    """`lmdistill conflicts` over the three teachers; detection of the injected questions and
+    how the contradicting teacher behaves (its own answers against the reference)."""
+    wrong = corrupted_pairs(rate)
+    injected = {i: pair_of(q) in wrong for i, q in questions.items()}
+    where = out / f"conflicts-{rate}"
+    if not (where / "conflicts.jsonl").is_file():
+        run(
+            "conflicts",
+            CONFIG,
+            out / f"r{rate}",
+            teachers_override(second / "student", contra, rate),
+            f"ensemble.answers_dir={out / f'answers-{rate}'}",
+            "ensemble.answers=true",
+            *shared,
+            extra=("--out", str(where)),
+        )
+    rows = [json.loads(line) for line in (where / "conflicts.jsonl").read_text().splitlines()]
+    name = f"contra-{rate}"
+    return {
+        "injected_share": statistics.fmean(injected.values()),
+        "contradicting_teacher": {
+            "wrong_on_injected": statistics.fmean(
+                r["answers"][name] != r["reference"] for r in rows if injected[r["id"]]
+            ),
+            "right_elsewhere": statistics.fmean(
+                r["answers"][name] == r["reference"] for r in rows if not injected[r["id"]]
+            ),
+        },
+        "detection": detection(rows, injected),
+        "strategies": {},
+    }
 
 
 def costs(
@@ -344,6 +386,46 @@ def costs(
     return found
 
 
+def tables(results: dict[str, Any]) -> str:
+    """The docs' tables (docs/reasoning.md), every figure as the result file holds it."""
+    rates = sorted(results["rates"], key=float)
+    lines = [
+        "| r | injected share | contradicting teacher wrong on injected | right elsewhere "
+        "| AUC: conflict | precision / recall: conflict | AUC: max JSD "
+        "| precision / recall: max JSD | AUC: answers differ |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rates:
+        entry = results["rates"][r]
+        d, c = entry["detection"], entry["contradicting_teacher"]
+        lines.append(
+            f"| {r} | {entry['injected_share']:.3f} | {c['wrong_on_injected']:.3f} "
+            f"| {c['right_elsewhere']:.3f} | {d['conflict']['auc']:.3f} "
+            f"| {d['conflict']['precision']:.3f} / {d['conflict']['recall']:.3f} "
+            f"| {d['max_jsd']['auc']:.3f} "
+            f"| {d['max_jsd']['precision']:.3f} / {d['max_jsd']['recall']:.3f} "
+            f"| {d['answers_differ']['auc']:.3f} |"
+        )
+    strategies = list(dict.fromkeys(s for r in rates for s in results["rates"][r]["strategies"]))
+    lines += [
+        "",
+        "| strategy | " + " | ".join(f"r = {r}" for r in rates) + " |",
+        "|---|" + "---|" * len(rates),
+    ]
+    clean = results.get("clean_single_teacher", {}).get("exact_match")
+    if clean:
+        cells = f"{clean['mean']:.3f} ± {clean['std']:.3f}"
+        lines.append("| clean single teacher | " + " | ".join([cells] * len(rates)) + " |")
+    for strategy in strategies:
+        cells = []
+        for r in rates:
+            found = results["rates"][r]["strategies"].get(strategy)
+            em = found["exact_match"] if found else None
+            cells.append(f"{em['mean']:.3f} ± {em['std']:.3f}" if em else "not run")
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -352,11 +434,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     rates = sorted(float(r) for r in results["rates"])
-    strategies = list(results["rates"][str(rates[0])]["strategies"])
+    strategies = dict.fromkeys(s for r in results["rates"].values() for s in r["strategies"])
     for strategy in strategies:
-        cells = [results["rates"][str(r)]["strategies"][strategy]["exact_match"] for r in rates]
+        have = [r for r in rates if strategy in results["rates"][str(r)]["strategies"]]
+        cells = [results["rates"][str(r)]["strategies"][strategy]["exact_match"] for r in have]
         left.errorbar(
-            rates,
+            have,
             [c["mean"] for c in cells],
             yerr=[c["std"] for c in cells],
             marker="o",

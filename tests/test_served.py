@@ -350,3 +350,50 @@ def test_a_text_only_run_against_the_real_server(
     assert metrics["served"]["requests"] >= 12 and metrics["kd"]["steps"] == 2
     rows = [json.loads(line) for line in (out / "generate" / "teacher_responses.jsonl").open()]
     assert len(rows) == 12 and all(r["signal"] is None and r["response"] for r in rows)
+
+
+def test_an_ensemble_with_a_served_teacher_scores_like_the_same_model_local(
+    server: LlamaServer, tmp_path: Path
+) -> None:
+    """SmolLM2 twice, in this process and behind the server: the served teacher of an
+    ensemble scores the local one's responses through the echo (its probe finds how), and two
+    copies of one model barely contradict each other."""
+    import yaml
+
+    from lmdistill.cli import main
+
+    config = {
+        "output_dir": str(tmp_path / "run"),
+        "teachers": [
+            {"name": "local", "path": "smollm2-135m-instruct"},
+            {
+                "name": "served",
+                "kind": "served",
+                "path": "smollm2-135m-instruct",
+                "base_url": server.url,
+                "model": "smollm2",
+                "api_key_env": KEY_ENV,
+                "top_logprobs": 5,
+                "extra_body": {"repeat_penalty": 1.0},
+            },
+        ],
+        "ensemble": {"strategy": "mean", "k": 5},
+        "student": {"num_layers": 2},
+        "data": {
+            "train": "builtin:gsm8k-demo",
+            "max_train_examples": 4,
+            "eval_size": 2,
+            "max_length": 256,
+        },
+        "generate": {"enabled": True, "max_new_tokens": 16},
+    }
+    path = tmp_path / "ensemble.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["conflicts", str(path), "--out", str(tmp_path / "audit")]) == 0
+    audit = json.loads((tmp_path / "audit" / "conflicts.json").read_text())
+    probe = audit["setup"]["teachers"]["served"]["scoring_probe"]
+    assert probe["method"] == "echo" and probe["shift"] == 0
+    conflicts = audit["conflicts"]
+    assert conflicts["examples"] == 4 and conflicts["tokens"] > 40
+    assert conflicts["mean_token_jsd"] < 0.05  # one model, fp32 here and Q4_1 there
+    assert conflicts["top1_disagreement"] < 0.2

@@ -40,8 +40,10 @@ class Script:
         self.default: tuple[int, Any] | None = None
         self.seen: list[dict[str, Any]] = []
         self.key = "sk-test-123"
-        # vLLM's token-id scoring; None: such requests are refused as llama.cpp does (HTTP 400)
+        # vLLM's token-id scoring; None: such requests are refused with this status
+        # (llama-cpp-python answers 500, a validation error)
         self.prompt_logprobs: Callable[[dict[str, Any]], Any] | None = None
+        self.refusal = 400
 
 
 def _handler(script: Script) -> type[BaseHTTPRequestHandler]:
@@ -75,7 +77,7 @@ def _handler(script: Script) -> type[BaseHTTPRequestHandler]:
                 return
             if "prompt_logprobs" in body:
                 if script.prompt_logprobs is None:
-                    self._send(400, {"error": "prompt must be a string"})
+                    self._send(script.refusal, {"error": "prompt should be a valid string"})
                 else:
                     self._send(200, script.prompt_logprobs(body))
                 return
@@ -440,9 +442,16 @@ def test_a_server_that_echoes_no_logprobs_cannot_score_text(
 
 
 @pytest.mark.parametrize("shift", [0, 1])
+@pytest.mark.parametrize("refusal", [400, 500])
 def test_the_probe_finds_the_echo_shift_and_the_scorer_corrects_it(
-    fake: tuple[Script, str], tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch, shift: int
+    fake: tuple[Script, str],
+    tiny_tokenizer: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    shift: int,
+    refusal: int,
 ) -> None:
+    """A server that refuses token-id prompts (400, or 500 as llama-cpp-python does: asked
+    once, not retried) is scored through the echo."""
     from lmdistill.config import LossConfig
     from lmdistill.data import IGNORE_INDEX, TokenizedExample, collate
     from lmdistill.teachers.served_scoring import ServedScorer, probe_scoring
@@ -452,10 +461,13 @@ def test_the_probe_finds_the_echo_shift_and_the_scorer_corrects_it(
     prompt, written = "Once upon a time", " there was a cat."
     script.chat = [(200, {"choices": [{"text": written}]}),
                    (200, echo_answer(tiny_tokenizer, prompt + written, shift=shift))]  # fmt: skip
+    script.refusal = refusal
     client = ServedClient(spec(url), backoff_s=0.01)
     found = probe_scoring(client, tiny_tokenizer, None, top_logprobs=3, tolerance=0.25,
                           prompts=[prompt])  # fmt: skip
+    assert found["method"] == "echo"
     assert found["shift"] == shift and found["greedy_top1"][str(shift)] == found["positions"]
+    assert sum("prompt_logprobs" in r["body"] for r in script.seen) == 1  # one try
 
     # Scored under the probe's shift, each response token's log-prob is the one the server
     # reported for it (-0.5), never the neighbour's.

@@ -153,12 +153,14 @@ class ServedClient:
         return logprobs
 
     def prompt_logprobs(
-        self, ids: list[int], *, top_logprobs: int
+        self, ids: list[int], *, top_logprobs: int, probing: bool = False
     ) -> list[dict[int, float] | None] | None:
         """vLLM's scoring of a token-id prompt (`prompt_logprobs` on `/completions`): per
         position, {token id: log-prob} of the distribution that predicts it (its own token
         always included, the first position None); None when the server does not support it
-        (refuses the request, or answers without the field)."""
+        (refuses the request, or answers without the field). `probing`: one try, and any
+        error means "not supported" (llama-cpp-python answers a token-id prompt with HTTP
+        500, a validation error); the echo is then used, which every server here supports."""
         body: dict[str, Any] = {
             "model": self.model,
             "prompt": ids,
@@ -168,9 +170,11 @@ class ServedClient:
             **self.extra_body,
         }
         try:
-            answer = self._request("POST", "/completions", body)
-        except RequestRefusedError:
-            return None
+            answer = self._request("POST", "/completions", body, retries=0 if probing else None)
+        except ServedTeacherError as error:
+            if probing or isinstance(error, RequestRefusedError):
+                return None
+            raise
         try:
             entries = answer["choices"][0].get("prompt_logprobs")
         except (KeyError, IndexError, TypeError, AttributeError):
@@ -203,14 +207,22 @@ class ServedClient:
             detail = json.dumps(answer)[:300]
             raise ServedTeacherError(f"{self.base_url}: malformed answer {detail}") from error
 
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        retries: int | None = None,
+    ) -> Any:
         url = self.base_url + path
+        max_retries = self.max_retries if retries is None else retries
         headers = {"Content-Type": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
         data = None if body is None else json.dumps(body).encode()
         last = ""
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(max_retries + 1):
             if attempt:
                 self.stats.add(retries=1)
             self.stats.add(requests=1)
@@ -241,11 +253,11 @@ class ServedClient:
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
                 reason = getattr(error, "reason", error)
                 last = f"{type(reason).__name__}: {reason}"
-            if attempt < self.max_retries:
+            if attempt < max_retries:
                 delay = min(self.backoff_s * 2**attempt, 30.0) * (0.5 + random.random() / 2)
                 time.sleep(retry_after if retry_after is not None else delay)
         raise ServedTeacherError(
-            f"cannot get an answer from {url} after {self.max_retries + 1} tries: {last}"
+            f"cannot get an answer from {url} after {max_retries + 1} tries: {last}"
         )
 
 

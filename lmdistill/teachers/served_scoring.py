@@ -326,7 +326,7 @@ def probe_scoring(
         ids = tokenizer(prompt + continuation, add_special_tokens=False)["input_ids"]
         start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         samples.append((prompt + continuation, ids, start))
-    first = client.prompt_logprobs(samples[0][1], top_logprobs=top_logprobs)
+    first = client.prompt_logprobs(samples[0][1], top_logprobs=top_logprobs, probing=True)
     if first is not None:
         result, compared = _probe_prompt_logprobs(client, tokenizer, samples, first, top_logprobs)
     else:
