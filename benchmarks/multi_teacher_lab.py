@@ -67,8 +67,9 @@ def run(command: str, config: str, out: Path, *overrides: str, extra: tuple[str,
 def finished_run(config: str, out: Path, *overrides: str) -> dict[str, Any]:
     """`lmdistill run` into `out` unless it already finished there; its metrics.json."""
     metrics = out / "metrics.json"
-    if not metrics.is_file():
-        run("run", config, out, *overrides)
+    if not metrics.is_file():  # an interrupted run continues from its last checkpoint
+        resume = ("--resume",) if (out / "checkpoints").is_dir() else ()
+        run("run", config, out, *overrides, extra=resume)
     return dict(json.loads(metrics.read_text()))
 
 
@@ -186,6 +187,7 @@ def main() -> None:
         "--tables", action="store_true", help="print the docs' tables from --result and stop"
     )
     args = parser.parse_args()
+    args.out = args.out if args.out.is_absolute() else ROOT / args.out
     if args.tables:
         print(tables(json.loads(args.result.read_text())))
         return
@@ -209,8 +211,13 @@ def main() -> None:
         )["kd"]["after"]["tasks"][TEST],
     }
     contras: dict[float, Path] = {}
-    # Every run shares the caches (one per teacher) and, per r, the teachers' answers.
+    # Every run shares the caches (one per teacher) and the teachers' answers; a single
+    # teacher's cache is cache.dir itself, so the clean runs point it at the lab teacher's.
     shared = (f"cache.dir={out / 'cache'}",)
+    single = (
+        f"teachers=[{{name: lab, kind: cache, path: {LAB_TEACHER}}}]",
+        f"cache.dir={out / 'cache' / 'lab'}",
+    )
     questions = {e.id: e.messages[-1]["content"] for e in load_examples(TRAIN)}
     results: dict[str, Any] = {"teachers": teachers, "rates": {}, "runs": []}
     planned = [(r, s) for r in args.rates for s in args.strategies]
@@ -236,7 +243,7 @@ def main() -> None:
         entry = audit(out, rate, second, contras[rate], questions, shared)
         results["rates"][str(rate)] = entry
         ensemble = teachers_override(second / "student", contras[rate], rate)
-        answers = f"ensemble.answers_dir={out / f'answers-{rate}'}"
+        answers = f"ensemble.answers_dir={out / 'answers'}"
         for strategy in args.strategies:
             scores = []
             for seed in range(args.seeds):
@@ -268,9 +275,8 @@ def main() -> None:
                 metrics = finished_run(
                     CONFIG,
                     out / "clean" / f"s{seed}",
-                    f"teachers=[{{name: lab, kind: cache, path: {LAB_TEACHER}}}]",
+                    *single,
                     f"train.seed={seed}",
-                    *shared,
                 )
                 clean.append(exact_match(metrics))
                 results["runs"].append(
@@ -330,7 +336,7 @@ def audit(
             CONFIG,
             out / f"r{rate}",
             teachers_override(second / "student", contra, rate),
-            f"ensemble.answers_dir={out / f'answers-{rate}'}",
+            f"ensemble.answers_dir={out / 'answers'}",
             "ensemble.answers=true",
             *shared,
             extra=("--out", str(where)),
@@ -360,7 +366,10 @@ def costs(
     rate = 0.3 if 0.3 in contras else next(iter(contras))
     three = teachers_override(second / "student", contras[rate], rate)
     arms = {
-        "one teacher, cached": (f"teachers=[{{name: lab, kind: cache, path: {LAB_TEACHER}}}]",),
+        "one teacher, cached": (
+            f"teachers=[{{name: lab, kind: cache, path: {LAB_TEACHER}}}]",
+            f"cache.dir={out / 'cache' / 'lab'}",
+        ),
         "three teachers, cached": (three,),
         "three teachers, live": (three.replace("kind: cache", "kind: local"),),
     }
@@ -373,7 +382,7 @@ def costs(
             "train.max_steps=20",
             "eval.enabled=false",
             "ensemble.strategy=mean",
-            *shared,
+            *(() if arm.startswith("one") else shared),
         )
         kd = metrics["kd"]
         found[arm] = {

@@ -214,7 +214,10 @@ def _run(config: RunConfig, *, resume: bool, started: float, device: torch.devic
         ),
     )
     if isinstance(ensemble, EnsembleTeacher):
-        metrics.setup["ensemble"]["conflicts"] = record_conflicts(config, ensemble)
+        conflicts = record_conflicts(config, ensemble)
+        # A resumed run scored only the examples after its checkpoint: say so.
+        conflicts["scored_since_step"] = metrics.kd.resumed_from
+        metrics.setup["ensemble"]["conflicts"] = conflicts
     if initial is not None:
         ce_only = dataclasses.replace(
             config.loss, alpha=1.0, hidden_weight=0.0, attention_weight=0.0

@@ -6,6 +6,7 @@ objectives, scorers, features, selectors). This sits at the top of the import gr
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,10 @@ def _validate_ensemble(config: RunConfig) -> None:
         return
     names = [t.name for t in config.teachers]
     check(len(set(names)) == len(names), "teachers[].name", names, "distinct names")
+    for name in names:  # a name is a directory under cache.dir and ensemble.answers_dir
+        check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(name)))
+              and name not in ("train", "eval"), "teachers[].name", name,
+              "letters, digits, '.', '_' and '-' (not 'train' or 'eval')")  # fmt: skip
     loss = config.loss
     check(loss.hidden_weight == 0 and loss.attention_weight == 0,
           "loss.hidden_weight/attention_weight", [loss.hidden_weight, loss.attention_weight],

@@ -355,3 +355,54 @@ def test_generate_keeps_the_majority_answer_of_several_teachers(
     assert report["dropped"] == {"tie": 1, "no_answer": 1}
     assert report["agreed_with_majority"] == {"first": 1, "second": 2, "third": 1}
     assert report["written_by"] == {"first": 1, "second": 1, "third": 0}
+
+
+def test_route_picks_the_teacher_that_explains_the_response_among_those_that_agree() -> None:
+    from lmdistill.teachers.ensemble import route_choice, spread
+
+    torch.manual_seed(5)
+    n, k = 6, 3
+    targets = torch.tensor([1, 2, 3, 4, 5, 6])
+    example = torch.tensor([0, 0, 0, 1, 1, 1])
+    sure = torch.full((n, V), -6.0).scatter(1, targets[:, None], 6.0)  # predicts every target
+    unsure = torch.randn(n, V)
+    signals = [topk_signal(unsure, k, tail="bucket", temperature=1.0),
+               topk_signal(sure, k, tail="bucket", temperature=1.0)]  # fmt: skip
+    ev = evidence(2, n, [1, 1], example=example, targets=targets)
+    assert route_choice(signals, ev, 2, V).tolist() == [1, 1]
+    # Teacher 1 gives a wrong final answer on example 1: it is routed to teacher 0 there.
+    ev.keep = torch.tensor([[True, True], [True, False]])
+    assert route_choice(signals, ev, 2, V).tolist() == [1, 0]
+    # A teacher absent on some rows (a server that could not score them) is judged on the
+    # rows it scored, and padding it with -inf ids breaks nothing.
+    holes = signals[1].logprobs.clone().index_fill_(1, torch.tensor([2]), -math.inf)
+    padded = SparseSignal(signals[1].token_ids, holes, tail="bucket", temperature=1.0)
+    ev.keep = None
+    ev.present = torch.tensor([[True] * n, [True, False, True, True, True, False]])
+    assert route_choice([signals[0], padded], ev, 2, V).tolist() == [1, 1]
+    assert torch.allclose(spread(padded, V).exp().sum(-1), torch.ones(n), atol=1e-5)
+
+
+def test_the_ensemble_keeps_its_audit_by_dataset_index_not_batch_row() -> None:
+    torch.manual_seed(6)
+    items = [TokenizedExample(f"q{i}", [1, 2, 3, 4], [IGNORE_INDEX, 2, 3, 4], False)
+             for i in range(5)]  # fmt: skip
+    good = torch.randn(5, 4, V) * 3
+    bad = good.clone()
+    bad[3] = -good[3]  # contradicts on dataset example 3 only
+
+    class ByIndex(Fixed):
+        def score(
+            self, batch: dict[str, torch.Tensor], indices: list[int], loss: LossConfig
+        ) -> TeacherSignal:
+            mask = batch["labels"][:, 1:] != IGNORE_INDEX
+            rows = self.logits[indices][:, : mask.shape[1]][mask]
+            return TeacherSignal(sparse=topk_signal(rows, 3, tail="bucket", temperature=1.0))
+
+    ensemble = EnsembleTeacher([ByIndex(good, "a"), ByIndex(bad, "b")], ["a", "b"], [1, 1],
+                               strategy="mean", k=3, vocab=V)  # fmt: skip
+    ensemble.bind(items)
+    ensemble.score(collate([items[3], items[1]], 0), [3, 1], LossConfig())
+    report = conflict_report(ensemble)
+    assert report["examples"] == 2 and report["most_conflicting"][0]["id"] == "q3"
+    assert report["most_conflicting"][1]["conflict"] < 1e-6

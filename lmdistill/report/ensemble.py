@@ -51,6 +51,10 @@ def conflict_lines(conflicts: dict[str, Any], plot: str | None = None) -> list[s
         f"tokens differ on {conflicts['top1_disagreement']:.1%} of tokens, on some token of "
         f"{conflicts['examples_with_top1_disagreement']:.1%} of examples" + ending,
     ]
+    since = conflicts.get("scored_since_step")
+    if since:
+        lines += ["", f"(The run resumed at step {since}: these figures cover the examples "
+                  "scored after it.)"]  # fmt: skip
     if plot:
         lines += ["", f"![conflict]({plot})"]
     shown = conflicts["most_conflicting"]

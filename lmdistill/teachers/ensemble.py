@@ -98,7 +98,11 @@ def mean_strategy(logp: Tensor, evidence: Evidence) -> tuple[Tensor, Tensor]:
 def product_strategy(logp: Tensor, evidence: Evidence) -> tuple[Tensor, Tensor]:
     trust = _normalised(_base(evidence), _base(evidence))
     weighted = torch.where(trust[..., None] > 0, trust[..., None] * logp, torch.zeros_like(logp))
-    return torch.log_softmax(weighted.sum(0), dim=-1), trust
+    combined = torch.log_softmax(weighted.sum(0), dim=-1)
+    # A row where the teachers leave no id in common (each gives 0 to the others' ids: an
+    # empty tail) has no geometric mean: it takes the mixture instead.
+    empty = ~torch.isfinite(combined).any(-1, keepdim=True)
+    return torch.where(empty, mixture(logp, trust), combined), trust
 
 
 @STRATEGIES.register("confidence")
@@ -133,12 +137,12 @@ def spread(signal: SparseSignal, vocab: int) -> Tensor:
     ids, lp = signal.token_ids, signal.logprobs.float()
     if signal.tail == "renormalize":
         lp = torch.log_softmax(lp, dim=-1)
-    rest = vocab - ids.shape[1]
-    if rest > 0:
-        fill = _log1mexp(torch.logsumexp(lp, dim=-1)) - math.log(rest)  # (N,)
-    else:
-        fill = torch.full(lp.shape[:1], -math.inf, dtype=lp.dtype, device=lp.device)
-    return fill[:, None].expand(lp.shape[0], vocab).clone().scatter_(1, ids, lp)
+    # Ids given -inf (a server's padding) are outside the top-k too: they share the tail.
+    rest = vocab - torch.isfinite(lp).sum(-1)  # (N,)
+    tail = _log1mexp(torch.logsumexp(lp, dim=-1))
+    fill = torch.where(rest > 0, tail - rest.clamp_min(1).float().log(), -math.inf)
+    out = fill[:, None].expand(lp.shape[0], vocab).clone()
+    return out.scatter_(1, ids, torch.where(torch.isfinite(lp), lp, fill[:, None]))
 
 
 def conflict(logp: Tensor, evidence: Evidence) -> tuple[Tensor, Tensor]:
@@ -198,23 +202,23 @@ def combine(
     )
 
 
-def route_choice(signals: list[SparseSignal], evidence: Evidence, batch_size: int) -> Tensor:
-    """Per example, the teacher with the lowest mean NLL of the response tokens among those
-    whose final answer agrees (all, when answers are unknown or none agrees): (B,) long."""
+def route_choice(
+    signals: list[SparseSignal], evidence: Evidence, batch_size: int, vocab: int
+) -> Tensor:
+    """Per example, the teacher with the lowest mean NLL of the response tokens (its spread
+    distribution's, rows it scored) among those whose final answer agrees (all, when answers
+    are unknown or none agrees): (B,) long."""
     k = len(signals)
     nll = torch.zeros(k, batch_size)
     count = torch.zeros(k, batch_size)
     for j, signal in enumerate(signals):
-        hit = signal.token_ids == evidence.targets[:, None]  # (N, k)
-        own = torch.where(hit, signal.logprobs.float(), torch.zeros(())).sum(-1)
-        tail = _log1mexp(torch.logsumexp(signal.logprobs.float(), dim=-1))
-        rest = max(1, signal.token_ids.shape[1])
-        # A response token outside the teacher's top-k: its share of the spread tail.
-        own = torch.where(hit.any(-1), own, tail - math.log(rest))
-        present = evidence.present[j].float()
-        nll[j].index_add_(0, evidence.example, -own * present)
-        count[j].index_add_(0, evidence.example, present)
+        present = evidence.present[j]
+        own = spread(signal, vocab).gather(1, evidence.targets[:, None]).squeeze(1)  # (N,)
+        own = torch.where(present, own, torch.zeros(()))
+        nll[j].index_add_(0, evidence.example, -own)
+        count[j].index_add_(0, evidence.example, present.float())
     mean_nll = torch.where(count > 0, nll / count.clamp_min(1), math.inf)
+    mean_nll = torch.nan_to_num(mean_nll, nan=math.inf)
     if evidence.keep is not None:  # among the agreeing teachers, where any agrees
         allowed = evidence.keep | ~evidence.keep.any(0, keepdim=True)
         mean_nll = torch.where(allowed, mean_nll, math.inf)
@@ -253,7 +257,7 @@ class Answers:
         if not votes:
             return None
         best = max(votes.values())
-        winners = [a for a, v in votes.items() if v == best]
+        winners = [a for a, v in votes.items() if math.isclose(v, best, rel_tol=1e-9)]
         return winners[0] if len(winners) == 1 else None  # a tie: no majority
 
     def differ(self, example: str) -> bool:
@@ -359,15 +363,17 @@ class EnsembleTeacher(Teacher):
         example = torch.arange(labels.shape[0])[:, None].expand_as(mask)[mask]
         targets = labels[:, 1:][mask]
         n = int(mask.sum())
+        for member, signal in zip(self.members, signals, strict=True):
+            if signal.num_rows != n:
+                raise ValueError(
+                    f"teacher {member.identity} scored {signal.num_rows} rows, the batch has {n}"
+                )
         present = torch.stack(
             [
                 s.present.cpu() if s.present is not None else torch.ones(n, dtype=torch.bool)
                 for s in signals
             ]
         )
-        for signal in signals:
-            if signal.num_rows != n:
-                raise ValueError(f"a teacher scored {signal.num_rows} rows, the batch has {n}")
         keep = None
         if self.answers is not None and self.example_ids is not None:
             keep = self.answers.keep([self.example_ids[i] for i in indices])
@@ -381,7 +387,7 @@ class EnsembleTeacher(Teacher):
             self.confidence_temperature,
         )
         if self.strategy == "route":
-            evidence.route = route_choice(signals, evidence, labels.shape[0])
+            evidence.route = route_choice(signals, evidence, labels.shape[0], self.vocab)
         return evidence
 
     def _record(

@@ -65,12 +65,9 @@ def member_config(config: RunConfig, index: int) -> RunConfig:
 
 
 def cache_directories(config: RunConfig) -> list[Path]:
-    """The cache directories of an ensemble's teachers that keep one (what a run holds)."""
-    out = []
-    for index, teacher in enumerate(config.teachers):
-        if TEACHERS[teacher.kind].caches_signal:
-            out.append(cache_dir(member_config(config, index)))
-    return out
+    """Each teacher's cache directory (what a run, or `lmdistill cache`, holds): a cached
+    teacher's is read or written, a local one's is written by `lmdistill cache`."""
+    return [cache_dir(member_config(config, i)) for i in range(len(config.teachers))]
 
 
 def needs_answers(config: RunConfig) -> bool:
@@ -241,6 +238,12 @@ def generate_by_agreement(
     from lmdistill.data import write_examples
     from lmdistill.teachers.setup import generating_teacher, write_responses
 
+    for index, teacher in enumerate(config.teachers):
+        if not TEACHERS[teacher.kind].writes_text:
+            raise ValueError(
+                f"teachers[{index}].kind: {teacher.kind!r} returns the responses it stored; "
+                "keeping answers by agreement needs teachers that write (local, served)"
+            )
     written: list[dict[str, Example]] = []
     report: dict[str, Any] = {"teachers": {}}
     for index, teacher in enumerate(config.teachers):
