@@ -8,11 +8,13 @@ the lab teacher (configs/lab/teacher.yaml), a second one (another seed, 2 layers
 400 steps instead of 700),
 and a **contradicting teacher**: the lab teacher fine-tuned on solutions whose last step is
 confidently wrong (its result, and so the final answer, one more) for every question about a
-seeded set of (name, item) pairs, a share r of all pairs; r in {0.1, 0.3, 0.5}, the sets
-nested. The injected training questions are those about a corrupted pair.
+seeded set of items, a share r of the 8 items; r in {0.125, 0.25, 0.5} (1, 2, 4 items: the
+issue's 0.1, 0.3, 0.5 as near as a rule on items goes), the sets nested. The injected
+training questions are those about a corrupted item.
 
-1. The teachers: the second one trained, each contradicting teacher fine-tuned (100 steps on
-   3,000 corrupted-rule solutions).
+1. The teachers: the second one trained, each contradicting teacher fine-tuned (200 steps at
+   lr 2e-3 on 3,000 corrupted-rule solutions); students are trained only if it is wrong on
+   at least 80% of its injected questions.
 2. Detection, per r (`lmdistill conflicts`): the per-example conflict score (mean token JSD
    among the three) against the injected questions: ROC AUC, and precision and recall at the
    threshold chosen on one half of the questions (the lowest with precision >= 0.9 there),
@@ -51,7 +53,9 @@ TRAIN = f"lab:train:1000:11:{KNOBS}"  # the experiment's training questions (con
 CORRUPT_SOURCE = f"lab:train:3000:7:{KNOBS}"  # what the contradicting teachers learn from
 TEST = f"lab:test:100:0:{KNOBS}"
 LAB_TEACHER = "outputs/lab/teacher/student"
-RATES = (0.3, 0.1, 0.5)  # r = 0.3 (the targets') first
+# Shares a rule on one of 8 items allows: 1, 2, 4 items (the issue's 0.1, 0.3, 0.5 as near as
+# they go); r = 0.25 (the targets' 0.3) first.
+RATES = (0.25, 0.125, 0.5)
 STRATEGIES = ("mean", "product", "confidence", "vote", "route")
 NAMES = ("Ana", "Ben", "Cal", "Dia", "Eve", "Finn", "Gus", "Hana")
 ITEMS = ("apples", "books", "coins", "eggs", "pens", "shells", "stamps", "cards")
@@ -74,11 +78,15 @@ def finished_run(config: str, out: Path, *overrides: str) -> dict[str, Any]:
 
 
 def corrupted_pairs(rate: float) -> set[tuple[str, str]]:
-    """The (name, item) pairs the contradicting teacher gets wrong: the first round(r * 64) of
-    one seeded order, so the sets for growing r are nested."""
-    pairs = [(n, i) for n in NAMES for i in ITEMS]
-    random.Random(2026).shuffle(pairs)
-    return set(pairs[: round(rate * len(pairs))])
+    """The (name, item) pairs the contradicting teacher gets wrong: every pair of the first
+    round(r * 8) items of one seeded order (so the sets for growing r are nested). A rule on
+    the item alone: a first try keyed on (name, item) pairs, 100 steps at lr 1e-3, left the
+    fine-tuned teacher wrong on 5.7% of its injected questions (8.3% elsewhere): it had not
+    learnt the conjunction, and there was nothing to detect."""
+    items = list(ITEMS)
+    random.Random(2026).shuffle(items)
+    wrong = items[: round(rate * len(items))]
+    return {(n, i) for n in NAMES for i in wrong}
 
 
 def pair_of(question: str) -> tuple[str, str]:
@@ -186,6 +194,9 @@ def main() -> None:
     parser.add_argument(
         "--tables", action="store_true", help="print the docs' tables from --result and stop"
     )
+    parser.add_argument(
+        "--audit-only", action="store_true", help="build the teachers and audit them, no students"
+    )
     args = parser.parse_args()
     args.out = args.out if args.out.is_absolute() else ROOT / args.out
     if args.tables:
@@ -242,6 +253,15 @@ def main() -> None:
         contras[rate] = contradicting_teacher(out, rate, teachers, teacher_overrides)
         entry = audit(out, rate, second, contras[rate], questions, shared)
         results["rates"][str(rate)] = entry
+        behaves = entry["contradicting_teacher"]
+        print(f"r={rate}: {json.dumps(behaves)}; detection {json.dumps(entry['detection'])}")
+        if args.audit_only:
+            continue
+        if behaves["wrong_on_injected"] < 0.8:  # nothing was injected: students would say nothing
+            sys.exit(
+                f"r={rate}: the contradicting teacher is wrong on only "
+                f"{behaves['wrong_on_injected']:.1%} of its injected questions; fine-tune it more"
+            )
         ensemble = teachers_override(second / "student", contras[rate], rate)
         answers = f"ensemble.answers_dir={out / 'answers'}"
         for strategy in args.strategies:
@@ -290,6 +310,8 @@ def main() -> None:
                 )
             results["clean_single_teacher"] = {"exact_match": summary(clean)}
             record(False)
+    if args.audit_only:
+        return
     results["costs"] = costs(out, second, contras, shared)
     record(True)
     print(tables(results))
@@ -307,8 +329,8 @@ def contradicting_teacher(
         "student.init=path",
         f"student.path={LAB_TEACHER}",
         f"data.train={directory / 'data.jsonl'}",
-        "train.max_steps=100",
-        "train.lr=1.0e-3",
+        "train.max_steps=200",
+        "train.lr=2.0e-3",
         "train.warmup_steps=10",
         "train.checkpoint_every=50",
         *overrides,
