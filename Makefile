@@ -15,7 +15,7 @@ LLAMA_VERSION ?= 0.3.36
 LLAMA_PIN ?= llama-cpp-python[server]==$(LLAMA_VERSION)
 LLAMA_WHEELS ?= $(HOME)/.cache/lmdistill/wheels/llama-cpp-python-$(LLAMA_VERSION)-portable
 
-.PHONY: demo demo-results test lint typecheck clean lab lab-e1 lab-e2 lab-dd e1-demo demo-dd lab-on-policy demo-on-policy lab-multi
+.PHONY: demo demo-results test lint typecheck clean lab lab-e1 lab-e2 lab-dd e1-demo demo-dd lab-on-policy demo-on-policy lab-multi demo-multi
 
 $(VENV)/.base: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +82,11 @@ demo-on-policy: $(VENV)/.base
 # three contradicting teachers are trained, then conflict audits and students per strategy.
 lab-multi: $(LAB_TEACHER)
 	$(PY) benchmarks/multi_teacher_lab.py --out $(LAB)/multi --seeds 3
+
+# Two teachers of different quality with a real LLM (SmolLM2 and its 15-layer copy):
+# a student per strategy against the single better teacher (configs/experiments/).
+demo-multi: $(VENV)/.base
+	$(PY) benchmarks/multi_teacher_demo.py --out outputs/multi-teacher-demo --seeds 3
 
 # Dataset distillation on the lab (docs/dataset-distillation.md): the data-efficiency
 # protocol over the teacher's rationales (58 arms, ~4 h on 2 cores; finished arms are kept).

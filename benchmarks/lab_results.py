@@ -33,6 +33,7 @@ COMMANDS = {
     "on-policy": "make lab-on-policy",
     "on-policy-demo": "make demo-on-policy",
     "multi-teacher": "make lab-multi",
+    "multi-teacher-demo": "make demo-multi",
 }
 OUTPUTS = {
     "demo": "demo.json",

@@ -12,9 +12,10 @@ seeded set of items, a share r of the 8 items; r in {0.125, 0.25, 0.5} (1, 2, 4 
 issue's 0.1, 0.3, 0.5 as near as a rule on items goes), the sets nested. The injected
 training questions are those about a corrupted item.
 
-1. The teachers: the second one trained, each contradicting teacher fine-tuned (200 steps at
-   lr 2e-3 on 3,000 corrupted-rule solutions); students are trained only if it is wrong on
-   at least 80% of its injected questions.
+1. The teachers: the second one trained, each contradicting teacher fine-tuned (two rounds
+   of 200 steps at lr 2e-3 on 3,000 corrupted-rule solutions, the second from the first's
+   weights); students are trained only if it is wrong on at least 80% of its injected
+   questions.
 2. Detection, per r (`lmdistill conflicts`): the per-example conflict score (mean token JSD
    among the three) against the injected questions: ROC AUC, and precision and recall at the
    threshold chosen on one half of the questions (the lowest with precision >= 0.9 there),
@@ -56,6 +57,7 @@ LAB_TEACHER = "outputs/lab/teacher/student"
 # Shares a rule on one of 8 items allows: 1, 2, 4 items (the issue's 0.1, 0.3, 0.5 as near as
 # they go); r = 0.25 (the targets' 0.3) first.
 RATES = (0.25, 0.125, 0.5)
+ROUNDS = 2  # fine-tuning rounds of the contradicting teacher
 STRATEGIES = ("mean", "product", "confidence", "vote", "route")
 NAMES = ("Ana", "Ben", "Cal", "Dia", "Eve", "Finn", "Gus", "Hana")
 ITEMS = ("apples", "books", "coins", "eggs", "pens", "shells", "stamps", "cards")
@@ -320,23 +322,34 @@ def main() -> None:
 def contradicting_teacher(
     out: Path, rate: float, teachers: dict[str, Any], overrides: tuple[str, ...]
 ) -> Path:
-    """The lab teacher fine-tuned on the corrupted-rule solutions for this r."""
+    """The lab teacher fine-tuned on the corrupted-rule solutions for this r, in rounds of 200
+    steps at lr 2e-3, each from the last one's weights (one round left it wrong on 57% of its
+    injected questions at r = 0.25, short of the gate)."""
     directory = out / f"contra-{rate}"
     data = contradicting_data(rate, directory / "data.jsonl")
-    metrics = finished_run(
-        "configs/lab/teacher.yaml",
-        directory / "teacher",
-        "student.init=path",
-        f"student.path={LAB_TEACHER}",
-        f"data.train={directory / 'data.jsonl'}",
-        "train.max_steps=200",
-        "train.lr=2.0e-3",
-        "train.warmup_steps=10",
-        "train.checkpoint_every=50",
-        *overrides,
-    )
-    teachers[f"contra-{rate}"] = {"data": data, **metrics["kd"]["after"]["tasks"][TEST]}
-    return directory / "teacher" / "student"
+    start = LAB_TEACHER
+    for round_ in range(ROUNDS):
+        where = directory / ("teacher" if round_ == 0 else f"teacher-{round_ + 1}")
+        metrics = finished_run(
+            "configs/lab/teacher.yaml",
+            where,
+            "student.init=path",
+            f"student.path={start}",
+            f"data.train={directory / 'data.jsonl'}",
+            "train.max_steps=200",
+            "train.lr=2.0e-3",
+            "train.warmup_steps=10",
+            "train.checkpoint_every=50",
+            f"train.seed={round_}",
+            *overrides,
+        )
+        start = str(where / "student")
+    teachers[f"contra-{rate}"] = {
+        "data": data,
+        "rounds": ROUNDS,
+        **metrics["kd"]["after"]["tasks"][TEST],
+    }
+    return Path(start)
 
 
 def audit(
