@@ -21,8 +21,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from losses import code_info, machine_info
-
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = {
     "e1": "make lab-e1",
@@ -47,6 +45,10 @@ OUTPUTS = {
 def provenance(experiment: str) -> dict[str, Any]:
     """What every result file records: the experiment, its command, when it was collected,
     the commit and the machine."""
+    # Here, not at the top: losses imports torch, and a script that imports lmdistill after it
+    # would run torch with OpenMP's busy wait (generation many times slower; lmdistill/__init__).
+    from losses import code_info, machine_info
+
     return {
         "experiment": experiment,
         "command": COMMANDS[experiment],

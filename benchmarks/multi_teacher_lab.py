@@ -21,7 +21,7 @@ training questions are those about a corrupted item.
    threshold chosen on one half of the questions (the lowest with precision >= 0.9 there),
    measured on the other half. The maximum token JSD and "final answers differ" likewise.
 3. Resolution: students as in E2 (3 layers, 128 wide, 5x smaller than the lab teacher), KD
-   only (alpha 0, forward KL at T = 1) from the teachers' caches, 150 steps, `--seeds` seeds:
+   only (alpha 0, forward KL at T = 1) from the teachers' caches, 350 steps, `--seeds` seeds:
    each strategy at each r, and the clean single lab teacher; exact match on 100 held-out
    problems. `mean` is the survey's simple averaging.
 4. Cost: seconds per optimizer step with one cached teacher, three cached, three live.
@@ -61,6 +61,14 @@ ROUNDS = 2  # fine-tuning rounds of the contradicting teacher
 STRATEGIES = ("mean", "product", "confidence", "vote", "route")
 NAMES = ("Ana", "Ben", "Cal", "Dia", "Eve", "Finn", "Gus", "Hana")
 ITEMS = ("apples", "books", "coins", "eggs", "pens", "shells", "stamps", "cards")
+# Per student: exact match on the 100 held-out questions, on those about a contradicted item
+# and on the others, and how often it answers a contradicted one with the contradiction.
+MEASURES = (
+    "exact_match",
+    "exact_match_contradicted",
+    "exact_match_elsewhere",
+    "copied_contradiction",
+)
 LAST_STEP = re.compile(r"^(.*=<<[^=]*=)(-?\d+)(>>)(-?\d+)(.*)$")
 
 
@@ -186,6 +194,54 @@ def exact_match(metrics: dict[str, Any]) -> float:
     return float(metrics["kd"]["after"]["tasks"][TEST]["exact_match"])
 
 
+def test_answers(student: Path) -> list[dict[str, str | None]]:
+    """The student's final answer to each held-out question, with the reference's and the
+    question's item (greedy, as the run's own evaluation; kept in test_answers.json)."""
+    kept = student.parent / "test_answers.json"
+    if not kept.is_file():
+        from lmdistill.config import ModelConfig
+        from lmdistill.data import load_examples
+        from lmdistill.data.gsm8k import final_answer
+        from lmdistill.eval.task import greedy_answers
+        from lmdistill.models.loading import load_model
+
+        examples = load_examples(TEST)
+        model, tokenizer = load_model(ModelConfig(path=str(student)))
+        answers = greedy_answers(model, tokenizer, examples, max_new_tokens=120, batch_size=32)
+        rows = [
+            {
+                "item": pair_of(e.messages[-1]["content"])[1],
+                "answer": final_answer(a),
+                "reference": final_answer(e.response or ""),
+            }
+            for e, a in zip(examples, answers, strict=True)
+        ]
+        kept.write_text(json.dumps(rows, indent=1) + "\n")
+    return list(json.loads(kept.read_text()))
+
+
+def plus_one(answer: str | None) -> str | None:
+    return None if answer is None else str(int(answer) + 1)
+
+
+def by_item(rows: list[dict[str, str | None]], rate: float) -> dict[str, float]:
+    """Exact match on the held-out questions about a contradicted item and on the others, and
+    how often an answer about a contradicted item is the contradiction (the reference + 1)."""
+    wrong = {item for _, item in corrupted_pairs(rate)}
+    hit = [r for r in rows if r["item"] in wrong]
+    rest = [r for r in rows if r["item"] not in wrong]
+
+    def share(selected: list[dict[str, str | None]], good: Any) -> float:
+        return sum(bool(good(r)) for r in selected) / max(1, len(selected))
+
+    return {
+        "questions_contradicted": len(hit),
+        "exact_match_contradicted": share(hit, lambda r: r["answer"] == r["reference"]),
+        "exact_match_elsewhere": share(rest, lambda r: r["answer"] == r["reference"]),
+        "copied_contradiction": share(hit, lambda r: r["answer"] == plus_one(r["reference"])),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/lab/multi"))
@@ -238,13 +294,20 @@ def main() -> None:
     def record(done: bool) -> None:
         """The result file so far (rewritten after each cell: a stopped run leaves what it
         measured, marked incomplete, with what is missing)."""
-        finished = {
-            (float(r), s) for r in results["rates"] for s in results["rates"][r]["strategies"]
+        seeds = {
+            (float(r), s): cell["exact_match"]["n"]
+            for r in results["rates"]
+            for s, cell in results["rates"][r]["strategies"].items()
         }
         results["complete"] = done
-        results["missing"] = [f"r={r} {s}" for r, s in planned if (r, s) not in finished]
-        if "clean_single_teacher" not in results:
-            results["missing"].append("clean single teacher")
+        results["missing"] = [
+            f"r={r} {s}: {seeds.get((r, s), 0)} of {args.seeds} seeds"
+            for r, s in planned
+            if seeds.get((r, s), 0) < args.seeds
+        ]
+        clean = results.get("clean_single_teacher", {}).get("exact_match", {}).get("n", 0)
+        if clean < args.seeds:
+            results["missing"].append(f"clean single teacher: {clean} of {args.seeds} seeds")
         results.update(provenance("multi-teacher"))
         args.result.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
         if results["rates"] and "clean_single_teacher" in results:
@@ -266,52 +329,39 @@ def main() -> None:
             )
         ensemble = teachers_override(second / "student", contras[rate], rate)
         answers = f"ensemble.answers_dir={out / 'answers'}"
-        for strategy in args.strategies:
-            scores = []
-            for seed in range(args.seeds):
-                metrics = finished_run(
-                    CONFIG,
-                    out / f"r{rate}" / f"{strategy}-s{seed}",
-                    ensemble,
-                    answers,
-                    f"ensemble.strategy={strategy}",
-                    f"train.seed={seed}",
-                    *shared,
-                )
-                scores.append(exact_match(metrics))
-                results["runs"].append(
-                    {
-                        "rate": rate,
-                        "strategy": strategy,
-                        "seed": seed,
-                        "exact_match": scores[-1],
-                        "trust": metrics["ensemble"]["conflicts"]["trust"],
-                        "train_seconds": metrics["kd"]["train_seconds"],
-                    }
-                )
-            entry["strategies"][strategy] = {"exact_match": summary(scores)}
-            record(False)
-        if position == 0:  # the clean reference, once the first r is in
-            clean = []
-            for seed in range(args.seeds):
-                metrics = finished_run(
-                    CONFIG,
-                    out / "clean" / f"s{seed}",
-                    *single,
-                    f"train.seed={seed}",
-                )
-                clean.append(exact_match(metrics))
-                results["runs"].append(
-                    {
-                        "rate": 0.0,
-                        "strategy": "clean single teacher",
-                        "seed": seed,
-                        "exact_match": clean[-1],
-                        "train_seconds": metrics["kd"]["train_seconds"],
-                    }
-                )
-            results["clean_single_teacher"] = {"exact_match": summary(clean)}
-            record(False)
+        # Seed by seed, every arm (the clean reference with the first r): a stopped run has
+        # every arm at the seeds it reached.
+        arms = (["clean single teacher"] if position == 0 else []) + list(args.strategies)
+        for seed in range(args.seeds):
+            for arm in arms:
+                if arm == "clean single teacher":
+                    where, arm_overrides = out / "clean" / f"s{seed}", single
+                else:
+                    where = out / f"r{rate}" / f"{arm}-s{seed}"
+                    arm_overrides = (ensemble, answers, f"ensemble.strategy={arm}", *shared)
+                metrics = finished_run(CONFIG, where, *arm_overrides, f"train.seed={seed}")
+                run_entry: dict[str, Any] = {
+                    "rate": 0.0 if arm == "clean single teacher" else rate,
+                    "strategy": arm,
+                    "seed": seed,
+                    "exact_match": exact_match(metrics),
+                    **by_item(test_answers(where / "student"), rate),
+                    "train_seconds": metrics["kd"]["train_seconds"],
+                }
+                if arm != "clean single teacher":
+                    run_entry["trust"] = metrics["ensemble"]["conflicts"]["trust"]
+                results["runs"].append(run_entry)
+                mine = [
+                    r
+                    for r in results["runs"]
+                    if r["strategy"] == arm and r["rate"] == run_entry["rate"]
+                ]
+                cell = {key: summary([r[key] for r in mine]) for key in MEASURES}
+                if arm == "clean single teacher":
+                    results["clean_single_teacher"] = cell
+                else:
+                    entry["strategies"][arm] = cell
+                record(False)
     if args.audit_only:
         return
     results["costs"] = costs(out, second, contras, shared)
