@@ -21,9 +21,13 @@ training questions are those about a corrupted item.
    threshold chosen on one half of the questions (the lowest with precision >= 0.9 there),
    measured on the other half. The maximum token JSD and "final answers differ" likewise.
 3. Resolution: students as in E2 (3 layers, 128 wide, 5x smaller than the lab teacher), KD
-   only (alpha 0, forward KL at T = 1) from the teachers' caches, 350 steps, `--seeds` seeds:
-   each strategy at each r, and the clean single lab teacher; exact match on 100 held-out
-   problems. `mean` is the survey's simple averaging.
+   only (alpha 0, forward KL at T = 1) from the teachers' caches, 350 steps, `--seeds` seeds,
+   seed by seed over every arm: the clean single lab teacher (once, with the first r) and
+   each strategy at each r. Each student answers 100 held-out problems: exact match overall,
+   on the problems about a contradicted item and on the others, and how often it answers a
+   contradicted one with the contradiction (the reference + 1); and the share of the
+   combined signal the strategy took from the contradicting teacher. `mean` is the survey's
+   simple averaging.
 4. Cost: seconds per optimizer step with one cached teacher, three cached, three live.
 
 Finished runs are kept and not run again. Writes docs/results/multi-teacher.json (every run,
@@ -357,8 +361,11 @@ def main() -> None:
                     if r["strategy"] == arm and r["rate"] == run_entry["rate"]
                 ]
                 cell = {key: summary([r[key] for r in mine]) for key in MEASURES}
-                if arm == "clean single teacher":
-                    results["clean_single_teacher"] = cell
+                if arm != "clean single teacher":  # its share of the combined signal
+                    trusted = [r["trust"][f"contra-{rate}"] for r in mine]
+                    cell["signal_from_contradicting"] = summary(trusted)
+                if arm == "clean single teacher":  # its split: over this r's items
+                    results["clean_single_teacher"] = {**cell, "split_rate": rate}
                 else:
                     entry["strategies"][arm] = cell
                 record(False)
@@ -500,66 +507,83 @@ def tables(results: dict[str, Any]) -> str:
             f"| {d['max_jsd']['precision']:.3f} / {d['max_jsd']['recall']:.3f} "
             f"| {d['answers_differ']['auc']:.3f} |"
         )
-    strategies = list(dict.fromkeys(s for r in rates for s in results["rates"][r]["strategies"]))
-    lines += [
-        "",
-        "| strategy | " + " | ".join(f"r = {r}" for r in rates) + " |",
-        "|---|" + "---|" * len(rates),
-    ]
-    clean = results.get("clean_single_teacher", {}).get("exact_match")
-    if clean:
-        cells = f"{clean['mean']:.3f} ± {clean['std']:.3f}"
-        lines.append("| clean single teacher | " + " | ".join([cells] * len(rates)) + " |")
-    for strategy in strategies:
-        cells = []
-        for r in rates:
-            found = results["rates"][r]["strategies"].get(strategy)
-            em = found["exact_match"] if found else None
-            cells.append(f"{em['mean']:.3f} ± {em['std']:.3f}" if em else "not run")
-        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    clean = results.get("clean_single_teacher")
+    for r in rates:
+        lines += [
+            "",
+            f"r = {r}:",
+            "",
+            "| student taught by | exact match ↑ | on contradicted items ↑ | elsewhere ↑ "
+            "| repeats the contradiction ↓ | signal from the contradicting teacher |",
+            "|---|---|---|---|---|---|",
+        ]
+        rows = [("clean single teacher", clean)] if clean else []
+        for name, cell in [*rows, *results["rates"][r]["strategies"].items()]:
+            # The clean runs' split is over the items of the r they ran with.
+            split = name != "clean single teacher" or float(cell["split_rate"]) == float(r)
+            trust = cell.get("signal_from_contradicting")
+            cells = [cell_text(cell["exact_match"])]
+            cells += [cell_text(cell[key]) if split else "" for key in MEASURES[1:]]
+            cells.append(f"{trust['mean']:.3f}" if trust else "0")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def cell_text(found: dict[str, Any]) -> str:
+    return f"{found['mean']:.3f} ± {found['std']:.3f}"
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
+    """Per r, each student's exact match (all, on contradicted items) and how often it repeats
+    the contradiction; then the detection AUCs per r."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    rates = sorted(float(r) for r in results["rates"])
-    strategies = dict.fromkeys(s for r in results["rates"].values() for s in r["strategies"])
-    for strategy in strategies:
-        have = [r for r in rates if strategy in results["rates"][str(r)]["strategies"]]
-        cells = [results["rates"][str(r)]["strategies"][strategy]["exact_match"] for r in have]
-        left.errorbar(
-            have,
-            [c["mean"] for c in cells],
-            yerr=[c["std"] for c in cells],
-            marker="o",
-            capsize=3,
-            label=strategy,
-        )
-    clean = results["clean_single_teacher"]["exact_match"]
-    left.axhline(clean["mean"], color="black", linestyle=":", label="clean single teacher")
-    left.set_xlabel("share r of questions the contradicting teacher gets wrong")
-    left.set_ylabel("student exact match (100 held-out)")
-    left.set_title("Resolution")
-    left.grid(alpha=0.3)
-    left.legend(fontsize=8)
-    for name, marker in (("conflict", "o"), ("max_jsd", "s"), ("answers_differ", "^")):
-        right.plot(
-            rates,
-            [results["rates"][str(r)]["detection"][name]["auc"] for r in rates],
-            marker=marker,
+    rates = sorted(results["rates"], key=float)
+    fig, axes = plt.subplots(
+        1, len(rates) + 1, figsize=(5.5 * len(rates) + 3.5, 3.8), squeeze=False
+    )
+    bars = (
+        ("exact_match", "exact match"),
+        ("exact_match_contradicted", "exact match, contradicted items"),
+        ("copied_contradiction", "repeats the contradiction"),
+    )
+    clean = results.get("clean_single_teacher")
+    for ax, r in zip(axes[0], rates, strict=False):
+        cells = dict(results["rates"][r]["strategies"])
+        if clean and float(clean["split_rate"]) == float(r):
+            cells = {"clean single": clean, **cells}
+        names = list(cells)
+        for j, (key, label) in enumerate(bars):
+            ax.bar(
+                [x + (j - 1) * 0.27 for x in range(len(names))],
+                [cells[n][key]["mean"] for n in names],
+                width=0.27,
+                yerr=[cells[n][key]["std"] for n in names],
+                capsize=2,
+                label=label,
+            )
+        ax.set_xticks(range(len(names)), [n.replace(" ", "\n") for n in names], fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"Students, r = {r} (mean ± std over seeds, 100 held out)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    right = axes[0][-1]
+    scores = ("conflict", "max_jsd", "answers_differ")
+    for j, name in enumerate(scores):
+        right.bar(
+            [x + (j - 1) * 0.27 for x in range(len(rates))],
+            [results["rates"][r]["detection"][name]["auc"] for r in rates],
+            width=0.27,
             label=name,
         )
-    right.set_xlabel("r")
-    right.set_ylabel("ROC AUC of the injected questions")
-    right.set_title("Detection")
-    right.set_ylim(0.4, 1.02)
-    right.grid(alpha=0.3)
-    right.legend(fontsize=8)
+    right.set_xticks(range(len(rates)), [f"r = {r}" for r in rates])
+    right.set_ylim(0.5, 1.0)
+    right.set_title("Detection: ROC AUC of the injected questions", fontsize=9)
+    right.grid(axis="y", alpha=0.3)
+    right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
