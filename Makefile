@@ -79,9 +79,10 @@ demo-on-policy: $(VENV)/.base
 	$(PY) benchmarks/on_policy_demo.py --out outputs/on-policy-demo --seeds 3 --budget-s 200
 
 # Many teachers on the lab (docs/reasoning.md, configs/lab/multi-teacher.yaml): a second and
-# three contradicting teachers are trained, then conflict audits and students per strategy.
+# a contradicting teacher (r = 0.25) are trained, then the conflict audit and students per
+# strategy, 3 seeds (~2 h on 2 cores; finished runs are kept; --rates 0.25 0.125 0.5 adds r).
 lab-multi: $(LAB_TEACHER)
-	$(PY) benchmarks/multi_teacher_lab.py --out $(LAB)/multi --seeds 3
+	$(PY) benchmarks/multi_teacher_lab.py --out $(LAB)/multi --seeds 3 --rates 0.25
 
 # Two teachers of different quality with a real LLM (SmolLM2 and its 15-layer copy):
 # a student per strategy against the single better teacher (configs/experiments/).

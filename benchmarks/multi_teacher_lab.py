@@ -8,9 +8,10 @@ the lab teacher (configs/lab/teacher.yaml), a second one (another seed, 2 layers
 400 steps instead of 700),
 and a **contradicting teacher**: the lab teacher fine-tuned on solutions whose last step is
 confidently wrong (its result, and so the final answer, one more) for every question about a
-seeded set of items, a share r of the 8 items; r in {0.125, 0.25, 0.5} (1, 2, 4 items: the
-issue's 0.1, 0.3, 0.5 as near as a rule on items goes), the sets nested. The injected
-training questions are those about a corrupted item.
+seeded set of items, a share r of the 8 items. `make lab-multi` runs r = 0.25 (2 items, 28.5%
+of the training questions: the issue's 0.3 as near as a rule on items goes; ~2 h on 2 cores);
+`--rates 0.25 0.125 0.5` adds 1 and 4 items (the sets nested; ~1.5 h more each). The
+injected training questions are those about a corrupted item.
 
 1. The teachers: the second one trained, each contradicting teacher fine-tuned (two rounds
    of 200 steps at lr 2e-3 on 3,000 corrupted-rule solutions, the second from the first's
@@ -60,7 +61,7 @@ TEST = f"lab:test:100:0:{KNOBS}"
 LAB_TEACHER = "outputs/lab/teacher/student"
 # Shares a rule on one of 8 items allows: 1, 2, 4 items (the issue's 0.1, 0.3, 0.5 as near as
 # they go); r = 0.25 (the targets' 0.3) first.
-RATES = (0.25, 0.125, 0.5)
+RATES = (0.25,)  # `--rates 0.25 0.125 0.5` adds the others (nested item sets)
 ROUNDS = 2  # fine-tuning rounds of the contradicting teacher
 STRATEGIES = ("mean", "product", "confidence", "vote", "route")
 NAMES = ("Ana", "Ben", "Cal", "Dia", "Eve", "Finn", "Gus", "Hana")
@@ -257,12 +258,28 @@ def main() -> None:
         "--tables", action="store_true", help="print the docs' tables from --result and stop"
     )
     parser.add_argument(
+        "--resummarise",
+        action="store_true",
+        help="recompute --result's per-arm summaries and plot from the runs it holds, and stop",
+    )
+    parser.add_argument(
         "--audit-only", action="store_true", help="build the teachers and audit them, no students"
     )
     args = parser.parse_args()
     args.out = args.out if args.out.is_absolute() else ROOT / args.out
     if args.tables:
         print(tables(json.loads(args.result.read_text())))
+        return
+    if args.resummarise:
+        results = json.loads(args.result.read_text())
+        summarise(results)
+        results["resummarised"] = {
+            **{k: v for k, v in provenance("multi-teacher").items() if k in ("code", "collected")},
+            "command": "python benchmarks/multi_teacher_lab.py --resummarise",
+        }
+        args.result.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        plot(results, args.result.with_suffix(".png"))
+        print(tables(results))
         return
     out: Path = args.out
     from lmdistill.data import load_examples
@@ -355,25 +372,31 @@ def main() -> None:
                 if arm != "clean single teacher":
                     run_entry["trust"] = metrics["ensemble"]["conflicts"]["trust"]
                 results["runs"].append(run_entry)
-                mine = [
-                    r
-                    for r in results["runs"]
-                    if r["strategy"] == arm and r["rate"] == run_entry["rate"]
-                ]
-                cell = {key: summary([r[key] for r in mine]) for key in MEASURES}
-                if arm != "clean single teacher":  # its share of the combined signal
-                    trusted = [r["trust"][f"contra-{rate}"] for r in mine]
-                    cell["signal_from_contradicting"] = summary(trusted)
-                if arm == "clean single teacher":  # its split: over this r's items
-                    results["clean_single_teacher"] = {**cell, "split_rate": rate}
-                else:
-                    entry["strategies"][arm] = cell
+                summarise(results)
                 record(False)
     if args.audit_only:
         return
     results["costs"] = costs(out, second, contras, shared)
     record(True)
     print(tables(results))
+
+
+def summarise(results: dict[str, Any]) -> None:
+    """Each arm's cell (mean, std, n of every measure over its seeds, and the contradicting
+    teacher's share of the signal) from the runs the result holds."""
+    for run_entry in results["runs"]:
+        arm, rate = run_entry["strategy"], run_entry["rate"]
+        mine = [r for r in results["runs"] if r["strategy"] == arm and r["rate"] == rate]
+        cell = {key: summary([r[key] for r in mine]) for key in MEASURES}
+        if arm == "clean single teacher":  # its split: over the first r's items
+            split = results.get("clean_single_teacher", {}).get("split_rate")
+            first = min(results["rates"], key=float)
+            results["clean_single_teacher"] = {**cell, "split_rate": split or float(first)}
+        else:  # its share of the combined signal
+            cell["signal_from_contradicting"] = summary(
+                [r["trust"][f"contra-{rate}"] for r in mine]
+            )
+            results["rates"][str(rate)]["strategies"][arm] = cell
 
 
 def contradicting_teacher(
@@ -526,6 +549,17 @@ def tables(results: dict[str, Any]) -> str:
             cells += [cell_text(cell[key]) if split else "" for key in MEASURES[1:]]
             cells.append(f"{trust['mean']:.3f}" if trust else "0")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "costs" in results:
+        lines += [
+            "",
+            "| teachers | seconds per step | tokens per s | relative to one cached |",
+            "|---|---|---|---|",
+        ]
+        for arm, cost in results["costs"].items():
+            lines.append(
+                f"| {arm} | {cost['seconds_per_step']:.3f} | {cost['tokens_per_s']:,.0f} "
+                f"| {cost['relative_to_one_cached']:.2f} |"
+            )
     return "\n".join(lines)
 
 

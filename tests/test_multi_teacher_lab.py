@@ -68,3 +68,25 @@ def test_detection_chooses_on_even_questions_and_measures_on_odd() -> None:
     assert conflict["recall"] == 1.0
     assert conflict["precision"] == pytest.approx(10 / 11)  # q-3, clean, is flagged
     assert found["answers_differ"]["auc"] == 1.0
+
+
+def test_summarise_rebuilds_each_cell_from_the_runs() -> None:
+    def run(strategy: str, rate: float, seed: int, em: float) -> dict[str, object]:
+        entry: dict[str, object] = {"strategy": strategy, "rate": rate, "seed": seed}
+        entry.update({key: em for key in lab.MEASURES})
+        if strategy != "clean single teacher":
+            entry["trust"] = {"contra-0.25": em / 2}
+        return entry
+
+    runs = [run("clean single teacher", 0.0, s, 0.5 + s / 10) for s in range(2)]
+    runs += [run("vote", 0.25, s, 0.2 * (s + 1)) for s in range(3)]
+    results = {"rates": {"0.25": {"strategies": {}}}, "runs": runs}
+    lab.summarise(results)
+    vote = results["rates"]["0.25"]["strategies"]["vote"]
+    assert vote["exact_match"]["n"] == 3
+    assert vote["exact_match"]["mean"] == pytest.approx(0.4)
+    assert vote["exact_match"]["std"] == pytest.approx(0.2)
+    assert vote["signal_from_contradicting"]["mean"] == pytest.approx(0.2)
+    clean = results["clean_single_teacher"]
+    assert clean["split_rate"] == 0.25 and clean["exact_match"]["mean"] == pytest.approx(0.55)
+    assert "signal_from_contradicting" not in clean
