@@ -81,12 +81,18 @@ class TaskMetrics:
     samples: list[dict[str, Any]] = field(default_factory=list)
     teacher: TeacherAgreement | None = None
     consistency: SelfConsistency | None = None
+    # Per group of the questions (the data's `group` field): {"examples", "exact_match"}.
+    groups: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k not in ("teacher", "consistency")}
-        for group in (self.teacher, self.consistency):
-            if group is not None:
-                d.update(group.__dict__)
+        d = {
+            k: v for k, v in self.__dict__.items() if k not in ("teacher", "consistency", "groups")
+        }
+        for part in (self.teacher, self.consistency):
+            if part is not None:
+                d.update(part.__dict__)
+        if self.groups:
+            d["groups"] = self.groups
         return d
 
     @classmethod
@@ -110,6 +116,7 @@ class TaskMetrics:
             samples=list(d.get("samples") or []),
             teacher=teacher,
             consistency=consistency,
+            groups=dict(d.get("groups") or {}),
         )
 
 
@@ -172,6 +179,8 @@ class EvalMetrics:
     fidelity: FidelityMetrics | None = None
     tasks: dict[str, TaskMetrics | ChoiceMetrics] = field(default_factory=dict)
     answers: AnswerMetrics | None = None  # its own greedy answers (eval.answers > 0)
+    # Fidelity per group of the held-out rows (the data's `group` field); empty: no groups.
+    groups: dict[str, FidelityMetrics] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         d = self.fidelity.as_dict() if self.fidelity is not None else {}
@@ -179,6 +188,10 @@ class EvalMetrics:
             d["tasks"] = {source: task.as_dict() for source, task in self.tasks.items()}
         if self.answers is not None:
             d["answers"] = self.answers.as_dict()
+        if self.groups:
+            d["groups"] = {name: f.as_dict() for name, f in self.groups.items()}
+        if gaps := self.group_gaps():
+            d["group_gaps"] = gaps
         return d
 
     @classmethod
@@ -188,7 +201,28 @@ class EvalMetrics:
             fidelity=FidelityMetrics.from_dict(d) if "kl" in d else None,
             tasks={s: task_from_dict(t) for s, t in (d.get("tasks") or {}).items()},
             answers=AnswerMetrics.from_dict(d["answers"]) if d.get("answers") else None,
+            groups={g: FidelityMetrics.from_dict(f) for g, f in (d.get("groups") or {}).items()},
         )
+
+    def group_gaps(self) -> dict[str, dict[str, Any]]:
+        """Per measure measured on two groups or more: the worst and the best group, their
+        values and the gap between them (always >= 0). Fidelity's measures from `groups`
+        (KL and ECE lower is better, agreement higher), each GSM8K task's exact match under
+        `exact_match <source>`."""
+        found: dict[str, dict[str, Any]] = {}
+        for measure, lower_is_better in GROUP_MEASURES.items():
+            values = {
+                g: getattr(f, measure)
+                for g, f in self.groups.items()
+                if getattr(f, measure) is not None
+            }
+            if len(values) > 1:
+                found[measure] = worst_and_best(values, lower_is_better=lower_is_better)
+        for source, task in self.tasks.items():
+            if isinstance(task, TaskMetrics) and len(task.groups) > 1:
+                values = {g: part["exact_match"] for g, part in task.groups.items()}
+                found[f"exact_match {source}"] = worst_and_best(values, lower_is_better=False)
+        return found
 
     def exact_match(self, source: str) -> float:
         """The exact match on a GSM8K-format task set; a clear error for any other."""
@@ -196,6 +230,27 @@ class EvalMetrics:
         if not isinstance(task, TaskMetrics):
             raise KeyError(f"no GSM8K-format task {source!r} was evaluated")
         return task.exact_match
+
+
+# The fidelity measures reported per group: True where lower is better.
+GROUP_MEASURES = {"kl": True, "top1_agreement": False, "student_ece": True}
+
+
+def worst_and_best(values: dict[str, float], *, lower_is_better: bool) -> dict[str, Any]:
+    """The worst and the best group of `values` and the gap between them (ties: the worst is
+    the first name in sorted order, the best the last, so two groups are always named)."""
+    names = sorted(values)
+    sign = 1.0 if lower_is_better else -1.0
+    worst = max(names, key=lambda g: sign * values[g])
+    best = min(reversed(names), key=lambda g: sign * values[g])
+    return {
+        "worst_group": worst,
+        "worst": values[worst],
+        "best_group": best,
+        "best": values[best],
+        "gap": abs(values[worst] - values[best]),
+        "groups": len(values),
+    }
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from lmdistill.config import ConfigError, RunConfig, config_hash, to_dict
 from lmdistill.io import atomic_write_json, atomic_write_text
 from lmdistill.metrics import RunMetrics, TaskMetrics
 from lmdistill.pipeline import run
+from lmdistill.report.groups import worst_group_headline
 from lmdistill.report.sweep import RATIONALE_METRICS, REFERENCE, plot_sweep, render_sweep
 from lmdistill.report.text import short_source
 from lmdistill.validate import load_config
@@ -187,6 +188,8 @@ def headline(metrics: RunMetrics) -> dict[str, float]:
                 value = written.get(key)
                 if isinstance(value, (int, float)):
                     out[f"{arm} {label} {name}"] = float(value)
+        # Data with groups: each measure's worst group and the gap (absent otherwise).
+        out.update(worst_group_headline(arm, after, names))
     return out
 
 

@@ -7,6 +7,7 @@ with batch 2B (the loss is normalised by the global token count).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -45,11 +46,20 @@ def train_tiny(
     resume: bool = False,
     loss: LossConfig = JSD,
     on_policy: OnPolicy | None = None,
+    group_objective: str = "none",
+    groups: int = 0,
 ) -> tuple[dict, list]:
+    """`groups` > 0: the examples get that many groups, one in four in the last one and the
+    others shared among the rest (1: every example in one group)."""
     tokenizer = build_tiny_tokenizer()
     teacher = build_tiny_llama(len(tokenizer), layers=4, hidden=64, seed=0).eval()
     student, _ = build_student(StudentConfig(num_layers=2), teacher, tokenizer)
     examples = load_examples("builtin:gsm8k-demo")[:40]
+    if groups:
+        examples = [
+            dataclasses.replace(e, group=f"g{groups - 1 if i % 4 == 3 else i % max(groups - 1, 1)}")
+            for i, e in enumerate(examples)
+        ]
     train_set, report = tokenize_examples(examples, tokenizer, max_length=640)
     assert report.dropped == 0
     train = TrainConfig(
@@ -60,6 +70,8 @@ def train_tiny(
         warmup_steps=1,
         checkpoint_every=2,
         device="cpu",
+        group_objective=group_objective,  # type: ignore[arg-type]
+        dro_step_size=0.5,
     )
     result = train_student(
         student,
@@ -107,11 +119,19 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--on-policy", action="store_true")
+    parser.add_argument("--group-objective", default="none")
+    parser.add_argument("--groups", type=int, default=0)
     args = parser.parse_args()
     state = PartialState(cpu=True)
     policy = ON_POLICY if args.on_policy else None
     weights, history = train_tiny(
-        args.batch_size, 1, args.steps, args.out / "ckpt", on_policy=policy
+        args.batch_size,
+        1,
+        args.steps,
+        args.out / "ckpt",
+        on_policy=policy,
+        group_objective=args.group_objective,
+        groups=args.groups,
     )
     if state.is_main_process:
         torch.save(weights, args.out / "weights.pt")

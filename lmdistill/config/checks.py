@@ -43,6 +43,16 @@ def check_sections(config: RunConfig) -> None:
         "a fraction in (0, 1]",
     )
     check(train.curriculum_steps >= 0, "train.curriculum_steps", train.curriculum_steps, ">= 0")
+    check(train.dro_step_size > 0, "train.dro_step_size", train.dro_step_size, "a number > 0")
+    if train.group_objective != "none":
+        check(
+            loss.hidden_weight == 0 and loss.attention_weight == 0,
+            "train.group_objective",
+            train.group_objective,
+            "'none' with feature losses (loss.hidden_weight, loss.attention_weight): the group "
+            "objectives weigh the token losses (CE and the divergence), which feature losses "
+            "are not",
+        )
     check(config.data.max_length >= 8, "data.max_length", config.data.max_length, "an int >= 8")
     check(config.eval.task_samples >= 0, "eval.task_samples", config.eval.task_samples, ">= 0")
     check(config.eval.answers >= 0, "eval.answers", config.eval.answers, ">= 0")

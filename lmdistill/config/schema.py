@@ -215,6 +215,12 @@ class TrainConfig:
     curriculum: Literal["none", "easy_to_hard", "progressive_steps"] = "none"
     curriculum_start: float = 0.25
     curriculum_steps: int = 0
+    # Groups of the training rows (the data's `group` field) and their losses:
+    # `reweight`: each group's tokens weighted so that every group carries the same total
+    # weight over the training set; `dro`: group DRO (Sagawa et al. 2020), online
+    # exponentiated weights q on the groups' mean losses, `dro_step_size` its step (eta).
+    group_objective: Literal["none", "reweight", "dro"] = "none"
+    dro_step_size: float = 0.01
 
 
 @dataclass

@@ -30,3 +30,6 @@ class Example:
     # weight_spans: the last line is rank 0. The `progressive_steps` curriculum trains the
     # last steps first (KPOD). None: no step structure.
     step_spans: tuple[tuple[int, int], ...] | None = None
+    # The row's group (the data's optional `group` field): evaluation reports every measure
+    # per group, and `train.group_objective` balances the groups' losses. None: no group.
+    group: str | None = None

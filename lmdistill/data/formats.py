@@ -7,11 +7,13 @@ Sources: a `.jsonl` or `.json` file, `hf:NAME[:CONFIG]` (needs `datasets`), or
 `builtin:gsm8k-demo` (400 GSM8K train questions shipped with the package, MIT licence).
 Any source but `hf:` (whose `@SPLIT` takes `datasets`' own slicing) may end in a row range,
 Python-style: `data.jsonl[:352]`, `builtin:gsm8k-demo[352:]` (rows keep the ids they have in
-the whole source).
+the whole source). Any row may carry a `group` (a non-empty string: e.g. a demographic or a
+phrasing), which evaluation reports per group and `train.group_objective` balances.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -56,7 +58,10 @@ def write_examples(path: Path, examples: list[Example]) -> None:
         turns = list(e.messages)
         if e.response is not None:
             turns.append({"role": "assistant", "content": e.response})
-        lines.append(json.dumps({"id": e.id, "messages": turns}, ensure_ascii=False))
+        row: dict[str, Any] = {"id": e.id, "messages": turns}
+        if e.group is not None:
+            row["group"] = e.group
+        lines.append(json.dumps(row, ensure_ascii=False))
     atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
@@ -66,6 +71,8 @@ def data_hash(examples: list[Example]) -> str:
         blob: list[Any] = [example.id, list(example.messages), example.response]
         if example.response_ids is not None:
             blob.append(list(example.response_ids))
+        if example.group is not None:  # rows without a group hash as they always have
+            blob.append({"group": example.group})
         digest.update(json.dumps(blob, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
@@ -140,7 +147,7 @@ def _read_lab(source: str) -> list[tuple[str, Any]]:
         raise DataError(f"{source}: {error}") from None
     return [
         (f"{source}[{i}]", {"id": f"lab-{split}-{seed}-{i}", "question": p.question,
-                            "answer": p.solution})
+                            "answer": p.solution, **({"group": p.group} if p.group else {})})
         for i, p in enumerate(problems)
     ]  # fmt: skip
 
@@ -164,8 +171,9 @@ def _to_example(row: Any, where: str, index: int, format: str) -> Example:
         raise DataError(f"{where}: each row must be a JSON object, got {type(row).__name__}")
     kind = format if format != "auto" else _detect(row, where)
     row_id = str(row.get("id", index))
+    group = _group(row, where)
     if kind == "messages":
-        return _from_messages(row, where, row_id)
+        return dataclasses.replace(_from_messages(row, where, row_id), group=group)
     prompt_key, response_key = (
         ("prompt", "response")
         if kind == "prompt_response"
@@ -180,7 +188,17 @@ def _to_example(row: Any, where: str, index: int, format: str) -> Example:
     turns: list[dict[str, str]] = [{"role": "user", "content": prompt}]
     if isinstance(row.get("system"), str):
         turns.insert(0, {"role": "system", "content": row["system"]})
-    return Example(row_id, tuple(turns), response, where)
+    return Example(row_id, tuple(turns), response, where, group=group)
+
+
+def _group(row: dict[str, Any], where: str) -> str | None:
+    """The row's `group`: absent, or a non-empty string."""
+    value = row.get("group")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: `group` must be a non-empty string, got {value!r}")
+    return value
 
 
 def _detect(row: dict[str, Any], where: str) -> str:

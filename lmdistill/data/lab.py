@@ -41,6 +41,11 @@ class LabSpec:
     value_max: no intermediate amount exceeds this (keeps products short).
     operations: which of add, subtract, multiply, divide appear.
     distractors: sentences about other people's things, with numbers that play no part.
+    groups: 0, or 2..4 groups of problems that differ in surface form only: group k draws
+        its names and items from its own share of the lab's (the arithmetic is the same);
+        each row carries its `group` ("g0", ...).
+    minority: the share, in percent, of problems in the last group (the others share the
+        rest equally); 50 with 2 groups is balanced.
     """
 
     steps: int = 2
@@ -52,6 +57,8 @@ class LabSpec:
     operations: tuple[str, ...] = ("add", "subtract", "multiply")
     distractors: int = 0
     ood_extra_steps: int = 2
+    groups: int = 0
+    minority: int = 50
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.operations) - set(OPERATIONS))
@@ -63,6 +70,16 @@ class LabSpec:
             raise ValueError("lab min_steps in [1, steps]")
         if not (1 <= self.start_max <= self.value_max and self.factor_max >= 2):
             raise ValueError("lab start_max in [1, value_max], factor_max >= 2")
+        if self.groups not in (0, 2, 3, 4) or not 0 < self.minority < 100:
+            raise ValueError("lab groups: 0 or 2..4; minority: a percentage in (0, 100)")
+
+    def draw_group(self, rng: random.Random) -> int | None:
+        """The group of one problem (None without groups): the last with `minority` percent."""
+        if not self.groups:
+            return None
+        if rng.random() * 100 < self.minority:
+            return self.groups - 1
+        return rng.randrange(self.groups - 1)
 
     def draw_steps(self, rng: random.Random, split: str) -> int:
         """Steps of one problem: fixed, or uniform in a range; OOD is always longer."""
@@ -77,6 +94,7 @@ class LabProblem:
     question: str
     steps: tuple[str, ...]  # rationale lines, each with one calculator annotation
     answer: int
+    group: str | None = None  # "g0", ... with LabSpec.groups
 
     @property
     def rationale(self) -> str:
@@ -88,9 +106,17 @@ class LabProblem:
         return f"{self.rationale}\n#### {self.answer}"
 
 
-def make_problem(rng: random.Random, spec: LabSpec, steps: int) -> LabProblem:
-    name, other = rng.sample(NAMES, 2)
-    item, other_item = rng.sample(ITEMS, 2)
+def make_problem(
+    rng: random.Random, spec: LabSpec, steps: int, group: int | None = None
+) -> LabProblem:
+    names: tuple[str, ...] = NAMES
+    items: tuple[str, ...] = ITEMS
+    if group is not None:  # the group's own share of the names and items
+        share = len(NAMES) // spec.groups
+        names = NAMES[group * share : (group + 1) * share]
+        items = ITEMS[group * share : (group + 1) * share]
+    name, other = rng.sample(names, 2)
+    item, other_item = rng.sample(items, 2)
     value = rng.randint(1, spec.start_max)
     sentences = [f"{name} has {value} {item}."]
     lines = []
@@ -102,7 +128,7 @@ def make_problem(rng: random.Random, spec: LabSpec, steps: int) -> LabProblem:
         where = rng.randint(1, len(sentences))  # never before the opening sentence
         sentences.insert(where, f"{other} has {rng.randint(1, spec.start_max)} {other_item}.")
     question = " ".join(sentences) + f" How many {item} does {name} have now?"
-    return LabProblem(question, tuple(lines), value)
+    return LabProblem(question, tuple(lines), value, None if group is None else f"g{group}")
 
 
 def _step(
@@ -155,10 +181,7 @@ def lab_problems(split: str, n: int, *, seed: int, spec: LabSpec) -> list[LabPro
     seen = set()
     if split != "train":
         train_rng = random.Random(f"lmdistill-lab:{seed}:train")
-        seen = {
-            make_problem(train_rng, spec, spec.draw_steps(train_rng, "train")).question
-            for _ in range(min(n * 20, 100_000))
-        }
+        seen = {draw(train_rng, spec, "train").question for _ in range(min(n * 20, 100_000))}
     out: list[LabProblem] = []
     attempts = 0
     while len(out) < n:
@@ -167,11 +190,17 @@ def lab_problems(split: str, n: int, *, seed: int, spec: LabSpec) -> list[LabPro
             raise ValueError(
                 f"lab: could not draw {n} distinct {split} problems; the spec allows too few"
             )
-        problem = make_problem(rng, spec, spec.draw_steps(rng, split))
+        problem = draw(rng, spec, split)
         if problem.question not in seen:
             seen.add(problem.question)
             out.append(problem)
     return out
+
+
+def draw(rng: random.Random, spec: LabSpec, split: str) -> LabProblem:
+    """One problem of `split`: its group (with groups), its steps, then its text."""
+    group = spec.draw_group(rng)
+    return make_problem(rng, spec, spec.draw_steps(rng, split), group)
 
 
 def lab_examples(
@@ -185,6 +214,7 @@ def lab_examples(
             ({"role": "user", "content": p.question},),
             p.solution,
             f"lab:{split}:{i}",
+            group=p.group,
         )
         for i, p in enumerate(lab_problems(split, n, seed=seed, spec=spec))
     ]

@@ -26,6 +26,7 @@ class TokenizedExample:
     truncated: bool
     weights: list[float] | None = None  # per position, like labels; None: all 1
     ranks: list[int] | None = None  # per position: the step's rank from the end; -1 prompt
+    group: str | None = None  # the example's group (data's `group` field)
 
 
 @dataclass
@@ -125,7 +126,11 @@ def tokenize_examples(
         step_ranks = None
         if ranks is not None:
             step_ranks = [-1] * len(prompt_ids) + [int(r) for r in ranks[: len(response_ids)]]
-        out.append(TokenizedExample(example.id, input_ids, labels, truncated, weights, step_ranks))
+        out.append(
+            TokenizedExample(
+                example.id, input_ids, labels, truncated, weights, step_ranks, example.group
+            )
+        )
     if report.empty:
         # An empty response would train on the end-of-turn token alone: never silently.
         more = f" and {report.empty - 3} more" if report.empty > 3 else ""

@@ -96,15 +96,26 @@ class Evaluator:
     def __call__(self, model: PreTrainedModel) -> EvalMetrics:
         settings, tokenizer = self.config.eval, self.tokenizer
         fidelity_metrics = None
+        groups = {}
         if settings.fidelity and self.signal is not None:
-            fidelity_metrics = fidelity(
-                model,
-                self.signal,
-                self.eval_set,
-                vocab_size=self.vocab_size,
-                pad_token_id=tokenizer.pad_token_id,
-                batch_size=settings.batch_size,
-            )
+            # Over every held-out row, then over each group's rows (with groups).
+            signal = self.signal
+            subsets: dict[str | None, list[int] | None] = {None: None}
+            subsets.update(eval_groups(self.eval_set))
+            measured = {
+                name: fidelity(
+                    model,
+                    signal,
+                    self.eval_set,
+                    vocab_size=self.vocab_size,
+                    pad_token_id=tokenizer.pad_token_id,
+                    batch_size=settings.batch_size,
+                    indices=members,
+                )
+                for name, members in subsets.items()
+            }
+            fidelity_metrics = measured.pop(None)
+            groups = {str(name): value for name, value in measured.items()}
         tasks: dict[str, TaskMetrics | ChoiceMetrics] = {
             s: multiple_choice(model, tokenizer, q) for s, q in self.choice_sets.items()
         }
@@ -129,7 +140,21 @@ class Evaluator:
                 vocab_size=self.vocab_size,
                 batch_size=settings.batch_size,
             )
-        return EvalMetrics(fidelity_metrics, tasks, answers)
+        return EvalMetrics(fidelity_metrics, tasks, answers, groups)
+
+
+NO_GROUP = "(no group)"
+
+
+def eval_groups(eval_set: list[TokenizedExample]) -> dict[str, list[int]]:
+    """The positions of each group's rows, by group name; rows without a group form
+    `(no group)` when others have one. Empty when no row has a group."""
+    if all(item.group is None for item in eval_set):
+        return {}
+    members: dict[str, list[int]] = {}
+    for index, item in enumerate(eval_set):
+        members.setdefault(item.group or NO_GROUP, []).append(index)
+    return dict(sorted(members.items()))
 
 
 def _teacher_tasks(

@@ -30,6 +30,7 @@ def fidelity(
     pad_token_id: int,
     batch_size: int = 8,
     chunk_size: int = 512,
+    indices: list[int] | None = None,
 ) -> FidelityMetrics:
     """KL, top-1 agreement, perplexities and calibration over `eval_set`. `student_ece` is
     the expected calibration error of the student's next-token predictions on the reference
@@ -41,17 +42,21 @@ def fidelity(
     with the teacher's top-1 id, rows without a signal are left out (`signal_tokens` says how
     many were scored) and `teacher_ppl` is None (the cache does not hold every target's
     log-prob).
+
+    `indices` (positions in `eval_set`, as the teacher's signal is addressed) measures those
+    examples only: one group of a grouped eval set.
     """
     student.eval()
     s_weight = student.get_output_embeddings().weight[:vocab_size]
     kd_config = LossConfig()
     tally = FidelityTally()
-    for start in range(0, len(eval_set), batch_size):
-        indices = list(range(start, min(start + batch_size, len(eval_set))))
-        batch = collate([eval_set[i] for i in indices], pad_token_id)
+    order = list(range(len(eval_set))) if indices is None else indices
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = collate([eval_set[i] for i in chunk], pad_token_id)
         batch = to_device(batch, student.device)
         s_states, targets = response_hidden(student, **batch)
-        signal = teacher.score(batch, indices, kd_config)
+        signal = teacher.score(batch, chunk, kd_config)
         for lo in range(0, targets.shape[0], chunk_size):
             rows = slice(lo, lo + chunk_size)
             s_logits = (s_states[rows] @ s_weight.T).float()  # (n, V)

@@ -35,15 +35,23 @@ def task_accuracy(
     the teacher's and how many of the teacher's calculations it repeats; with `samples` > 0,
     that many sampled answers per question: how often they agree with their majority answer
     and the exact match of that majority (self-consistency). `keep` answers are returned for
-    the report; `answers` are the model's greedy answers when already computed."""
+    the report; `answers` are the model's greedy answers when already computed. Questions
+    with a `group` also give the exact match per group (`groups`)."""
     if not examples:
         raise ValueError("task evaluation needs at least one example")
     if answers is None:
         answers = greedy_answers(model, tokenizer, examples, max_new_tokens, batch_size)
     correct = annotated = readable = right = follows = judged = 0
+    by_group: dict[str, list[int]] = {}  # group -> [examples, correct]
+    grouped = any(e.group is not None for e in examples)
     for example, answer in zip(examples, answers, strict=True):
         gold = final_answer(example.response or "")
-        correct += gold is not None and final_answer(answer) == gold
+        hit = gold is not None and final_answer(answer) == gold
+        correct += hit
+        if grouped:
+            tally = by_group.setdefault(example.group or "(no group)", [0, 0])
+            tally[0] += 1
+            tally[1] += hit
         quality = rationale_quality(answer)
         annotated += quality.annotations
         readable += quality.readable_annotations
@@ -82,6 +90,9 @@ def task_accuracy(
         ],
         teacher=teacher,
         consistency=consistency,
+        groups={
+            g: {"examples": n, "exact_match": hits / n} for g, (n, hits) in sorted(by_group.items())
+        },
     )
 
 

@@ -39,6 +39,8 @@ class TrainState:
     tokens: int = 0  # response tokens trained on, all processes
     config_hash: str = ""
     history: list[dict[str, float]] = field(default_factory=list)
+    # train.group_objective=dro: the groups' weights q (by group name), carried across steps.
+    group_weights: dict[str, float] = field(default_factory=dict)
 
 
 class CheckpointError(ValueError):

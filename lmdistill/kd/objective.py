@@ -98,9 +98,14 @@ class KDObjective(nn.Module):
         teacher_signal: SparseSignal | None = None,
         weights: torch.Tensor | None = None,
         loss: LossConfig | None = None,
+        groups: torch.Tensor | None = None,
+        group_scales: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`loss` replaces the run's loss for this batch (an on-policy step's divergence
-        alone, with no feature losses)."""
+        alone, with no feature losses). With `groups` (B,) (each row's group) and
+        `group_scales` (G,), each token's loss is also weighted by its group's factor, and
+        `parts["groups"]` (G,) holds each group's sum of token losses (weighted as without
+        groups: the groups' own losses)."""
         spec = self.loss if loss is None else loss
         hidden = self.hidden is not None and spec.hidden_weight > 0
         out = run_decoder(
@@ -112,6 +117,12 @@ class KDObjective(nn.Module):
             hidden_states=hidden,
             attentions=uses_attention(spec),
         )
+        token_weights, token_groups, row_losses = out.weights, None, None
+        if groups is not None and group_scales is not None:
+            token_groups = groups[out.mask.nonzero(as_tuple=True)[0]]  # (N,) row-major
+            scale = group_scales.to(out.states.device, torch.float32)[token_groups]
+            token_weights = scale if out.weights is None else out.weights * scale
+            row_losses = torch.empty(len(token_groups), device=out.states.device)
         loss_sum, parts = fused_kd_loss(
             out.states,
             self.student.get_output_embeddings().weight,
@@ -125,9 +136,15 @@ class KDObjective(nn.Module):
             temperature=spec.temperature,
             chunk_size=spec.chunk_size,
             divergence_params=divergence_params(spec),
-            token_weights=out.weights,
+            token_weights=token_weights,
+            row_losses=row_losses,
         )
         parts = dict(parts)
+        if token_groups is not None and row_losses is not None and group_scales is not None:
+            own = row_losses if out.weights is None else row_losses * out.weights
+            parts["groups"] = torch.zeros(
+                len(group_scales), device=own.device, dtype=torch.float64
+            ).index_add_(0, token_groups, own.double())
         if hidden:
             assert self.hidden is not None
             if out.hidden_states is None or teacher_hidden_states is None:

@@ -123,6 +123,7 @@ def on_policy_batches(
                     input_ids=prompt + response,
                     labels=[IGNORE_INDEX] * len(prompt) + response,
                     truncated=False,
+                    group=train_set[i].group,
                 )
                 for i, prompt, response in zip(chunk, prompts, written, strict=True)
             ]

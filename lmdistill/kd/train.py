@@ -30,6 +30,7 @@ from lmdistill.kd.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from lmdistill.kd.groups import GroupBalance
 from lmdistill.kd.objective import PARTS, KDObjective
 from lmdistill.kd.on_policy import OnPolicy, SamplingStats, is_on_policy, on_policy_batches
 from lmdistill.kd.optim import build_optimizer, build_scheduler
@@ -99,12 +100,15 @@ def train_student(
     last_step = train.max_steps if stop_after is None else min(train.max_steps, stop_after)
     bar = progress_bar(train.max_steps, state.step, desc, show=accelerator.is_main_process)
     batches = StepBatches(train_set, train, loss, pad_token_id, accelerator, on_policy)
+    balance = GroupBalance(train_set, train) if train.group_objective != "none" else None
+    if balance is not None and not state.group_weights:
+        state.group_weights = balance.initial_weights()
     started, tokens_at_start = time.perf_counter(), state.tokens
     objective.train()
     while state.step < last_step:
         student_model = accelerator.unwrap_model(objective).student
         chunks, micro, override = batches.for_step(state.step, student_model)
-        sums, global_tokens, grad_norm = optimizer_step(
+        sums, global_tokens, grad_norm, by_group = optimizer_step(
             accelerator,
             objective,
             optimizer,
@@ -114,6 +118,8 @@ def train_student(
             chunks,
             override or loss,
             train,
+            balance,
+            state.group_weights,
         )
         state.step += 1
         state.tokens += global_tokens
@@ -127,6 +133,9 @@ def train_student(
             "tokens_per_s": rate,
             **({"on_policy": float(override is not None)} if on_policy is not None else {}),
         }
+        if balance is not None and by_group is not None:
+            record.update(balance.record(state.group_weights, *by_group))
+            state.group_weights = balance.update(state.group_weights, *by_group)
         if state.step % train.log_every == 0 or state.step == train.max_steps:
             state.history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{rate:.0f}")
@@ -226,20 +235,36 @@ def optimizer_step(
     chunks: list[list[int]],
     loss: LossConfig,
     train: TrainConfig,
-) -> tuple[torch.Tensor, int, torch.Tensor]:
+    balance: GroupBalance | None = None,
+    group_weights: dict[str, float] | None = None,
+) -> tuple[torch.Tensor, int, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """One optimizer step over this process's micro-batches: gradients normalised by the
     global count of trained tokens, clipped, applied. Returns the loss parts per token
-    (summed over processes), the global tokens and the gradient norm. `loss` is this step's
-    (an on-policy step's replaces the run's)."""
+    (summed over processes), the global tokens, the gradient norm and, with a group
+    objective, each group's loss sum and tokens in this step (over every process). `loss`
+    is this step's (an on-policy step's replaces the run's)."""
     global_tokens, normaliser = token_counts(micro, accelerator, train)
-    sums = accumulate_gradients(
-        accelerator, objective, teacher, micro, chunks, loss, max(normaliser, 1)
+    groups = None
+    if balance is not None:
+        local = balance.tokens(micro, chunks, trained=train.curriculum == "progressive_steps")
+        group_tokens = accelerator.reduce(local.to(accelerator.device), "sum").cpu()
+        groups = (balance, balance.scales(group_tokens, group_weights or {}))
+    sums, group_sums = accumulate_gradients(
+        accelerator, objective, teacher, micro, chunks, loss, max(normaliser, 1), groups
     )
     grad_norm = accelerator.clip_grad_norm_(objective.parameters(), train.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return accelerator.reduce(sums, "sum") / max(normaliser, 1), global_tokens, grad_norm
+    by_group = None
+    if group_sums is not None:
+        by_group = (accelerator.reduce(group_sums, "sum").cpu(), group_tokens)
+    return (
+        accelerator.reduce(sums, "sum") / max(normaliser, 1),
+        global_tokens,
+        grad_norm,
+        by_group,
+    )
 
 
 def start_state(
@@ -364,10 +389,16 @@ def accumulate_gradients(
     chunks: list[list[int]],
     loss: LossConfig,
     global_tokens: int,
-) -> torch.Tensor:
-    """Backward over this process's micro-batches; return the local sums of `PARTS`."""
+    groups: tuple[GroupBalance, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Backward over this process's micro-batches; return the local sums of `PARTS` and,
+    with `groups` (the balance and the step's factor per group), the local sum of each
+    group's token losses."""
     world = accelerator.num_processes
     sums = torch.zeros(len(PARTS), device=accelerator.device)
+    group_sums = None
+    if groups is not None:
+        group_sums = torch.zeros(len(groups[1]), device=accelerator.device, dtype=torch.float64)
     for i, (batch, chunk) in enumerate(zip(micro, chunks, strict=True)):
         batch = to_device(batch, accelerator.device)
         signal = teacher.score(batch, chunk, loss) if teacher is not None else None
@@ -383,12 +414,22 @@ def accumulate_gradients(
                 teacher_hidden_states=signal.hidden_states if signal else None,
                 teacher_attentions=signal.attentions if signal else None,
                 loss=loss,
+                **(
+                    {}
+                    if groups is None
+                    else {
+                        "groups": groups[0].rows(chunk).to(accelerator.device),
+                        "group_scales": groups[1],
+                    }
+                ),
             )
             # DDP averages gradients over processes; multiply by `world` to undo it.
             accelerator.backward(loss_sum * world / max(global_tokens, 1))
         parts["loss"] = loss_sum.detach()
         sums += torch.stack([parts.get(k, torch.zeros(())).to(sums) for k in PARTS])
-    return sums
+        if group_sums is not None:
+            group_sums += parts["groups"].to(group_sums)
+    return sums, group_sums
 
 
 def step_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:

@@ -341,12 +341,16 @@ def _chunk_sums_and_grad(
     spec: _KDSpec,
     need_grad: bool,
     weights: Tensor | None = None,
+    row_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Return ``[loss_sum, ce_sum, kd_sum]`` (3,) of one chunk and d loss_sum / d logits (C, V).
 
     ``weights`` (C,) scale each token's loss; a token's logits feed only its own loss, so
-    scaling the rows of the unweighted gradient is exact."""
+    scaling the rows of the unweighted gradient is exact. ``row_out`` (C,) receives each
+    token's unweighted loss."""
     per_token, grad = _token_losses_and_grad(student_logits, teacher, targets, spec, need_grad)
+    if row_out is not None:
+        row_out.copy_(per_token[0].detach())
     if weights is not None:
         per_token = (per_token[0] * weights, per_token[1] * weights, per_token[2] * weights)
         if grad is not None:
@@ -387,8 +391,10 @@ def _chunked_forward(
     spec: _KDSpec,
     needs_grad: tuple[bool, bool],
     token_weights: Tensor | None = None,
+    row_losses: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Loop over row chunks; return sums (3,), grad_hidden (N, H) and grad_weight (V, H)."""
+    """Loop over row chunks; return sums (3,), grad_hidden (N, H) and grad_weight (V, H);
+    fill `row_losses` (N,), when given, with each token's unweighted loss."""
     w = _upcast(student_weight[: spec.vocab_size])  # (V_s, H) -> (V, H), padding rows dropped
     tw = None if teacher_weight is None else _upcast(teacher_weight[: spec.vocab_size])
     sums = torch.zeros(3, dtype=w.dtype, device=w.device)
@@ -405,7 +411,13 @@ def _chunked_forward(
                 teacher = _upcast(teacher_hidden[rows]) @ tw.T  # (C, H_t) @ (H_t, V)
         weights = None if token_weights is None else _upcast(token_weights[rows])
         chunk_sums, grad_logits = _chunk_sums_and_grad(
-            h @ w.T, teacher, targets[rows], spec, any(needs_grad), weights
+            h @ w.T,
+            teacher,
+            targets[rows],
+            spec,
+            any(needs_grad),
+            weights,
+            None if row_losses is None else row_losses[rows],
         )  # logits: (C, H) @ (H, V) -> (C, V)
         sums += chunk_sums
         if grad_hidden is not None and grad_logits is not None:
@@ -439,6 +451,7 @@ class _FusedKDFunction(torch.autograd.Function):
         spec: _KDSpec,
         needs_grad: tuple[bool, bool],
         token_weights: Tensor | None,
+        row_losses: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         sums, grad_hidden, grad_weight = _chunked_forward(
             student_hidden,
@@ -450,6 +463,7 @@ class _FusedKDFunction(torch.autograd.Function):
             spec,
             needs_grad,
             token_weights,
+            row_losses,
         )
         ctx.save_for_backward(grad_hidden, grad_weight)
         loss_sum, ce_sum, kd_sum = sums[0].clone(), sums[1].clone(), sums[2].clone()
@@ -465,7 +479,7 @@ class _FusedKDFunction(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 def fused_kd_loss(
@@ -483,6 +497,7 @@ def fused_kd_loss(
     chunk_size: int = 1024,
     divergence_params: dict[str, Any] | None = None,
     token_weights: Tensor | None = None,
+    row_losses: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Sum over N tokens of ``alpha * CE + (1 - alpha) * T**2 * D(teacher || student)``, chunked.
 
@@ -505,6 +520,8 @@ def fused_kd_loss(
         token_weights: optional (N,) non-negative weights, one per token: the sums (loss, ce
             and kd alike) become weighted sums (rationale vs label terms, KPOD weights, a
             curriculum that masks steps with weight 0). No gradient flows into them.
+        row_losses: optional (N,) fp32 tensor that receives each token's unweighted loss
+            (detached): per-group losses are sums over its rows (group objectives).
 
     Returns:
         ``(loss_sum, {"ce": ce_sum, "kd": kd_sum})``: an fp32 scalar to divide by the global
@@ -532,6 +549,7 @@ def fused_kd_loss(
         spec,
         needs_grad,
         None if token_weights is None else token_weights.detach(),
+        row_losses,
     )
     return loss_sum, {"ce": ce_sum, "kd": kd_sum}
 

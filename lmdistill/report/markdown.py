@@ -8,6 +8,7 @@ from typing import Any
 from lmdistill.io import atomic_write_text
 from lmdistill.metrics import EvalMetrics, RunMetrics, TaskMetrics
 from lmdistill.report.ensemble import conflict_histogram, conflict_lines
+from lmdistill.report.groups import group_lines, has_groups
 from lmdistill.report.plots import fidelity_bars, loss_curves
 
 
@@ -47,6 +48,8 @@ def render(metrics: RunMetrics, config: dict[str, Any], has_eval: bool) -> str:
         lines += ["", "## The models' own greedy answers", "", *answers_table(metrics)]
     if metrics.kd.after is not None and metrics.kd.after.tasks:
         lines += ["", "## Task accuracy (greedy answers)", "", *task_table(metrics)]
+    if has_groups(metrics):
+        lines += ["", "## By group (the data's `group` field)", "", *group_lines(metrics, NAMES)]
     lines += ["", "## Training", "", "![loss](loss.png)", ""]
     gpu = metrics.peak_gpu_mb
     lines += [

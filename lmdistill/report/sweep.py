@@ -6,6 +6,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lmdistill.metrics import GROUP_MEASURES
+from lmdistill.report.groups import TOLERANCE
+
 REFERENCE = "reference"
 RATIONALE_METRICS = {
     "annotation_accuracy": "annotations right",
@@ -73,8 +76,45 @@ def render_sweep(summary: dict[str, Any]) -> str:
                 for m in metrics
             ]
             lines.append(f"| `{entry['cell']}` | " + " | ".join(texts) + " |")
+        levelled = [
+            line
+            for entry in table
+            if entry is not reference
+            for line in levelled_down(entry, reference)
+        ]
+        if levelled:
+            lines += ["", *levelled]
     lines += ["", "![sweep](sweep.png)", ""]
     return "\n".join(lines)
+
+
+def levelled_down(entry: dict[str, Any], reference: dict[str, Any]) -> list[str]:
+    """A line per group measure where the cell's gap between groups is smaller than the
+    reference cell's but its best group is worse (best = worst +- gap; means over seeds)."""
+    lines = []
+    for key in entry:
+        arm, found, label = key.partition(" group gap ")
+        worst_key = f"{arm} worst group {label}"
+        if (
+            not found
+            or key not in reference
+            or worst_key not in entry
+            or worst_key not in reference
+        ):
+            continue
+        gap, their_gap = entry[key]["mean"], reference[key]["mean"]
+        lower_is_better = GROUP_MEASURES.get(label, False)
+        sign = -1.0 if lower_is_better else 1.0
+        best = entry[worst_key]["mean"] + sign * gap
+        their_best = reference[worst_key]["mean"] + sign * their_gap
+        worse = sign * (their_best - best)
+        if gap < their_gap and worse > TOLERANCE:
+            lines.append(
+                f"**Trivial solution** (`{entry['cell']}`, {arm} {label}): the gap between groups "
+                f"({gap:.4g}) is smaller than the reference's ({their_gap:.4g}) because the best "
+                f"group got worse ({best:.4g} against {their_best:.4g})."
+            )
+    return lines
 
 
 def _compared(table: list[dict[str, Any]]) -> list[str]:

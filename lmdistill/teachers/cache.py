@@ -331,19 +331,23 @@ class TeacherCache:
                 f"{path}:{r['id']}",
                 response_complete=r["response_complete"],
                 response_ids=None if r["response_ids"] is None else tuple(r["response_ids"]),
+                group=r.get("group"),
             )
             for r in rows
         ]
 
 
 def _example_row(example: Example) -> dict[str, Any]:
-    return {
+    row = {
         "id": example.id,
         "messages": list(example.messages),
         "response": example.response,
         "response_complete": example.response_complete,
         "response_ids": None if example.response_ids is None else list(example.response_ids),
     }
+    if example.group is not None:
+        row["group"] = example.group
+    return row
 
 
 REBUILD = (

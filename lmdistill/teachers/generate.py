@@ -109,6 +109,7 @@ def answered_examples(
                 f"{out_path}:{p.id}",
                 response_complete=row["finish_reason"] == "stop",
                 response_ids=tuple(signal["chosen"]) if signal else None,
+                group=p.group,
             )
         )
     return answered
