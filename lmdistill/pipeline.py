@@ -43,6 +43,7 @@ from lmdistill.data import (
 )
 from lmdistill.eval.choice import load_choice_questions
 from lmdistill.eval.evaluator import Evaluator
+from lmdistill.incremental import build_memory, continuation, lineage
 from lmdistill.io import (
     atomic_dir,
     atomic_write_json,
@@ -51,6 +52,7 @@ from lmdistill.io import (
     remove_left_behind,
 )
 from lmdistill.kd.checkpoint import list_checkpoints
+from lmdistill.kd.incremental import Anchor
 from lmdistill.kd.on_policy import OnPolicy
 from lmdistill.kd.rationale import apply_objective, eval_prompts
 from lmdistill.kd.train import TrainResult, train_student
@@ -173,6 +175,7 @@ def _run(config: RunConfig, *, resume: bool, started: float, device: torch.devic
     student, _ = build_student(config.student, teacher_model, setup.tokenizer)
     vocab_size = shared_vocab_size(teacher_model, student, setup.tokenizer)
     data = prepare_data(config, setup)
+    retention, anchor = continuation(config, student, setup.tokenizer)
     ensemble = setup.signal.get("train")
     if isinstance(ensemble, EnsembleTeacher):
         ensemble.bind(data.train_set)
@@ -211,8 +214,19 @@ def _run(config: RunConfig, *, resume: bool, started: float, device: torch.devic
             "KD student",
             samples,
             texts,
+            retention=retention,
+            anchor=anchor,
         ),
     )
+    del retention
+    if (found := lineage(config, setup.examples["train"])) is not None:
+        metrics.setup["lineage"] = found
+    if PartialState().is_main_process:  # what runs that continue this student will need
+        memory = build_memory(
+            config, out / "student", student, setup.tokenizer, setup.examples["train"]
+        )
+        if memory is not None:
+            metrics.setup["memory"] = memory
     if isinstance(ensemble, EnsembleTeacher):
         conflicts = record_conflicts(config, ensemble)
         # A resumed run scored only the examples after its checkpoint: say so.
@@ -329,9 +343,14 @@ class Arms:
         label: str,
         samples: list[Example],
         texts: dict[str, list[str]],
+        *,
+        retention: Teacher | None = None,
+        anchor: Anchor | None = None,
     ) -> ArmMetrics:
         """Train `model` (from `teacher`'s signal, or CE only without one), evaluate it, add
-        its answers to `texts` under `label`, save it under `directory/student`."""
+        its answers to `texts` under `label`, save it under `directory/student`. An
+        incremental run's KD student also keeps to its previous self (`retention`,
+        `anchor`)."""
         on_policy = None
         if teacher is not None and self.config.on_policy.fraction > 0:
             stops = tuple(stop_token_ids(model, self.tokenizer))
@@ -349,6 +368,9 @@ class Arms:
             resume=self.resume,
             desc=desc,
             on_policy=on_policy,
+            retention=retention,
+            retention_weight=self.config.incremental.retention_weight,
+            anchor=anchor,
         )
         after = self.evaluate(model) if self.config.eval.enabled else None
         summary = summarise(result, after)

@@ -41,6 +41,26 @@ def validate(config: RunConfig) -> None:
     _validate_on_policy(config)
     _validate_select(config.select)
     _validate_ensemble(config)
+    _validate_memory(config)
+
+
+def _validate_memory(config: RunConfig) -> None:
+    """The replay memory's selector: registered, and needing no scores (it runs on the
+    finished student's features alone)."""
+    memory = config.memory
+    check(
+        memory.selector in SELECTORS and not SELECTORS[memory.selector].needs_scores,
+        "memory.selector",
+        memory.selector,
+        "one of " + ", ".join(name for name in SELECTORS if not SELECTORS[name].needs_scores),
+    )
+    if SELECTORS[memory.selector].needs_features:
+        check(
+            memory.features != "none",
+            "memory.features",
+            memory.features,
+            f"'hidden' with memory.selector={memory.selector}",
+        )
 
 
 def registered(registry: Registry[Any], name: str) -> None:

@@ -44,6 +44,7 @@ def check_sections(config: RunConfig) -> None:
     )
     check(train.curriculum_steps >= 0, "train.curriculum_steps", train.curriculum_steps, ">= 0")
     check(train.dro_step_size > 0, "train.dro_step_size", train.dro_step_size, "a number > 0")
+    _check_incremental(config)
     if train.group_objective != "none":
         check(
             loss.hidden_weight == 0 and loss.attention_weight == 0,
@@ -103,6 +104,42 @@ def check_sections(config: RunConfig) -> None:
             "generate.max_chars",
             gen.max_chars,
             f"null or an integer > generate.min_chars={gen.min_chars}",
+        )
+
+
+def _check_incremental(config: RunConfig) -> None:
+    memory, inc = config.memory, config.incremental
+    check(
+        0.0 <= memory.fraction <= 0.01,
+        "memory.fraction",
+        memory.fraction,
+        "a fraction in [0, 0.01] (a replay memory holds at most 1% of the training examples)",
+    )
+    check(memory.fisher_examples >= 1, "memory.fisher_examples", memory.fisher_examples, ">= 1")
+    for name in ("retention_weight", "anchor_weight"):
+        value = getattr(inc, name)
+        check(value >= 0 and value == value, f"incremental.{name}", value, "a number >= 0")
+    continues = inc.retention_weight > 0 or inc.anchor != "none" or inc.memory is not None
+    if continues:
+        check(
+            config.student.init == "path",
+            "student.init",
+            config.student.init,
+            "'path' (the finished student to continue) with the incremental section",
+        )
+    if inc.anchor != "none":
+        check(
+            inc.anchor_weight > 0,
+            "incremental.anchor_weight",
+            inc.anchor_weight,
+            "> 0 with an anchor",
+        )
+    if inc.anchor == "ewc":
+        check(
+            inc.memory is not None,
+            "incremental.memory",
+            inc.memory,
+            "the earlier run's memory directory with anchor=ewc (it holds the Fisher estimate)",
         )
 
 

@@ -411,6 +411,38 @@ class ProtocolConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """What a run leaves, beside its student, for runs that continue it without its data
+    (`memory/` with a manifest): a replay memory of `fraction` of its training examples
+    (at most 1%), chosen by dataset distillation (`selector` over the finished student's
+    `features`, as `lmdistill select` does), and with `fisher` the diagonal Fisher estimate
+    of the student on `fisher_examples` of its training examples (for anchor=ewc)."""
+
+    fraction: float = 0.0
+    selector: str = "kcenter"
+    features: Literal["hidden", "none"] = "hidden"
+    seed: int = 0
+    fisher: bool = False
+    fisher_examples: int = 256
+
+
+@dataclass
+class IncrementalConfig:
+    """Continue a finished student (`student.init: path`) on new data only, keeping what it
+    knew: `retention_weight` > 0 makes the previous student a retention teacher on the new
+    prompts (its own divergence term, weighted); `memory` is the directory an earlier run
+    left (`OUTPUT/memory`, checked to belong to `student.path`): `replay` mixes its examples
+    into the training data; `anchor` pulls the weights toward the previous ones (`l2`, or
+    `ewc` with the memory's Fisher estimate), `anchor_weight` its strength."""
+
+    retention_weight: float = 0.0
+    memory: str | None = None
+    replay: bool = True
+    anchor: Literal["none", "l2", "ewc"] = "none"
+    anchor_weight: float = 0.0
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "outputs/run"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -431,6 +463,8 @@ class RunConfig:
     synthesise: SynthesiseConfig = field(default_factory=SynthesiseConfig)
     condense: CondenseConfig = field(default_factory=CondenseConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
     # Also train a CE-only student on the same data for the same steps, to compare against.
     baseline: bool = False
 

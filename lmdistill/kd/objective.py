@@ -25,7 +25,9 @@ from lmdistill.losses import SparseSignal, fused_kd_loss
 from lmdistill.losses.features import HiddenStateMatcher, attention_kl, layer_map
 from lmdistill.models.forward import run_decoder, uses_attention
 
-PARTS = ("loss", "ce", "kd", "hidden", "attention")  # the order training logs reduce in
+# The order training logs reduce in; "retention" is the previous student's divergence
+# (incremental distillation), unweighted like "kd".
+PARTS = ("loss", "ce", "kd", "hidden", "attention", "retention")
 
 
 def check_supported(model: PreTrainedModel) -> None:
@@ -61,12 +63,14 @@ class KDObjective(nn.Module):
         loss: LossConfig,
         vocab_size: int,
         teacher_config: Any | None = None,
+        retention_weight: float = 0.0,
     ) -> None:
         super().__init__()
         check_supported(student)
         self.student = student
         self.loss = loss
         self.vocab_size = vocab_size
+        self.retention_weight = retention_weight
         self.pairs: list[tuple[int, int]] = []
         self.hidden: HiddenStateMatcher | None = None
         if loss.hidden_weight > 0 or uses_attention(loss):
@@ -100,12 +104,16 @@ class KDObjective(nn.Module):
         loss: LossConfig | None = None,
         groups: torch.Tensor | None = None,
         group_scales: torch.Tensor | None = None,
+        retention_states: torch.Tensor | None = None,
+        retention_head: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`loss` replaces the run's loss for this batch (an on-policy step's divergence
         alone, with no feature losses). With `groups` (B,) (each row's group) and
         `group_scales` (G,), each token's loss is also weighted by its group's factor, and
         `parts["groups"]` (G,) holds each group's sum of token losses (weighted as without
-        groups: the groups' own losses)."""
+        groups: the groups' own losses). With `retention_states` and `retention_head` (the
+        previous student's, incremental distillation), `retention_weight * T^2 *
+        D(previous || student)` joins the loss, its sum in `parts["retention"]`."""
         spec = self.loss if loss is None else loss
         hidden = self.hidden is not None and spec.hidden_weight > 0
         out = run_decoder(
@@ -123,23 +131,35 @@ class KDObjective(nn.Module):
             scale = group_scales.to(out.states.device, torch.float32)[token_groups]
             token_weights = scale if out.weights is None else out.weights * scale
             row_losses = torch.empty(len(token_groups), device=out.states.device)
-        loss_sum, parts = fused_kd_loss(
-            out.states,
-            self.student.get_output_embeddings().weight,
-            out.targets,
+        def head_loss(**teacher: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            """The fused loss of the student's states against one teacher's signal."""
+            return fused_kd_loss(
+                out.states,
+                self.student.get_output_embeddings().weight,
+                out.targets,
+                vocab_size=self.vocab_size,
+                divergence=spec.divergence,
+                temperature=spec.temperature,
+                chunk_size=spec.chunk_size,
+                divergence_params=divergence_params(spec),
+                token_weights=token_weights,
+                **teacher,
+            )
+
+        loss_sum, parts = head_loss(
             teacher_hidden=teacher_states,
             teacher_weight=teacher_weight,
             teacher_signal=teacher_signal,
-            vocab_size=self.vocab_size,
-            divergence=spec.divergence,
             alpha=spec.alpha,
-            temperature=spec.temperature,
-            chunk_size=spec.chunk_size,
-            divergence_params=divergence_params(spec),
-            token_weights=token_weights,
             row_losses=row_losses,
         )
         parts = dict(parts)
+        if retention_states is not None and retention_head is not None:
+            kept, kept_parts = head_loss(
+                teacher_hidden=retention_states, teacher_weight=retention_head, alpha=0.0
+            )
+            loss_sum = loss_sum + self.retention_weight * kept
+            parts["retention"] = kept_parts["kd"]
         if token_groups is not None and row_losses is not None and group_scales is not None:
             own = row_losses if out.weights is None else row_losses * out.weights
             parts["groups"] = torch.zeros(

@@ -31,6 +31,7 @@ from lmdistill.kd.checkpoint import (
     save_checkpoint,
 )
 from lmdistill.kd.groups import GroupBalance
+from lmdistill.kd.incremental import Anchor
 from lmdistill.kd.objective import PARTS, KDObjective
 from lmdistill.kd.on_policy import OnPolicy, SamplingStats, is_on_policy, on_policy_batches
 from lmdistill.kd.optim import build_optimizer, build_scheduler
@@ -72,11 +73,17 @@ def train_student(
     desc: str = "train",
     stop_after: int | None = None,
     on_policy: OnPolicy | None = None,
+    retention: Teacher | None = None,
+    retention_weight: float = 0.0,
+    anchor: Anchor | None = None,
 ) -> TrainResult:
     """Train `student` in place on `teacher`'s signal (any backend: in-process, cache).
     `stop_after` ends the call after that many steps (as a kill would), leaving the
     checkpoints a resumed call continues from. With `on_policy` (and a teacher), a share of
-    the steps trains on responses the student samples (lmdistill/kd/on_policy.py)."""
+    the steps trains on responses the student samples (lmdistill/kd/on_policy.py). With
+    `retention` (the previous student, frozen) its divergence joins the loss at
+    `retention_weight`; `anchor` pulls the weights toward the previous ones
+    (lmdistill/kd/incremental.py)."""
     accelerator = make_accelerator(train.device)
     # On-policy steps always need the teacher (it scores the samples); off-policy steps only
     # when the loss does (loss.alpha = 1 with on-policy: CE off-policy, the divergence on).
@@ -85,18 +92,29 @@ def train_student(
     teacher = used_teacher(teacher, loss)
     torch.manual_seed(train.seed)
     teacher_config = teacher.model_config if teacher is not None else None
-    objective = KDObjective(student, loss, vocab_size, teacher_config)
+    objective = KDObjective(
+        student,
+        loss,
+        vocab_size,
+        teacher_config,
+        retention_weight=retention_weight if retention is not None else 0.0,
+    )
     optimizer = build_optimizer(objective, train)
     scheduler = build_scheduler(optimizer, train)
     objective, optimizer = accelerator.prepare(objective, optimizer)
-    for prepared in {id(t): t for t in (teacher, scorer) if t is not None}.values():
+    for prepared in {id(t): t for t in (teacher, scorer, retention) if t is not None}.values():
         prepared.prepare(accelerator.device, loss)
 
     state = start_state(
         accelerator, objective, optimizer, scheduler, checkpoint_dir, config_hash, train, resume
     )
     resumed_from = state.step
-    logged = [k for k in PARTS if k not in ("hidden", "attention") or getattr(loss, f"{k}_weight")]
+    logged = [
+        k
+        for k in PARTS
+        if (k not in ("hidden", "attention") or getattr(loss, f"{k}_weight"))
+        and (k != "retention" or retention is not None)
+    ]
     last_step = train.max_steps if stop_after is None else min(train.max_steps, stop_after)
     bar = progress_bar(train.max_steps, state.step, desc, show=accelerator.is_main_process)
     batches = StepBatches(train_set, train, loss, pad_token_id, accelerator, on_policy)
@@ -120,6 +138,8 @@ def train_student(
             train,
             balance,
             state.group_weights,
+            retention,
+            anchor,
         )
         state.step += 1
         state.tokens += global_tokens
@@ -133,6 +153,8 @@ def train_student(
             "tokens_per_s": rate,
             **({"on_policy": float(override is not None)} if on_policy is not None else {}),
         }
+        if anchor is not None:
+            record["anchor"] = anchor.last_penalty
         if balance is not None and by_group is not None:
             record.update(balance.record(state.group_weights, *by_group))
             state.group_weights = balance.update(state.group_weights, *by_group)
@@ -237,6 +259,8 @@ def optimizer_step(
     train: TrainConfig,
     balance: GroupBalance | None = None,
     group_weights: dict[str, float] | None = None,
+    retention: Teacher | None = None,
+    anchor: Anchor | None = None,
 ) -> tuple[torch.Tensor, int, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """One optimizer step over this process's micro-batches: gradients normalised by the
     global count of trained tokens, clipped, applied. Returns the loss parts per token
@@ -250,8 +274,12 @@ def optimizer_step(
         group_tokens = accelerator.reduce(local.to(accelerator.device), "sum").cpu()
         groups = (balance, balance.scales(group_tokens, group_weights or {}))
     sums, group_sums = accumulate_gradients(
-        accelerator, objective, teacher, micro, chunks, loss, max(normaliser, 1), groups
+        accelerator, objective, teacher, micro, chunks, loss, max(normaliser, 1), groups, retention
     )
+    if anchor is not None:  # after the all-reduce: the same on every process
+        student = accelerator.unwrap_model(objective).student
+        anchor.last_penalty = anchor.penalty(student)
+        anchor.add_gradient(student)
     grad_norm = accelerator.clip_grad_norm_(objective.parameters(), train.max_grad_norm)
     optimizer.step()
     scheduler.step()
@@ -390,6 +418,7 @@ def accumulate_gradients(
     loss: LossConfig,
     global_tokens: int,
     groups: tuple[GroupBalance, torch.Tensor] | None = None,
+    retention: Teacher | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Backward over this process's micro-batches; return the local sums of `PARTS` and,
     with `groups` (the balance and the step's factor per group), the local sum of each
@@ -403,6 +432,7 @@ def accumulate_gradients(
         batch = to_device(batch, accelerator.device)
         signal = teacher.score(batch, chunk, loss) if teacher is not None else None
         sparse = signal.sparse if signal is not None else None
+        kept = retention.score(batch, chunk, loss) if retention is not None else None
         # Only the last micro-batch synchronises gradients across processes.
         sync = nullcontext() if i == len(micro) - 1 else accelerator.no_sync(objective)
         with sync:
@@ -421,6 +451,11 @@ def accumulate_gradients(
                         "groups": groups[0].rows(chunk).to(accelerator.device),
                         "group_scales": groups[1],
                     }
+                ),
+                **(
+                    {}
+                    if kept is None
+                    else {"retention_states": kept.states, "retention_head": kept.weight}
                 ),
             )
             # DDP averages gradients over processes; multiply by `world` to undo it.

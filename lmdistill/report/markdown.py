@@ -48,6 +48,7 @@ def render(metrics: RunMetrics, config: dict[str, Any], has_eval: bool) -> str:
         lines += ["", "## The models' own greedy answers", "", *answers_table(metrics)]
     if metrics.kd.after is not None and metrics.kd.after.tasks:
         lines += ["", "## Task accuracy (greedy answers)", "", *task_table(metrics)]
+    lines += lineage_lines(metrics.setup.get("lineage"), metrics.setup.get("memory"))
     if has_groups(metrics):
         lines += ["", "## By group (the data's `group` field)", "", *group_lines(metrics, NAMES)]
     lines += ["", "## Training", "", "![loss](loss.png)", ""]
@@ -181,6 +182,44 @@ NAMES = {
     "KD": "KD student",
     "CE-only": "CE-only student",
 }
+
+
+def lineage_lines(found: dict[str, Any] | None, memory: dict[str, Any] | None) -> list[str]:
+    """Which student this run continued and with what (incremental distillation), and the
+    memory it leaves for runs that continue its own student."""
+    lines: list[str] = []
+    if found:
+        lines += [
+            "",
+            "## Lineage (a continued student)",
+            "",
+            f"Continued `{found['continued']}` (weights {found['continued_sha256']}) on "
+            f"`{found['new_data']}` ({found['new_examples']} new examples); retention weight "
+            f"{found['retention_weight']}, anchor {found['anchor']}"
+            + (f" (weight {found['anchor_weight']})" if found["anchor"] != "none" else "")
+            + ".",
+        ]
+        kept = found.get("memory")
+        if kept:
+            lines.append(
+                f"Replay memory `{kept['directory']}`: {kept['replayed_examples']} of the "
+                f"{kept['old_examples']} old training examples ({kept['share_of_old']:.2%}, "
+                f"chosen by {kept['selector']}) from `{kept['old_source']}`; no other old "
+                "example was read."
+            )
+    if memory:
+        fisher = memory.get("fisher")
+        lines += [
+            "",
+            "## Memory left for continuing runs",
+            "",
+            f"`memory/`: {memory['examples']} of {memory['old_examples']} training examples "
+            f"({memory['fraction']:.2%}, {memory['selector'] or 'none'} over "
+            f"{memory['features'] or 'no features'})"
+            + (f", the Fisher estimate over {fisher['examples']} examples" if fisher else "")
+            + f"; for the student with weights {memory['student_sha256']}.",
+        ]
+    return lines
 
 
 def fidelity_table(metrics: RunMetrics) -> list[str]:

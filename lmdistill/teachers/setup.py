@@ -29,6 +29,7 @@ from lmdistill.data import (
     Example,
     load_examples,
 )
+from lmdistill.data.memory import open_memory
 from lmdistill.models import describe, load_model, resolve_device
 from lmdistill.teachers.backends import TEACHERS, TeacherSetup, register_teacher
 from lmdistill.teachers.base import (
@@ -311,7 +312,8 @@ def _probed(
 
 
 def load_splits(config: RunConfig) -> tuple[list[Example], list[Example]]:
-    """Train and held-out examples; without `data.eval`, hold out `eval_size` at random."""
+    """Train and held-out examples; without `data.eval`, hold out `eval_size` at random. A
+    continued student's replay memory (`incremental.memory`) joins the training examples."""
     import random
 
     data = config.data
@@ -330,6 +332,9 @@ def load_splits(config: RunConfig) -> tuple[list[Example], list[Example]]:
         examples = [examples[i] for i in sorted(order[data.eval_size :])]
     if data.max_train_examples is not None:
         examples = examples[: data.max_train_examples]
+    inc = config.incremental
+    if inc.memory is not None and inc.replay:  # a continued student's replay memory
+        examples = examples + open_memory(inc.memory, str(config.student.path)).replay()
     return examples, held_out
 
 
