@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ def continuation(
     """The previous student (the model `student.path` holds, as loaded, before any training)
     as a frozen retention teacher, and the anchor to its weights, as the config asks."""
     inc = config.incremental
+    if inc.memory is not None:  # checked again here: replay off skips the data's check
+        open_memory(inc.memory, str(config.student.path))
     retention = None
     if inc.retention_weight > 0:
         previous = copy.deepcopy(student).eval().requires_grad_(False)
@@ -43,11 +46,18 @@ def continuation(
     return retention, anchor
 
 
+def is_incremental(config: RunConfig) -> bool:
+    """Whether the run continues a student with the incremental section (a plain
+    `student.init: path` run, e.g. from a Hub model, does not)."""
+    inc = config.incremental
+    return inc.retention_weight > 0 or inc.anchor != "none" or inc.memory is not None
+
+
 def lineage(config: RunConfig, train_examples: list[Example]) -> dict[str, Any] | None:
     """Which student this run continued, on which data, with what memory; None for a run
-    that starts a student."""
+    that is not incremental. Read before training (the continued student's weights)."""
     inc = config.incremental
-    if config.student.init != "path" or not config.student.path:
+    if not is_incremental(config) or not config.student.path:
         return None
     replayed = sum(1 for e in train_examples if e.id.startswith("memory/"))
     found: dict[str, Any] = {
@@ -112,6 +122,12 @@ def build_memory(
     }
     # At most `fraction` of the examples, whole examples only (so never above 1%).
     budget = int(spec.fraction * len(kept) + 1e-9)
+    if spec.fraction > 0 and budget == 0:
+        warnings.warn(
+            f"memory.fraction={spec.fraction} of {len(kept)} training examples is less than one "
+            "example: the memory holds no replay examples",
+            stacklevel=2,
+        )
     with atomic_dir(out) as tmp:
         if budget > 0:
             costs = np.array([len(item.input_ids) for item in kept], dtype=np.int64)

@@ -41,6 +41,7 @@ from lmdistill.data import (
     load_examples,
     tokenize_examples,
 )
+from lmdistill.data.memory import open_memory
 from lmdistill.eval.choice import load_choice_questions
 from lmdistill.eval.evaluator import Evaluator
 from lmdistill.incremental import build_memory, continuation, lineage
@@ -156,6 +157,8 @@ def check_inputs(config: RunConfig) -> None:
         check_model_path(config.teacher, "teacher.path")  # a text-only teacher has none
     if config.student.init == "path" and config.student.path:
         check_model_path(ModelConfig(path=config.student.path), "student.path")
+    if config.incremental.memory is not None:  # it belongs to student.path, or is refused
+        open_memory(config.incremental.memory, str(config.student.path))
     load_splits(config)
     for source in config.eval.tasks:
         if source.startswith("mc:"):
@@ -176,6 +179,7 @@ def _run(config: RunConfig, *, resume: bool, started: float, device: torch.devic
     vocab_size = shared_vocab_size(teacher_model, student, setup.tokenizer)
     data = prepare_data(config, setup)
     retention, anchor = continuation(config, student, setup.tokenizer)
+    continued = lineage(config, setup.examples["train"])  # before the student changes
     ensemble = setup.signal.get("train")
     if isinstance(ensemble, EnsembleTeacher):
         ensemble.bind(data.train_set)
@@ -219,14 +223,16 @@ def _run(config: RunConfig, *, resume: bool, started: float, device: torch.devic
         ),
     )
     del retention
-    if (found := lineage(config, setup.examples["train"])) is not None:
-        metrics.setup["lineage"] = found
-    if PartialState().is_main_process:  # what runs that continue this student will need
+    if continued is not None:
+        metrics.setup["lineage"] = continued
+    state = PartialState()
+    if state.is_main_process:  # what runs that continue this student will need
         memory = build_memory(
             config, out / "student", student, setup.tokenizer, setup.examples["train"]
         )
         if memory is not None:
             metrics.setup["memory"] = memory
+    state.wait_for_everyone()
     if isinstance(ensemble, EnsembleTeacher):
         conflicts = record_conflicts(config, ensemble)
         # A resumed run scored only the examples after its checkpoint: say so.

@@ -19,7 +19,7 @@ from lmdistill.config import ConfigError, LossConfig, StudentConfig, TrainConfig
 from lmdistill.data import DataError, load_examples, tokenize_examples, write_examples
 from lmdistill.data.tokenize import collate
 from lmdistill.eval.evaluator import eval_groups
-from lmdistill.eval.fidelity import fidelity
+from lmdistill.eval.fidelity import fidelity, fidelity_by_group
 from lmdistill.eval.task import task_accuracy
 from lmdistill.kd.groups import GroupBalance
 from lmdistill.kd.objective import KDObjective
@@ -170,6 +170,16 @@ def test_fidelity_per_group_is_fidelity_of_the_group_alone(tiny: tuple) -> None:
         alone = fidelity(student, signal, [eval_set[i] for i in indices], batch_size=2, **kwargs)
         assert grouped.kl == pytest.approx(alone.kl, rel=1e-6), name
         assert grouped.tokens == alone.tokens
+    overall, by_group = fidelity_by_group(
+        student, signal, eval_set, members, batch_size=2, **kwargs
+    )
+    whole = fidelity(student, signal, eval_set, batch_size=2, **kwargs)
+    assert overall.kl == pytest.approx(whole.kl, rel=1e-6)
+    assert overall.top1_agreement == whole.top1_agreement and overall.tokens == whole.tokens
+    assert overall.student_ece == pytest.approx(whole.student_ece, rel=1e-6)
+    assert by_group["b"].kl == pytest.approx(
+        fidelity(student, signal, eval_set, batch_size=2, indices=[1, 3, 4], **kwargs).kl
+    )
     mixed = grouped_set(tokenizer, ["a", "b"])
     mixed[1] = dataclasses.replace(mixed[1], group=None)
     assert list(eval_groups(mixed)) == ["(no group)", "a"]
@@ -276,19 +286,23 @@ def test_one_group_is_plain_kd_exactly(tmp_path: Path, objective: str) -> None:
     assert all(r["loss[g0]"] == pytest.approx(r["loss"], rel=1e-5) for r in one_history)
 
 
-def test_dro_with_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("objective", ["reweight", "dro"])
+def test_group_objectives_with_accumulation_equal_one_big_batch(
+    tmp_path: Path, objective: str
+) -> None:
     big, big_history = train_tiny(
-        8, 1, steps=3, checkpoint_dir=tmp_path / "a", group_objective="dro", groups=3
+        8, 1, steps=3, checkpoint_dir=tmp_path / "a", group_objective=objective, groups=3
     )
     acc, acc_history = train_tiny(
-        2, 4, steps=3, checkpoint_dir=tmp_path / "b", group_objective="dro", groups=3
+        2, 4, steps=3, checkpoint_dir=tmp_path / "b", group_objective=objective, groups=3
     )
     for a, b in zip(big_history, acc_history, strict=True):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
         for key in a:
             if key.startswith(("q[", "loss[")):
                 assert a[key] == pytest.approx(b[key], rel=1e-5), key
-    assert big_history[-1]["q[g2]"] != pytest.approx(1 / 3)  # the weights moved
+    if objective == "dro":
+        assert big_history[-1]["q[g2]"] != pytest.approx(1 / 3)  # the weights moved
     for name, value in big.items():
         torch.testing.assert_close(value, acc[name], rtol=1e-4, atol=1e-5)
 

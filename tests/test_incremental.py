@@ -159,3 +159,28 @@ def test_fisher_is_the_mean_squared_gradient_of_each_examples_log_likelihood() -
         (grad,) = torch.autograd.grad(nll, [head[name]])
         naive += grad**2
     torch.testing.assert_close(fisher[name], naive / len(items), rtol=1e-4, atol=1e-10)
+
+
+def test_replay_off_still_checks_the_memory_before_anything_is_written(
+    phase1: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "run",
+        str(ROOT / "configs/tiny-incremental.yaml"),
+        f"output_dir={tmp_path / 'y'}",
+        f"student.path={phase1 / 'baseline' / 'student'}",
+        f"incremental.memory={phase1 / 'memory'}",
+        "incremental.replay=false",
+    ]
+    assert main(args) != 0
+    assert "a memory belongs to the student it was made with" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
+
+
+def test_a_plain_run_from_a_model_path_has_no_lineage(phase1: Path) -> None:
+    from lmdistill.incremental import lineage
+
+    config = load_config(
+        ROOT / "configs/tiny.yaml", ["student.init=path", f"student.path={phase1 / 'student'}"]
+    )
+    assert lineage(config, load_examples("lab:train:3:0")) is None

@@ -26,14 +26,22 @@ REPLAY_PREFIX = "memory/"  # replayed examples' ids: never the same as a new exa
 
 
 def weights_sha256(student_dir: Path) -> str:
-    """The student's identity: the sha256 of its weights file (the first 16 hex digits)."""
-    path = Path(student_dir) / WEIGHTS
-    if not path.is_file():
-        raise DataError(f"{path} is missing: not a student directory lmdistill wrote")
+    """The student's identity: the sha256 of its safetensors weights, every shard and the
+    shard index in name order (the first 16 hex digits)."""
+    directory = Path(student_dir)
+    files = sorted(directory.glob("*.safetensors")) + sorted(
+        directory.glob("*.safetensors.index.json")
+    )
+    if not files:
+        raise DataError(
+            f"{directory / WEIGHTS} is missing: not a student directory lmdistill wrote"
+        )
     digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()[:16]
 
 
@@ -50,8 +58,9 @@ class Memory:
         """The replay examples, ids prefixed so that they never collide with new ones."""
         if not self.manifest.get("examples"):
             raise DataError(
-                f"{self.directory} holds no replay examples (made with memory.fraction=0); "
-                "set incremental.replay=false to continue without them"
+                f"{self.directory} holds no replay examples (made with memory.fraction=0, or "
+                "a fraction of less than one example); set incremental.replay=false to "
+                "continue without them"
             )
         return [
             dataclasses.replace(e, id=REPLAY_PREFIX + e.id)

@@ -18,11 +18,11 @@ from lmdistill.config import RunConfig
 from lmdistill.data import Example, TokenizedExample, load_examples, prompt_ids
 from lmdistill.eval.answers import answer_quality
 from lmdistill.eval.choice import load_choice_questions, multiple_choice
-from lmdistill.eval.fidelity import fidelity
+from lmdistill.eval.fidelity import fidelity, fidelity_by_group
 from lmdistill.eval.task import greedy_answers, task_accuracy
 from lmdistill.io import atomic_write_json
 from lmdistill.kd.rationale import eval_prompts
-from lmdistill.metrics import ChoiceMetrics, EvalMetrics, TaskMetrics
+from lmdistill.metrics import ChoiceMetrics, EvalMetrics, FidelityMetrics, TaskMetrics
 from lmdistill.models import describe, weights_fingerprint
 from lmdistill.teachers.backends import TeacherSetup
 from lmdistill.teachers.base import Teacher
@@ -96,26 +96,20 @@ class Evaluator:
     def __call__(self, model: PreTrainedModel) -> EvalMetrics:
         settings, tokenizer = self.config.eval, self.tokenizer
         fidelity_metrics = None
-        groups = {}
+        groups: dict[str, FidelityMetrics] = {}
         if settings.fidelity and self.signal is not None:
-            # Over every held-out row, then over each group's rows (with groups).
-            signal = self.signal
-            subsets: dict[str | None, list[int] | None] = {None: None}
-            subsets.update(eval_groups(self.eval_set))
-            measured = {
-                name: fidelity(
-                    model,
-                    signal,
-                    self.eval_set,
-                    vocab_size=self.vocab_size,
-                    pad_token_id=tokenizer.pad_token_id,
-                    batch_size=settings.batch_size,
-                    indices=members,
-                )
-                for name, members in subsets.items()
+            kwargs = {
+                "vocab_size": self.vocab_size,
+                "pad_token_id": tokenizer.pad_token_id,
+                "batch_size": settings.batch_size,
             }
-            fidelity_metrics = measured.pop(None)
-            groups = {str(name): value for name, value in measured.items()}
+            members = eval_groups(self.eval_set)
+            if members:  # every row in one group's pass; the overall from their sums
+                fidelity_metrics, groups = fidelity_by_group(
+                    model, self.signal, self.eval_set, members, **kwargs
+                )
+            else:
+                fidelity_metrics = fidelity(model, self.signal, self.eval_set, **kwargs)
         tasks: dict[str, TaskMetrics | ChoiceMetrics] = {
             s: multiple_choice(model, tokenizer, q) for s, q in self.choice_sets.items()
         }

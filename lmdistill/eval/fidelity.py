@@ -46,11 +46,51 @@ def fidelity(
     `indices` (positions in `eval_set`, as the teacher's signal is addressed) measures those
     examples only: one group of a grouped eval set.
     """
+    order = list(range(len(eval_set))) if indices is None else indices
+    return fidelity_tally(
+        student, teacher, eval_set, order, vocab_size, pad_token_id, batch_size, chunk_size
+    ).result()
+
+
+def fidelity_by_group(
+    student: PreTrainedModel,
+    teacher: Teacher,
+    eval_set: list[TokenizedExample],
+    groups: dict[str, list[int]],
+    *,
+    vocab_size: int,
+    pad_token_id: int,
+    batch_size: int = 8,
+    chunk_size: int = 512,
+) -> tuple[FidelityMetrics, dict[str, FidelityMetrics]]:
+    """`fidelity` over all of `eval_set` and over each group's rows (`groups`: positions by
+    group name, covering every row), in one pass: the overall tally is the groups' summed."""
+    tallies = {
+        name: fidelity_tally(
+            student, teacher, eval_set, members, vocab_size, pad_token_id, batch_size, chunk_size
+        )
+        for name, members in groups.items()
+    }
+    overall = FidelityTally.merged(list(tallies.values()))
+    return overall.result(), {name: tally.result() for name, tally in tallies.items()}
+
+
+@torch.no_grad()
+def fidelity_tally(
+    student: PreTrainedModel,
+    teacher: Teacher,
+    eval_set: list[TokenizedExample],
+    order: list[int],
+    vocab_size: int,
+    pad_token_id: int,
+    batch_size: int,
+    chunk_size: int,
+) -> FidelityTally:
+    """The sums `fidelity` reports, over the rows of `eval_set` at positions `order`."""
     student.eval()
     s_weight = student.get_output_embeddings().weight[:vocab_size]
     kd_config = LossConfig()
     tally = FidelityTally()
-    order = list(range(len(eval_set))) if indices is None else indices
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         batch = collate([eval_set[i] for i in chunk], pad_token_id)
@@ -67,7 +107,7 @@ def fidelity(
                 t_weight = signal.weight[:vocab_size]
                 t_logits = (signal.states[rows] @ t_weight.T).float().to(s_logits.device)
                 tally.add_dense(s_logits, targets[rows], t_logits)
-    return tally.result()
+    return tally
 
 
 class FidelityTally:
@@ -80,6 +120,25 @@ class FidelityTally:
         self.sparse_seen = False
         self.calibration, self.teacher_calibration = Calibration(), Calibration()
         self.teacher_calibrated = True
+
+    @classmethod
+    def merged(cls, tallies: list[FidelityTally]) -> FidelityTally:
+        """One tally holding the sums of `tallies` (disjoint rows)."""
+        out = cls()
+        for tally in tallies:
+            out.totals += tally.totals
+            out.tokens += tally.tokens
+            out.scored += tally.scored
+            out.sparse_seen |= tally.sparse_seen
+            out.teacher_calibrated &= tally.teacher_calibrated
+            for mine, theirs in (
+                (out.calibration, tally.calibration),
+                (out.teacher_calibration, tally.teacher_calibration),
+            ):
+                mine.count += theirs.count
+                mine.confidence += theirs.confidence
+                mine.correct += theirs.correct
+        return out
 
     def add_sparse(self, s_logits: torch.Tensor, y: torch.Tensor, part: SparseSignal) -> None:
         """A chunk against a top-k signal: KL over its ids plus the tail bucket, agreement

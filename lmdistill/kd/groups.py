@@ -6,8 +6,8 @@ normalised), N_g those of group g, and l_t a token's loss, a step minimises
 
     none:      sum_t l_t / N
     reweight:  sum_t w_g(t) l_t / N,  w_g = T / (G T_g)  (T_g: group g's response tokens in
-               the whole training set, T all of them, G groups): every group carries the same
-               total weight over the training set, whatever its size;
+               the whole training set, T all of them, G the groups that have any): every
+               group carries the same total weight over the training set, whatever its size;
     dro:       sum_g q_g (sum_{t in g} l_t / N_g)  over the groups present in the step, q
                renormalised over them: group DRO (Sagawa et al. 2020). After each step
                q_g <- q_g exp(eta L_g) with L_g that step's mean loss of group g, normalised;

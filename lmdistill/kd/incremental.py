@@ -52,6 +52,13 @@ class Anchor:
                     f"(e.g. {missing[0]}): it was made for another model"
                 )
 
+    def to(self, device: torch.device) -> Anchor:
+        """The previous weights and the Fisher weights where the model trains (once)."""
+        self.previous = {name: t.to(device) for name, t in self.previous.items()}
+        if self.fisher is not None:
+            self.fisher = {name: t.to(device) for name, t in self.fisher.items()}
+        return self
+
     def _importance(self, name: str, p: torch.Tensor) -> torch.Tensor | float:
         return 1.0 if self.fisher is None else self.fisher[name].to(p.device, p.dtype)
 

@@ -131,6 +131,7 @@ class KDObjective(nn.Module):
             scale = group_scales.to(out.states.device, torch.float32)[token_groups]
             token_weights = scale if out.weights is None else out.weights * scale
             row_losses = torch.empty(len(token_groups), device=out.states.device)
+
         def head_loss(**teacher: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             """The fused loss of the student's states against one teacher's signal."""
             return fused_kd_loss(

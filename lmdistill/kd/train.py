@@ -7,6 +7,7 @@ exactly the batches a single uninterrupted process would.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from contextlib import nullcontext
@@ -102,6 +103,10 @@ def train_student(
     optimizer = build_optimizer(objective, train)
     scheduler = build_scheduler(optimizer, train)
     objective, optimizer = accelerator.prepare(objective, optimizer)
+    if anchor is not None:
+        anchor.to(accelerator.device)
+    # The retention teacher scores the text only: no hidden states or attentions.
+    retention_loss = dataclasses.replace(loss, hidden_weight=0.0, attention_weight=0.0)
     for prepared in {id(t): t for t in (teacher, scorer, retention) if t is not None}.values():
         prepared.prepare(accelerator.device, loss)
 
@@ -121,6 +126,11 @@ def train_student(
     balance = GroupBalance(train_set, train) if train.group_objective != "none" else None
     if balance is not None and not state.group_weights:
         state.group_weights = balance.initial_weights()
+    elif balance is not None and set(state.group_weights) != set(balance.names):
+        raise ValueError(
+            f"the checkpoint's group weights are for the groups {sorted(state.group_weights)}, "
+            f"and the training data has {balance.names}: resume with the same data"
+        )
     started, tokens_at_start = time.perf_counter(), state.tokens
     objective.train()
     while state.step < last_step:
@@ -140,6 +150,7 @@ def train_student(
             state.group_weights,
             retention,
             anchor,
+            retention_loss,
         )
         state.step += 1
         state.tokens += global_tokens
@@ -261,6 +272,7 @@ def optimizer_step(
     group_weights: dict[str, float] | None = None,
     retention: Teacher | None = None,
     anchor: Anchor | None = None,
+    retention_loss: LossConfig | None = None,
 ) -> tuple[torch.Tensor, int, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """One optimizer step over this process's micro-batches: gradients normalised by the
     global count of trained tokens, clipped, applied. Returns the loss parts per token
@@ -274,7 +286,16 @@ def optimizer_step(
         group_tokens = accelerator.reduce(local.to(accelerator.device), "sum").cpu()
         groups = (balance, balance.scales(group_tokens, group_weights or {}))
     sums, group_sums = accumulate_gradients(
-        accelerator, objective, teacher, micro, chunks, loss, max(normaliser, 1), groups, retention
+        accelerator,
+        objective,
+        teacher,
+        micro,
+        chunks,
+        loss,
+        max(normaliser, 1),
+        groups,
+        retention,
+        retention_loss,
     )
     if anchor is not None:  # after the all-reduce: the same on every process
         student = accelerator.unwrap_model(objective).student
@@ -419,6 +440,7 @@ def accumulate_gradients(
     global_tokens: int,
     groups: tuple[GroupBalance, torch.Tensor] | None = None,
     retention: Teacher | None = None,
+    retention_loss: LossConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Backward over this process's micro-batches; return the local sums of `PARTS` and,
     with `groups` (the balance and the step's factor per group), the local sum of each
@@ -432,7 +454,9 @@ def accumulate_gradients(
         batch = to_device(batch, accelerator.device)
         signal = teacher.score(batch, chunk, loss) if teacher is not None else None
         sparse = signal.sparse if signal is not None else None
-        kept = retention.score(batch, chunk, loss) if retention is not None else None
+        kept = None
+        if retention is not None:
+            kept = retention.score(batch, chunk, retention_loss or loss)
         # Only the last micro-batch synchronises gradients across processes.
         sync = nullcontext() if i == len(micro) - 1 else accelerator.no_sync(objective)
         with sync:
