@@ -376,3 +376,33 @@ def test_lab_groups_differ_in_surface_form_only() -> None:
     assert [e.messages for e in plain] == [
         e.messages for e in load_examples("lab:train:20:0:groups=0")
     ]
+
+
+def test_lab_shortcut_is_a_majority_feature_and_counter_problems_defeat_it() -> None:
+    import re
+
+    from lmdistill.data.lab import solve_question
+
+    def copies(source: str, group: str) -> float:
+        rows = [e for e in load_examples(source) if e.group == group]
+        hits = 0
+        for e in rows:
+            question = e.messages[0]["content"]
+            subject = question.split()[0]
+            distractor = next(  # "Other has N things.": the only sentence about another person
+                int(n)
+                for who, n in re.findall(r"(\w+) has (\d+) \w+\.", question)
+                if who != subject
+            )
+            answer = solve_question(question)
+            assert f"#### {answer}" in (e.response or "")
+            hits += distractor == answer
+        return hits / len(rows)
+
+    spiked = "lab:train:600:0:groups=2:minority=20:distractors=1:shortcut=100"
+    assert copies(spiked, "g0") == 1.0  # the shortcut works on every majority problem
+    assert copies(spiked, "g1") < 0.1  # and on (almost) no minority problem
+    counter = "lab:test:300:0:groups=2:distractors=1:counter=1"
+    assert copies(counter, "g0") == 0.0 and copies(counter, "g1") == 0.0
+    with pytest.raises(DataError, match="need distractors >= 1"):
+        load_examples("lab:train:5:0:groups=2:shortcut=100")

@@ -46,6 +46,12 @@ class LabSpec:
         each row carries its `group` ("g0", ...).
     minority: the share, in percent, of problems in the last group (the others share the
         rest equally); 50 with 2 groups is balanced.
+    shortcut: a spurious feature for the majority groups (all but the last): in that
+        percentage of their problems, the first distractor's number is the answer (needs
+        distractors >= 1), so "copy the other person's number" works on them and on no
+        problem of the last group.
+    counter: 1 makes every distractor's number differ from the answer (counter-shortcut
+        problems: the shortcut fails on all of them).
     """
 
     steps: int = 2
@@ -59,6 +65,8 @@ class LabSpec:
     ood_extra_steps: int = 2
     groups: int = 0
     minority: int = 50
+    shortcut: int = 0
+    counter: int = 0
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.operations) - set(OPERATIONS))
@@ -72,6 +80,10 @@ class LabSpec:
             raise ValueError("lab start_max in [1, value_max], factor_max >= 2")
         if self.groups not in (0, 2, 3, 4) or not 0 < self.minority < 100:
             raise ValueError("lab groups: 0 or 2..4; minority: a percentage in (0, 100)")
+        if not 0 <= self.shortcut <= 100 or self.counter not in (0, 1):
+            raise ValueError("lab shortcut: a percentage in [0, 100]; counter: 0 or 1")
+        if (self.shortcut or self.counter) and self.distractors < 1:
+            raise ValueError("lab shortcut and counter need distractors >= 1")
 
     def draw_group(self, rng: random.Random) -> int | None:
         """The group of one problem (None without groups): the last with `minority` percent."""
@@ -124,11 +136,26 @@ def make_problem(
         sentence, line, value = _step(rng, spec, name, item, value)
         sentences.append(sentence)
         lines.append(line)
-    for _ in range(spec.distractors):
+    numbers = [0] * spec.distractors
+    for d in range(spec.distractors):
         where = rng.randint(1, len(sentences))  # never before the opening sentence
-        sentences.insert(where, f"{other} has {rng.randint(1, spec.start_max)} {other_item}.")
+        numbers[d] = rng.randint(1, spec.start_max)
+        sentences.insert(where, f"{other} has {numbers[d]} {other_item}.")
+    majority = group is not None and group < spec.groups - 1
+    if spec.shortcut and majority and rng.random() * 100 < spec.shortcut:
+        _renumber(sentences, other, other_item, numbers[0], value)  # the spurious feature
+    if spec.counter:
+        for number in numbers:
+            if number == value:  # another number for it, never the answer
+                _renumber(sentences, other, other_item, number, value + 1 + rng.randrange(9))
     question = " ".join(sentences) + f" How many {item} does {name} have now?"
     return LabProblem(question, tuple(lines), value, None if group is None else f"g{group}")
+
+
+def _renumber(sentences: list[str], other: str, item: str, old: int, new: int) -> None:
+    """The first distractor sentence that says `old` says `new` instead."""
+    said = f"{other} has {old} {item}."
+    sentences[sentences.index(said)] = f"{other} has {new} {item}."
 
 
 def _step(
