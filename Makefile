@@ -15,7 +15,7 @@ LLAMA_VERSION ?= 0.3.36
 LLAMA_PIN ?= llama-cpp-python[server]==$(LLAMA_VERSION)
 LLAMA_WHEELS ?= $(HOME)/.cache/lmdistill/wheels/llama-cpp-python-$(LLAMA_VERSION)-portable
 
-.PHONY: demo demo-results test lint typecheck clean lab lab-e1 lab-e2 lab-dd e1-demo demo-dd lab-on-policy demo-on-policy lab-multi demo-multi
+.PHONY: demo demo-results test lint typecheck clean lab lab-e1 lab-e2 lab-dd e1-demo demo-dd lab-on-policy demo-on-policy lab-multi demo-multi lab-incremental lab-fair
 
 $(VENV)/.base: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -83,6 +83,21 @@ demo-on-policy: $(VENV)/.base
 # strategy, 3 seeds (~2 h on 2 cores; finished runs are kept; --rates 0.25 0.125 0.5 adds r).
 lab-multi: $(LAB_TEACHER)
 	$(PY) benchmarks/multi_teacher_lab.py --out $(LAB)/multi --seeds 3 --rates 0.25
+
+# Incremental distillation on the lab (docs/incremental.md, configs/lab/incremental.yaml):
+# capability A, then B without A's data, six arms against a full re-run, 3 seeds.
+lab-incremental: $(LAB_TEACHER)
+	$(PY) benchmarks/incremental_lab.py --out $(LAB)/incremental --seeds 3
+
+# Fairness-aware distillation on the lab (docs/groups.md, configs/lab/fair.yaml): a fair
+# teacher, imbalanced data with a majority-only shortcut; plain KD, CE, reweight, dro, 3 seeds.
+FAIR_TEACHER := $(LAB)/fair-teacher/student/config.json
+
+$(FAIR_TEACHER): configs/lab/fair-teacher.yaml | $(VENV)/.base
+	$(LMDISTILL) run configs/lab/fair-teacher.yaml
+
+lab-fair: $(FAIR_TEACHER)
+	$(PY) benchmarks/fairness_lab.py --out $(LAB)/fair --seeds 3
 
 # Two teachers of different quality with a real LLM (SmolLM2 and its 15-layer copy):
 # a student per strategy against the single better teacher (configs/experiments/).

@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ COMMANDS = {
     "on-policy-demo": "make demo-on-policy",
     "multi-teacher": "make lab-multi",
     "multi-teacher-demo": "make demo-multi",
+    "incremental": "make lab-incremental",
+    "fairness": "make lab-fair",
 }
 OUTPUTS = {
     "demo": "demo.json",
@@ -40,6 +43,20 @@ OUTPUTS = {
     "lab-dd": "lab-dd.json",
     "demo-dd": "demo-dd.json",
 }
+
+
+def write_result(
+    result: dict[str, Any],
+    path: Path,
+    plot: Callable[[dict[str, Any], Path], None],
+    tables: Callable[[dict[str, Any]], str],
+) -> None:
+    """An experiment's result file, its plot beside it (.png), and its docs tables printed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {path}")
+    plot(result, path.with_suffix(".png"))
+    print(tables(result))
 
 
 def provenance(experiment: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -184,3 +185,64 @@ def test_a_plain_run_from_a_model_path_has_no_lineage(phase1: Path) -> None:
         ROOT / "configs/tiny.yaml", ["student.init=path", f"student.path={phase1 / 'student'}"]
     )
     assert lineage(config, load_examples("lab:train:3:0")) is None
+
+
+def _lab() -> Any:
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import incremental_lab
+
+    return incremental_lab
+
+
+def test_the_lab_experiment_scores_its_targets_against_the_rerun() -> None:
+    lab = _lab()
+
+    def entry(arm: str, a: float, b: float, tokens: int, seconds: float) -> dict[str, Any]:
+        found = {"arm": arm, "a_exact_match": a, "b_exact_match": b}
+        found |= {"tokens": tokens, "train_seconds": seconds}
+        if arm not in (lab.RERUN, "phase 1"):
+            found["retention"] = a / 0.8
+        return found
+
+    runs = [
+        entry("phase 1", 0.8, 0.1, 100, 10.0),
+        entry(lab.RERUN, 0.8, 0.6, 1000, 100.0),
+        entry("KD + retention + replay", 0.78, 0.57, 240, 20.0),
+        entry("fine-tune on B", 0.4, 0.6, 240, 30.0),
+    ]
+    arms = lab.summarise(runs)
+    good = arms["KD + retention + replay"]
+    assert good["retention"]["mean"] == pytest.approx(0.975)
+    assert good["b_of_rerun"] == pytest.approx(0.95)
+    assert good["targets"] == {
+        "retention >= 0.95": True,
+        "B >= 0.9 of re-run": True,
+        "compute <= 0.25 of re-run": True,
+    }
+    forgets = arms["fine-tune on B"]["targets"]
+    assert not forgets["retention >= 0.95"]
+    assert not forgets["compute <= 0.25 of re-run"]  # 30 of the re-run's 100 seconds
+    assert "| KD + retention + replay | 0.780 ± 0.000 | 0.975" in lab.tables({"arms": arms})
+
+
+@pytest.mark.slow
+def test_the_lab_experiment_runs_end_to_end_on_tiny_models(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    result = tmp_path / "incremental.json"
+    command = [
+        sys.executable, str(ROOT / "benchmarks/incremental_lab.py"), "--out", str(tmp_path),
+        "--seeds", "1", "--result", str(result), "teacher.path=tiny-llama",
+        "teacher.tiny_layers=2", "train.max_steps=3", "memory.fisher_examples=8",
+        "eval.task_max_new_tokens=8", "train.checkpoint_every=0",
+    ]  # fmt: skip
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=900)
+    found = json.loads(result.read_text())
+    assert set(found["arms"]) == {"phase 1", *_lab().ARMS}
+    replay = next(r for r in found["runs"] if r["arm"] == "KD + retention + replay")
+    assert replay["lineage"]["memory"]["replayed_examples"] == 10
+    assert (tmp_path / "KD-and-retention-and-anchor/s0/metrics.json").is_file()
+    assert result.with_suffix(".png").is_file()
