@@ -16,7 +16,14 @@ from transformers import PreTrainedModel
 
 from lmdistill.config import RunConfig
 from lmdistill.data import Example, data_hash, tokenize_examples, write_examples
-from lmdistill.data.memory import EXAMPLES, KIND, MANIFEST, open_memory, weights_sha256
+from lmdistill.data.memory import (
+    EXAMPLES,
+    KIND,
+    MANIFEST,
+    REPLAY_PREFIX,
+    open_memory,
+    weights_sha256,
+)
 from lmdistill.dd.scores import hidden_features
 from lmdistill.dd.select import select
 from lmdistill.io import atomic_dir, atomic_write_json
@@ -29,9 +36,7 @@ def continuation(
 ) -> tuple[LocalTeacher | None, Anchor | None]:
     """The previous student (the model `student.path` holds, as loaded, before any training)
     as a frozen retention teacher, and the anchor to its weights, as the config asks."""
-    inc = config.incremental
-    if inc.memory is not None:  # checked again here: replay off skips the data's check
-        open_memory(inc.memory, str(config.student.path))
+    inc = config.incremental  # its memory was checked with the inputs (pipeline.check_inputs)
     retention = None
     if inc.retention_weight > 0:
         previous = copy.deepcopy(student).eval().requires_grad_(False)
@@ -46,20 +51,13 @@ def continuation(
     return retention, anchor
 
 
-def is_incremental(config: RunConfig) -> bool:
-    """Whether the run continues a student with the incremental section (a plain
-    `student.init: path` run, e.g. from a Hub model, does not)."""
-    inc = config.incremental
-    return inc.retention_weight > 0 or inc.anchor != "none" or inc.memory is not None
-
-
 def lineage(config: RunConfig, train_examples: list[Example]) -> dict[str, Any] | None:
     """Which student this run continued, on which data, with what memory; None for a run
     that is not incremental. Read before training (the continued student's weights)."""
     inc = config.incremental
-    if not is_incremental(config) or not config.student.path:
+    if not inc.used() or not config.student.path:
         return None
-    replayed = sum(1 for e in train_examples if e.id.startswith("memory/"))
+    replayed = sum(1 for e in train_examples if e.id.startswith(REPLAY_PREFIX))
     found: dict[str, Any] = {
         "continued": config.student.path,
         "continued_sha256": weights_sha256(Path(config.student.path)),

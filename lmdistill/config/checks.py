@@ -119,8 +119,7 @@ def _check_incremental(config: RunConfig) -> None:
     for name in ("retention_weight", "anchor_weight"):
         value = getattr(inc, name)
         check(value >= 0 and value == value, f"incremental.{name}", value, "a number >= 0")
-    continues = inc.retention_weight > 0 or inc.anchor != "none" or inc.memory is not None
-    if continues:
+    if inc.used():
         check(
             config.student.init == "path",
             "student.init",

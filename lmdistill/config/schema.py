@@ -441,6 +441,11 @@ class IncrementalConfig:
     anchor: Literal["none", "l2", "ewc"] = "none"
     anchor_weight: float = 0.0
 
+    def used(self) -> bool:
+        """Whether the run continues a student with this section (a plain `student.init:
+        path` run, e.g. from a Hub model, does not)."""
+        return self.retention_weight > 0 or self.anchor != "none" or self.memory is not None
+
 
 @dataclass
 class RunConfig:

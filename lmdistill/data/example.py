@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The group of rows without one, in data where other rows have a group.
+NO_GROUP = "(no group)"
+
 
 class DataError(ValueError):
     """The input data is malformed; the message names the file, the line and the problem."""

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from lmdistill.config import RunConfig
 from lmdistill.data import Example, TokenizedExample, load_examples, prompt_ids
+from lmdistill.data.example import NO_GROUP
 from lmdistill.eval.answers import answer_quality
 from lmdistill.eval.choice import load_choice_questions, multiple_choice
 from lmdistill.eval.fidelity import fidelity, fidelity_by_group
@@ -135,9 +136,6 @@ class Evaluator:
                 batch_size=settings.batch_size,
             )
         return EvalMetrics(fidelity_metrics, tasks, answers, groups)
-
-
-NO_GROUP = "(no group)"
 
 
 def eval_groups(eval_set: list[TokenizedExample]) -> dict[str, list[int]]:

@@ -8,6 +8,7 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from lmdistill.data import Example
+from lmdistill.data.example import NO_GROUP
 from lmdistill.data.gsm8k import calculator_annotations, final_answer, majority_answer
 from lmdistill.eval.reasoning import rationale_quality, step_agreement
 from lmdistill.metrics import SelfConsistency, TaskMetrics, TeacherAgreement
@@ -49,7 +50,7 @@ def task_accuracy(
         hit = gold is not None and final_answer(answer) == gold
         correct += hit
         if grouped:
-            tally = by_group.setdefault(example.group or "(no group)", [0, 0])
+            tally = by_group.setdefault(example.group or NO_GROUP, [0, 0])
             tally[0] += 1
             tally[1] += hit
         quality = rationale_quality(answer)

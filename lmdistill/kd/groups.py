@@ -27,8 +27,7 @@ import torch
 
 from lmdistill.config import TrainConfig
 from lmdistill.data import IGNORE_INDEX, TokenizedExample
-
-NO_GROUP = "(no group)"
+from lmdistill.data.example import NO_GROUP
 
 
 class GroupBalance:
