@@ -345,3 +345,35 @@ def test_kd_settings_merge_sections_and_replace_values() -> None:
     arm = protocol.arm_config(config, protocol.Arm("random", 0.1, 0, True), Path("/o"))
     assert arm.teacher.extra_body == {"a": 1} and arm.loss.alpha == 0.5
     assert arm.loss.divergence == config.loss.divergence  # the rest of the section kept
+
+
+def test_the_worst_group_is_recorded_tabled_and_shown_where_rows_carry_groups() -> None:
+    task = load_config(CONFIG, [])
+    source = task.eval.tasks[0]
+    groups = {"a": {"examples": 3, "exact_match": 1 / 3}, "b": {"examples": 1, "exact_match": 0.0}}
+    after = EvalMetrics(tasks={source: TaskMetrics(4, 0.25, 0.0, None, None, None, groups=groups)})
+    gap = protocol.arm_group_gap(task, after)
+    assert gap is not None and (gap["worst_group"], gap["best_group"]) == ("b", "a")
+    assert gap["gap"] == pytest.approx(1 / 3)
+    # Without groups (today's data) there is nothing to record.
+    plain = EvalMetrics(tasks={source: TaskMetrics(4, 0.25, 0.0, None, None, None)})
+    assert protocol.arm_group_gap(task, plain) is None
+
+    config = load_config(CONFIG, ["protocol.budgets=[0.1]"])
+    records = [_record("full", None, 0, 0.80)] + [
+        _record("random", 0.1, s, a) for s, a in enumerate((0.50, 0.60))
+    ]
+    for record, worst in zip(records, (0.7, 0.2, 0.4), strict=True):
+        record["groups"] = {"worst": worst, "gap": 0.9 - worst}
+    summary = protocol.summarise(config, records, protocol.plan(config))
+    cell = summary["table"][0]["cells"]["0.1"]
+    assert cell["worst_group"]["mean"] == pytest.approx(0.3)
+    assert cell["group_gap"]["mean"] == pytest.approx(0.6)
+    assert summary["full_worst_group"]["mean"] == pytest.approx(0.7)
+    md = render_protocol(summary)
+    assert "full data: worst group 0.700" in md and "| random | 0.300 (gap 0.600) |" in md
+    # A seed scored without groups: no mean over a part of the seeds.
+    del records[2]["groups"]
+    summary = protocol.summarise(config, records, protocol.plan(config))
+    assert "worst_group" not in summary["table"][0]["cells"]["0.1"]
+    assert "Worst group" not in render_protocol(summary)

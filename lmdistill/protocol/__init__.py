@@ -21,6 +21,7 @@ Writes OUT/protocol.md, protocol.json and protocol.png (budget vs score).
 from lmdistill.protocol.plan import (
     Arm,
     arm_config,
+    arm_group_gap,
     arm_metric,
     matched_tokens,
     metric_title,
@@ -32,6 +33,7 @@ from lmdistill.protocol.table import summarise, verdicts
 __all__ = [
     "Arm",
     "arm_config",
+    "arm_group_gap",
     "arm_hash",
     "arm_metric",
     "matched_tokens",

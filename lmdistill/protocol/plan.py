@@ -144,6 +144,17 @@ def arm_metric(config: RunConfig, after: EvalMetrics | None) -> float:
     return after.exact_match(task_name(config))
 
 
+def arm_group_gap(config: RunConfig, after: EvalMetrics | None) -> dict[str, Any] | None:
+    """The arm's number per group, where the scored rows carry two groups or more: the worst
+    and the best group and the gap (`EvalMetrics.group_gaps`); None without groups."""
+    if after is None:
+        return None
+    gaps = after.group_gaps()
+    if config.protocol.metric == "agreement":
+        return gaps.get("top1_agreement")
+    return gaps.get(f"exact_match {task_name(config)}")
+
+
 def metric_title(config: RunConfig) -> str:
     if config.protocol.metric == "agreement":
         return f"top-1 agreement with the teacher on `{config.data.eval}`"

@@ -23,7 +23,15 @@ from lmdistill.kd.rationale import apply_objective, eval_prompts
 from lmdistill.metrics import EvalMetrics
 from lmdistill.models import build_student, load_model, shared_vocab_size
 from lmdistill.pipeline import run
-from lmdistill.protocol.plan import Arm, arm_config, arm_metric, budget_label, plan, task_name
+from lmdistill.protocol.plan import (
+    Arm,
+    arm_config,
+    arm_group_gap,
+    arm_metric,
+    budget_label,
+    plan,
+    task_name,
+)
 from lmdistill.protocol.table import summarise
 from lmdistill.report.protocol import plot_protocol, render_protocol
 from lmdistill.validate import load_config
@@ -171,6 +179,8 @@ def run_arm(config: RunConfig, arm: Arm) -> dict[str, Any]:
         wall_seconds=time.perf_counter() - started,
         output_dir=config.output_dir,
     )
+    if (groups := arm_group_gap(config, outcome.after)) is not None:
+        record["groups"] = groups  # the worst and the best group of the arm's number
     return record
 
 

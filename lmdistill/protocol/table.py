@@ -40,6 +40,9 @@ def summarise(config: RunConfig, records: list[dict[str, Any]], arms: list[Arm])
         if reference
         else None,
         "full_same_steps": _stats([r["accuracy"] for r in same_steps]) if same_steps else None,
+        "full_worst_group": _stats([r["groups"]["worst"] for r in reference])
+        if reference and all(r.get("groups") for r in reference)
+        else None,
         "train_steps": config.train.max_steps,
         "table": table,
         "decomposition": decomposition(config, records, table),
@@ -55,7 +58,8 @@ def arm_table(
     config: RunConfig, records: list[dict[str, Any]], arms: list[Arm], full_mean: float | None
 ) -> list[dict[str, Any]]:
     """Per arm (in plan order) and budget: the metric's mean, std and n over its seeds, the
-    mean seconds of each stage, the examples selected, the share of the full-data mean."""
+    mean seconds of each stage, the examples selected, the share of the full-data mean, and
+    where the scored rows carry groups, the worst group's score and the gap (over seeds)."""
     names = []
     for arm in arms:
         if arm.budget is not None and arm.name not in names:
@@ -74,6 +78,10 @@ def arm_table(
             cell["examples"] = runs[0].get("selection", {}).get("selected")
             if full_mean:
                 cell["of_full"] = cell["mean"] / full_mean
+            grouped = [r["groups"] for r in runs if r.get("groups")]
+            if len(grouped) == len(runs):  # every seed scored per group
+                cell["worst_group"] = _stats([g["worst"] for g in grouped])
+                cell["group_gap"] = _stats([g["gap"] for g in grouped])
             row["cells"][f"{budget:g}"] = cell
         table.append(row)
     return table

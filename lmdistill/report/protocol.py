@@ -21,6 +21,7 @@ def render_protocol(summary: dict[str, Any]) -> str:
     ]
     lines += full_data_lines(summary)
     lines += arm_table(summary, budgets)
+    lines += worst_group_table(summary, budgets)
     lines += verdict_lines(summary)
     lines += decomposition_lines(summary)
     lines += cost_lines(summary)
@@ -69,6 +70,28 @@ def arm_table(summary: dict[str, Any], budgets: list[float]) -> list[str]:
             if "of_full" in cell:
                 text += f" ({100 * cell['of_full']:.0f}%)"
             cells.append(text)
+        lines.append(f"| {row['arm']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def worst_group_table(summary: dict[str, Any], budgets: list[float]) -> list[str]:
+    """Where the scored rows carry groups: every arm's worst group and the gap to its best
+    group (a subset that helps the average can still leave a group behind)."""
+    rows = [r for r in summary["table"] if any("worst_group" in c for c in r["cells"].values())]
+    if not rows:
+        return []
+    lines = ["", "Worst group (its score, and the gap to the best group, means over seeds):"]
+    full = summary.get("full_worst_group")
+    if full:
+        lines.append(f"full data: worst group {full['mean']:.3f}")
+    lines += ["", "| arm | " + " | ".join(f"{100 * b:g}%" for b in budgets) + " |"]
+    lines.append("|---|" + "---|" * len(budgets))
+    for row in rows:
+        cells = []
+        for budget in budgets:
+            cell = row["cells"].get(f"{budget:g}") or {}
+            worst, gap = cell.get("worst_group"), cell.get("group_gap")
+            cells.append(f"{worst['mean']:.3f} (gap {gap['mean']:.3f})" if worst and gap else "")
         lines.append(f"| {row['arm']} | " + " | ".join(cells) + " |")
     return lines
 
