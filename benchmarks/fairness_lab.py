@@ -123,7 +123,18 @@ def main() -> None:
     for seed in range(args.seeds):
         for arm in args.arms:
             where = out / arm.replace(" ", "-") / f"s{seed}"
-            metrics = run(CONFIG, where, *ARMS[arm], f"train.seed={seed}", *args.overrides)
+            # The teacher is the same in every run: its answers are scored once (the first
+            # run). The untrained students' scores are no part of the result.
+            once = [] if (seed, arm) == (0, args.arms[0]) else ["eval.task_teacher=false"]
+            metrics = run(
+                CONFIG,
+                where,
+                *ARMS[arm],
+                f"train.seed={seed}",
+                "eval.before=false",
+                *once,
+                *args.overrides,
+            )
             runs.append({"arm": arm, "seed": seed, **measured(metrics["kd"]["after"])})
             if teacher is None and metrics.get("teacher"):
                 teacher = measured(metrics["teacher"])

@@ -167,14 +167,24 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     for seed in range(args.seeds):
         phase1 = out / f"phase1-s{seed}"
-        first = measured(run(CONFIG, phase1, f"train.seed={seed}", *args.overrides))
+        # The untrained students' scores are no part of the result (eval.before=false).
+        first = measured(
+            run(CONFIG, phase1, f"train.seed={seed}", "eval.before=false", *args.overrides)
+        )
         runs.append({"arm": "phase 1", "seed": seed, **first})
         for arm in args.arms:
             where = out / arm.replace(" ", "-").replace("+", "and") / f"s{seed}"
             overrides = arm_overrides(
                 arm, phase1, args.phase2_steps, args.retention_weight, args.anchor_weight, both
             )
-            metrics = run(CONFIG, where, *overrides, f"train.seed={seed}", *args.overrides)
+            metrics = run(
+                CONFIG,
+                where,
+                *overrides,
+                f"train.seed={seed}",
+                "eval.before=false",
+                *args.overrides,
+            )
             found = measured(metrics)
             entry = {"arm": arm, "seed": seed, **found}
             if arm != RERUN:
