@@ -148,6 +148,13 @@ def main() -> None:
     parser.add_argument("--retention-weight", type=float, default=1.0)
     parser.add_argument("--anchor-weight", type=float, default=100.0)
     parser.add_argument("--arms", nargs="*", default=list(ARMS))
+    parser.add_argument(
+        "--only-seeds",
+        nargs="*",
+        type=int,
+        help="run these seeds' runs and write no result: a second process (on another core) "
+        "shares the work; finished runs are kept, so a last call without it writes the result",
+    )
     parser.add_argument("--result", type=Path, default=ROOT / "docs/results/incremental.json")
     parser.add_argument("--tables", action="store_true", help="print the docs' table and stop")
     parser.add_argument(
@@ -165,8 +172,14 @@ def main() -> None:
         both.parent.mkdir(parents=True, exist_ok=True)
         write_examples(both, load_examples(TRAIN_A) + load_examples(TRAIN_B))
     runs: list[dict[str, Any]] = []
-    for seed in range(args.seeds):
+    seeds = range(args.seeds) if args.only_seeds is None else args.only_seeds
+    for seed in seeds:
         phase1 = out / f"phase1-s{seed}"
+        if args.only_seeds is not None and args.arms == [RERUN]:  # needs no phase 1
+            run(CONFIG, out / "re-run-on-A-and-B" / f"s{seed}",
+                *arm_overrides(RERUN, phase1, args.phase2_steps, 0, 0, both),
+                f"train.seed={seed}", "eval.before=false", *args.overrides)  # fmt: skip
+            continue
         # The untrained students' scores are no part of the result (eval.before=false).
         first = measured(
             run(CONFIG, phase1, f"train.seed={seed}", "eval.before=false", *args.overrides)
@@ -195,6 +208,8 @@ def main() -> None:
                 )
                 entry["lineage"] = metrics.get("lineage")
             runs.append(entry)
+    if args.only_seeds is not None:
+        return
     result = {
         **provenance("incremental"),
         "setup": {
