@@ -56,6 +56,7 @@ from lmdistill.kd.checkpoint import list_checkpoints
 from lmdistill.kd.incremental import Anchor
 from lmdistill.kd.on_policy import OnPolicy
 from lmdistill.kd.rationale import apply_objective, eval_prompts
+from lmdistill.kd.tracking import open_tracking
 from lmdistill.kd.train import TrainResult, train_student
 from lmdistill.metrics import ArmMetrics, EvalMetrics, RunMetrics
 from lmdistill.models import (
@@ -251,6 +252,7 @@ def _run(config: RunConfig, *, resume: bool, started: float, device: torch.devic
             "CE-only student",
             samples,
             texts,
+            tracked_as="baseline",
         )
     finish(config, metrics, samples, texts, started=started, device=device)
     return metrics
@@ -352,11 +354,20 @@ class Arms:
         *,
         retention: Teacher | None = None,
         anchor: Anchor | None = None,
+        tracked_as: str = "kd",
     ) -> ArmMetrics:
         """Train `model` (from `teacher`'s signal, or CE only without one), evaluate it, add
         its answers to `texts` under `label`, save it under `directory/student`. An
         incremental run's KD student also keeps to its previous self (`retention`,
-        `anchor`)."""
+        `anchor`). With `train.report_to`, its records and held-out measures go to the
+        trackers as the run `tracked_as`."""
+        train = self.config.train
+        tracking = open_tracking(
+            train.report_to,
+            Path(train.tracking_dir or Path(self.config.output_dir) / "tracking"),
+            tracked_as,
+            to_dict(self.config),
+        )
         on_policy = None
         if teacher is not None and self.config.on_policy.fraction > 0:
             stops = tuple(stop_token_ids(model, self.tokenizer))
@@ -377,8 +388,12 @@ class Arms:
             retention=retention,
             retention_weight=self.config.incremental.retention_weight,
             anchor=anchor,
+            tracking=tracking,
         )
         after = self.evaluate(model) if self.config.eval.enabled else None
+        if tracking is not None:
+            tracking.log_evaluation(after, result.state.step)
+            tracking.finish()
         summary = summarise(result, after)
         scoring = getattr(self.scorer, "stats", None)
         if summary.on_policy is not None and scoring is not None:

@@ -221,6 +221,11 @@ class TrainConfig:
     # exponentiated weights q on the groups' mean losses, `dro_step_size` its step (eta).
     group_objective: Literal["none", "reweight", "dro"] = "none"
     dro_step_size: float = 0.01
+    # Experiment tracking through Accelerate's trackers (tensorboard, wandb, mlflow, ...):
+    # training records and held-out measures, one tracker run per arm (kd, baseline), under
+    # `tracking_dir` (default OUTPUT_DIR/tracking) for trackers that write files. Off: [].
+    report_to: list[str] = field(default_factory=list)
+    tracking_dir: str | None = None
 
 
 @dataclass

@@ -36,6 +36,7 @@ from lmdistill.kd.incremental import Anchor
 from lmdistill.kd.objective import PARTS, KDObjective
 from lmdistill.kd.on_policy import OnPolicy, SamplingStats, is_on_policy, on_policy_batches
 from lmdistill.kd.optim import build_optimizer, build_scheduler
+from lmdistill.kd.tracking import Tracking
 from lmdistill.models.forward import uses_attention
 from lmdistill.models.loading import resolve_device
 from lmdistill.teachers.base import Teacher
@@ -77,6 +78,7 @@ def train_student(
     retention: Teacher | None = None,
     retention_weight: float = 0.0,
     anchor: Anchor | None = None,
+    tracking: Tracking | None = None,
 ) -> TrainResult:
     """Train `student` in place on `teacher`'s signal (any backend: in-process, cache).
     `stop_after` ends the call after that many steps (as a kill would), leaving the
@@ -84,7 +86,7 @@ def train_student(
     the steps trains on responses the student samples (lmdistill/kd/on_policy.py). With
     `retention` (the previous student, frozen) its divergence joins the loss at
     `retention_weight`; `anchor` pulls the weights toward the previous ones
-    (lmdistill/kd/incremental.py)."""
+    (lmdistill/kd/incremental.py). `tracking` receives every record the history keeps."""
     accelerator = make_accelerator(train.device)
     # On-policy steps always need the teacher (it scores the samples); off-policy steps only
     # when the loss does (loss.alpha = 1 with on-policy: CE off-policy, the divergence on).
@@ -171,6 +173,10 @@ def train_student(
             state.group_weights = balance.update(state.group_weights, *by_group)
         if state.step % train.log_every == 0 or state.step == train.max_steps:
             state.history.append(record)
+            if tracking is not None:
+                tracking.log(
+                    {f"train/{k}": v for k, v in record.items() if k != "step"}, state.step
+                )
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{rate:.0f}")
         bar.update(1)
         if train.checkpoint_every and (
