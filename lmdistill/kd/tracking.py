@@ -111,7 +111,7 @@ def eval_values(after: EvalMetrics) -> dict[str, float]:
         found.update({k: v for k, v in fidelity.items() if isinstance(v, int | float)})
     for source, task in after.tasks.items():
         measures = task.as_dict()
-        for key in ("exact_match", "accuracy", "accuracy_norm"):
+        for key in ("exact_match", "accuracy", "accuracy_norm", "accuracy_per_token"):
             if isinstance(measures.get(key), int | float):
                 found[f"{source}/{key}"] = measures[key]
         for group, part in (measures.get("groups") or {}).items():

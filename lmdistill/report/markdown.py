@@ -289,9 +289,10 @@ def task_table(metrics: RunMetrics) -> list[str]:
     for name, values in arms:
         for source, task in (values.tasks if values is not None else {}).items():
             if not isinstance(task, TaskMetrics):  # multiple choice by log-likelihood
+                norm = "-" if task.accuracy_norm is None else f"{task.accuracy_norm:.3f}"
                 rows.append(
-                    f"| `{source}` | {name} | {task.accuracy:.3f} (per-token "
-                    f"{task.accuracy_norm:.3f}) | | | | | |"
+                    f"| `{source}` | {name} | acc {task.accuracy:.3f}, acc_norm {norm} (per "
+                    f"character), per token {task.accuracy_per_token:.3f} | | | | | |"
                 )
                 continue
             reference = teacher.get(source)
