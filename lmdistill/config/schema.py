@@ -226,6 +226,12 @@ class TrainConfig:
     # `tracking_dir` (default OUTPUT_DIR/tracking) for trackers that write files. Off: [].
     report_to: list[str] = field(default_factory=list)
     tracking_dir: str | None = None
+    # Mixed precision on a GPU (Accelerate's autocast; fp16 with loss scaling): fp32 weights
+    # and optimizer, bf16/fp16 matmuls. Refused on the CPU and on GPUs without bf16.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Recompute each layer's activations in the backward pass instead of keeping them: less
+    # memory for longer sequences or larger batches, about a third more compute.
+    gradient_checkpointing: bool = False
 
 
 @dataclass

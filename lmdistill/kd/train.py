@@ -55,9 +55,29 @@ def use_cpu(device: str) -> bool:
     return resolve_device(device).type == "cpu"
 
 
-def make_accelerator(device: str) -> Accelerator:
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def make_accelerator(device: str, precision: str = "fp32") -> Accelerator:
     # On CPU, `cpu=True` makes a torchrun / accelerate launch use gloo (MULTI_CPU).
-    return Accelerator(cpu=use_cpu(device))
+    check_precision(precision, resolve_device(device))
+    return Accelerator(cpu=use_cpu(device), mixed_precision=MIXED_PRECISION[precision])
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """`train.precision` other than fp32 needs a GPU that computes in it: one line if not."""
+    if precision == "fp32":
+        return
+    if device.type != "cuda":
+        raise ValueError(
+            f"train.precision={precision} needs a CUDA GPU, and this run trains on the CPU: use "
+            "fp32 (CPU autocast has no fp16, and bf16 matmuls are slow on most CPUs)"
+        )
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f"train.precision=bf16: this GPU ({torch.cuda.get_device_name(device)}) does not "
+            "compute in bf16; use fp16 or fp32"
+        )
 
 
 def train_student(
@@ -87,7 +107,11 @@ def train_student(
     `retention` (the previous student, frozen) its divergence joins the loss at
     `retention_weight`; `anchor` pulls the weights toward the previous ones
     (lmdistill/kd/incremental.py). `tracking` receives every record the history keeps."""
-    accelerator = make_accelerator(train.device)
+    accelerator = make_accelerator(train.device, train.precision)
+    if train.gradient_checkpointing:
+        student.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     # On-policy steps always need the teacher (it scores the samples); off-policy steps only
     # when the loss does (loss.alpha = 1 with on-policy: CE off-policy, the divergence on).
     on_policy = on_policy if teacher is not None else None  # the CE baseline stays off-policy
@@ -185,6 +209,8 @@ def train_student(
             checkpoint(accelerator, checkpoint_dir, objective, optimizer, scheduler, state, train)
     bar.close()
     objective.eval()
+    if train.gradient_checkpointing:
+        student.gradient_checkpointing_disable()
     elapsed = time.perf_counter() - started
     rate = (state.tokens - tokens_at_start) / max(elapsed, 1e-9)
     return TrainResult(state, elapsed, rate, resumed_from, batches.sampled(accelerator))
