@@ -67,6 +67,7 @@ from lmdistill.models import (
     shared_vocab_size,
 )
 from lmdistill.models.generate import greedy_responses, stop_token_ids
+from lmdistill.models.lora import add_adapters, save_adapted
 from lmdistill.report import write_report
 from lmdistill.teachers.backends import TeacherSetup
 from lmdistill.teachers.base import Teacher
@@ -186,10 +187,21 @@ def _run(config: RunConfig, *, resume: bool, started: float, device: torch.devic
     if isinstance(ensemble, EnsembleTeacher):
         ensemble.bind(data.train_set)
     models = describe_models(config, setup, student, vocab_size)  # while the teacher is loaded
+    # LoRA: the training code sees the student with its adapters injected; the PeftModel
+    # around it saves the merged student and the adapter (lmdistill/models/lora.py).
+    adapted = add_adapters(student, config.student) if config.student.lora.r > 0 else None
+    if adapted is not None:
+        trained = (p.numel() for p in student.parameters() if p.requires_grad)
+        models["student_trainable_parameters"] = sum(trained)
     evaluate = Evaluator.build(config, setup, data.eval_set, vocab_size)
 
     samples = eval_prompts(data.eval_examples[: config.eval.num_samples], config.objective)
-    initial = copy.deepcopy(student) if config.baseline else None  # on the CPU until it trains
+    # On the CPU until it trains; with LoRA, its own adapters (the same start).
+    initial_adapted = copy.deepcopy(adapted) if config.baseline and adapted is not None else None
+    if initial_adapted is not None:
+        initial = initial_adapted.get_base_model()
+    else:
+        initial = copy.deepcopy(student) if config.baseline else None
     student.to(device)  # type: ignore[arg-type]
     before = evaluate(student) if config.eval.enabled and config.eval.before else None
     if TEACHERS[config.teacher.kind].in_process and teacher_model is not None:
@@ -222,6 +234,7 @@ def _run(config: RunConfig, *, resume: bool, started: float, device: torch.devic
             texts,
             retention=retention,
             anchor=anchor,
+            adapted=adapted,
         ),
     )
     del retention
@@ -254,6 +267,7 @@ def _run(config: RunConfig, *, resume: bool, started: float, device: torch.devic
             samples,
             texts,
             tracked_as="baseline",
+            adapted=initial_adapted,
         )
     finish(config, metrics, samples, texts, started=started, device=device)
     return metrics
@@ -322,6 +336,9 @@ def describe_models(
         "teacher_signal": signal.identity if signal is not None else "text only",
         "teacher_parameters": count_parameters(teacher) if teacher is not None else None,
         "student_parameters": count_parameters(student),
+        "student_trainable_parameters": sum(
+            p.numel() for p in student.parameters() if p.requires_grad
+        ),
         "student_layers": student.config.num_hidden_layers,
         "teacher_layers": teacher.config.num_hidden_layers if teacher is not None else None,
         "vocab_size": vocab_size,
@@ -356,6 +373,7 @@ class Arms:
         retention: Teacher | None = None,
         anchor: Anchor | None = None,
         tracked_as: str = "kd",
+        adapted: Any = None,
     ) -> ArmMetrics:
         """Train `model` (from `teacher`'s signal, or CE only without one), evaluate it, add
         its answers to `texts` under `label`, save it under `directory/student`. An
@@ -400,7 +418,12 @@ class Arms:
         if summary.on_policy is not None and scoring is not None:
             summary.on_policy.update(scored_by_server=scoring.as_dict())
         texts[label] = sample(model, self.tokenizer, samples, self.config)
-        save_student(model, self.tokenizer, directory / "student")
+        if adapted is not None:  # merged into student/, the adapter beside it
+            base = self.config.student.path if self.config.student.init == "path" else None
+            if PartialState().is_main_process:
+                save_adapted(adapted, self.tokenizer, directory, base)
+        else:
+            save_student(model, self.tokenizer, directory / "student")
         return summary
 
 

@@ -69,6 +69,23 @@ class TeacherConfig(ModelConfig):
 
 
 @dataclass
+class StudentLoraConfig:
+    """LoRA adapters on the student (`peft`): with `r` > 0 only the adapters train (and the
+    modules named in `trainable`, trained in full); the saved student is merged, the adapter
+    is saved beside it. 0: every weight trains."""
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: [
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        ]
+    )  # fmt: skip
+    trainable: list[str] = field(default_factory=list)
+
+
+@dataclass
 class StudentConfig:
     """How the student is built.
 
@@ -87,6 +104,7 @@ class StudentConfig:
     gguf_file: str | None = None
     freeze_embeddings: bool = False
     init_std: float | None = None  # shrunk_config: the weights' init std (default: teacher's)
+    lora: StudentLoraConfig = field(default_factory=StudentLoraConfig)
 
 
 @dataclass

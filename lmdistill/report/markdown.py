@@ -71,10 +71,18 @@ def setup_lines(metrics: RunMetrics, config: dict[str, Any]) -> list[str]:
         if models.get("teacher_parameters") is not None
         else "text only: no log-probs, no weights here"
     )
+    lora = config["student"].get("lora") or {}
+    trained = models.get("student_trainable_parameters")
+    adapters = (
+        f"; LoRA r={lora['r']} on {', '.join(lora['target_modules'])}: "
+        f"{trained / 1e6:.2f} M parameters trained, merged into student/"
+        if lora.get("r") and trained is not None
+        else ""
+    )
     return [
         f"Teacher `{models['teacher']}` ({size}) -> student "
         f"({models['student_parameters'] / 1e6:.1f} M parameters, {models['student_layers']} "
-        f"layers, init `{config['student']['init']}`).",
+        f"layers, init `{config['student']['init']}`{adapters}).",
         "",
         f"Objective: `{loss['alpha']} * CE + (1 - {loss['alpha']}) * {loss['temperature']}^2 * "
         f"{loss['divergence']}(teacher || student)`, {kd.steps} steps, "
