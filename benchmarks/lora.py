@@ -40,8 +40,13 @@ def prepare(directory: Path) -> None:
 def measure(student_dir: Path, rank: int, steps: int) -> dict[str, Any]:
     """One variant, in this process: trainable parameters, seconds per step, peak RSS."""
     import lmdistill  # noqa: F401  (threading defaults before torch loads)
-    from lmdistill.config import LossConfig, ModelConfig, StudentConfig, StudentLoraConfig
-    from lmdistill.config import TrainConfig
+    from lmdistill.config import (
+        LossConfig,
+        ModelConfig,
+        StudentConfig,
+        StudentLoraConfig,
+        TrainConfig,
+    )
     from lmdistill.data import load_examples, tokenize_examples
     from lmdistill.kd.train import train_student
     from lmdistill.models import load_model
