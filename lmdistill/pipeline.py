@@ -37,6 +37,7 @@ from lmdistill.data import (
     Example,
     TokenizedExample,
     TruncationReport,
+    collate,
     data_hash,
     load_examples,
     tokenize_examples,
@@ -177,10 +178,14 @@ def _run(config: RunConfig, *, resume: bool, started: float, device: torch.devic
     chash = config_hash(config)
     setup = open_teachers(config)
     teacher_model = setup.model  # None: a text-only teacher
-    torch.manual_seed(config.train.seed)  # fresh student weights are reproducible
-    student, _ = build_student(config.student, teacher_model, setup.tokenizer)
-    vocab_size = shared_vocab_size(teacher_model, student, setup.tokenizer)
     data = prepare_data(config, setup)
+    calibration = None
+    if config.student.init == "layers_by_importance":  # the first training examples
+        chosen = data.train_set[: config.student.calibration_examples]
+        calibration = collate(chosen, setup.tokenizer.pad_token_id)
+    torch.manual_seed(config.train.seed)  # fresh student weights are reproducible
+    student, _ = build_student(config.student, teacher_model, setup.tokenizer, calibration)
+    vocab_size = shared_vocab_size(teacher_model, student, setup.tokenizer)
     retention, anchor = continuation(config, student, setup.tokenizer)
     continued = lineage(config, setup.examples["train"])  # before the student changes
     ensemble = setup.signal.get("train")
@@ -340,6 +345,9 @@ def describe_models(
             p.numel() for p in student.parameters() if p.requires_grad
         ),
         "student_layers": student.config.num_hidden_layers,
+        # Which teacher layers the student kept, and (layers_by_importance) every layer's score.
+        "student_layer_map": getattr(student.config, "lmdistill_layer_map", None),
+        "layer_scores": getattr(student.config, "lmdistill_layer_scores", None),
         "teacher_layers": teacher.config.num_hidden_layers if teacher is not None else None,
         "vocab_size": vocab_size,
     }

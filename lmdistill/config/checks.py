@@ -68,6 +68,8 @@ def check_sections(config: RunConfig) -> None:
     check(student.num_layers >= 1, "student.num_layers", student.num_layers, "an integer >= 1")
     if student.init == "path":
         check(bool(student.path), "student.path", student.path, "a model path when init=path")
+    calibration = student.calibration_examples
+    check(calibration >= 1, "student.calibration_examples", calibration, "an integer >= 1")
     lora = student.lora
     check(lora.r >= 0, "student.lora.r", lora.r, "an integer >= 0 (0: no LoRA)")
     if lora.r > 0:

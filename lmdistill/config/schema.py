@@ -91,13 +91,20 @@ class StudentConfig:
 
     - `layers_from_teacher`: keep `num_layers` of the teacher's layers, evenly spaced, first and
       last included, with the teacher's weights (DistilBERT-style initialisation).
+    - `layers_by_importance`: keep the first, the last and the `num_layers - 2` most important
+      of the others, scored by block influence (ShortGPT: 1 - the mean cosine between a
+      layer's input and output hidden states) on `calibration_examples` training examples.
     - `shrunk_config`: the teacher's architecture with fewer layers / a narrower width, fresh
       random weights.
     - `path`: any model `ModelConfig.path` accepts, given in `path`.
     """
 
-    init: Literal["layers_from_teacher", "shrunk_config", "path"] = "layers_from_teacher"
+    init: Literal["layers_from_teacher", "layers_by_importance", "shrunk_config", "path"] = (
+        "layers_from_teacher"
+    )
     num_layers: int = 6
+    # layers_by_importance: the training examples whose hidden states score the layers.
+    calibration_examples: int = 32
     hidden_size: int | None = None
     intermediate_size: int | None = None
     path: str | None = None

@@ -79,6 +79,14 @@ def setup_lines(metrics: RunMetrics, config: dict[str, Any]) -> list[str]:
         if lora.get("r") and trained is not None
         else ""
     )
+    kept = models.get("student_layer_map")
+    scores = models.get("layer_scores")
+    layers = []
+    if kept is not None:
+        layers = ["", f"Teacher layers kept: {kept}."]
+        if scores:
+            scored = ", ".join(f"{i}: {v:.3f}" for i, v in enumerate(scores))
+            layers[1] += f" Block influence per teacher layer (1 - cos(input, output)): {scored}."
     return [
         f"Teacher `{models['teacher']}` ({size}) -> student "
         f"({models['student_parameters'] / 1e6:.1f} M parameters, {models['student_layers']} "
@@ -94,6 +102,7 @@ def setup_lines(metrics: RunMetrics, config: dict[str, Any]) -> list[str]:
         f"{data['train_truncation']['truncated']} / dropped "
         f"{data['train_truncation']['dropped']} training examples at max_length "
         f"{config['data']['max_length']}.",
+        *layers,
     ]
 
 
