@@ -40,7 +40,7 @@ def add_adapters(student: PreTrainedModel, spec: StudentConfig) -> Any:
     lora = spec.lora
     config = LoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int, uses it as a number
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
         modules_to_save=list(lora.trainable) or None,
