@@ -29,6 +29,7 @@ from lmdistill.config import (
     LossConfig,
     ModelConfig,
     RunConfig,
+    StudentConfig,
     config_hash,
     save_config,
     to_dict,
@@ -389,50 +390,66 @@ class Arms:
         `anchor`). With `train.report_to`, its records and held-out measures go to the
         trackers as the run `tracked_as`."""
         train = self.config.train
+        out = Path(self.config.output_dir)
         tracking = open_tracking(
             train.report_to,
-            Path(train.tracking_dir or Path(self.config.output_dir) / "tracking"),
+            Path(train.tracking_dir or out / "tracking"),
             tracked_as,
+            out.resolve().name,
             to_dict(self.config),
         )
         on_policy = None
         if teacher is not None and self.config.on_policy.fraction > 0:
             stops = tuple(stop_token_ids(model, self.tokenizer))
             on_policy = OnPolicy(self.config.on_policy, stops, self.vocab_size, self.scorer)
-        result = train_student(
-            model,
-            teacher,
-            self.train_set,
-            train=self.config.train,
-            loss=loss,
-            vocab_size=self.vocab_size,
-            pad_token_id=self.tokenizer.pad_token_id,
-            checkpoint_dir=directory / "checkpoints",
-            config_hash=self.config_hash,
-            resume=self.resume,
-            desc=desc,
-            on_policy=on_policy,
-            retention=retention,
-            retention_weight=self.config.incremental.retention_weight,
-            anchor=anchor,
-            tracking=tracking,
-        )
-        after = self.evaluate(model) if self.config.eval.enabled else None
-        if tracking is not None:
-            tracking.log_evaluation(after, result.state.step)
-            tracking.finish()
+        try:
+            result = train_student(
+                model,
+                teacher,
+                self.train_set,
+                train=self.config.train,
+                loss=loss,
+                vocab_size=self.vocab_size,
+                pad_token_id=self.tokenizer.pad_token_id,
+                checkpoint_dir=directory / "checkpoints",
+                config_hash=self.config_hash,
+                resume=self.resume,
+                desc=desc,
+                on_policy=on_policy,
+                retention=retention,
+                retention_weight=self.config.incremental.retention_weight,
+                anchor=anchor,
+                tracking=tracking,
+            )
+            after = self.evaluate(model) if self.config.eval.enabled else None
+            if tracking is not None:
+                tracking.log_evaluation(after, result.state.step)
+        finally:  # the trackers' files closed even when training stops with an error
+            if tracking is not None:
+                tracking.finish()
         summary = summarise(result, after)
         scoring = getattr(self.scorer, "stats", None)
         if summary.on_policy is not None and scoring is not None:
             summary.on_policy.update(scored_by_server=scoring.as_dict())
         texts[label] = sample(model, self.tokenizer, samples, self.config)
         if adapted is not None:  # merged into student/, the adapter beside it
-            base = self.config.student.path if self.config.student.init == "path" else None
+            base = adapter_base(self.config.student)
             if PartialState().is_main_process:
                 save_adapted(adapted, self.tokenizer, directory, base)
         else:
             save_student(model, self.tokenizer, directory / "student")
         return summary
+
+
+def adapter_base(student: StudentConfig) -> str | None:
+    """Where a LoRA student's base is on disk, as `PeftModel.from_pretrained` needs it: the
+    absolute path of `student.path` when it is a plain Hugging Face directory; None (the
+    base is written beside the student) for a student made from the teacher, an alias, a
+    GGUF file or `tiny-llama`."""
+    if student.init != "path" or student.path is None or student.gguf_file is not None:
+        return None
+    path = Path(student.path).expanduser()
+    return str(path.resolve()) if (path / "config.json").is_file() else None
 
 
 def finish(

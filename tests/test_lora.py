@@ -51,9 +51,17 @@ def test_a_lora_run_trains_the_adapters_and_saves_a_plain_merged_student(tmp_pat
         # The adapters changed the student; its base is the untrained start.
         assert not torch.allclose(_logits(base), _logits(student), atol=1e-3)
         student.save_pretrained(tmp_path / "again")  # a plain model round-trips
+    from lmdistill.config import ModelConfig
+    from lmdistill.models import load_model
+    from lmdistill.models.students import layers_from_teacher
+
+    teacher, _ = load_model(ModelConfig(path="tiny-llama", tiny_layers=4, tiny_hidden=64))
+    untrained = layers_from_teacher(teacher, 2)
     starts = [
         AutoModelForCausalLM.from_pretrained(a / "student_base") for a in (out, out / "baseline")
     ]
+    for name, value in untrained.state_dict().items():
+        assert torch.equal(starts[0].state_dict()[name], value), name  # the untrained start
     for (name, a), b in zip(
         starts[0].state_dict().items(), starts[1].state_dict().values(), strict=True
     ):
@@ -88,7 +96,14 @@ def test_bad_lora_settings_get_one_line(tmp_path: Path, capsys: pytest.CaptureFi
         load_config(TINY, ["student.lora.r=4", "student.init=shrunk_config"])
     with pytest.raises(ConfigError, match=r"student\.lora\.dropout"):
         load_config(TINY, ["student.lora.r=4", "student.lora.dropout=1.5"])
+    with pytest.raises(ConfigError, match=r"memory\.fisher: True"):
+        load_config(TINY, ["student.lora.r=4", "memory.fraction=0.01"])
     out = tmp_path / "run"
+    lm_head = ["student.lora.target_modules=[lm_head]"]
+    assert main(["run", TINY, *FAST, f"output_dir={out}", *lm_head]) == 2
+    assert "lm_head cannot carry an adapter" in capsys.readouterr().err
+    assert main(["run", TINY, *FAST, f"output_dir={out}", "student.lora.trainable=[lm_head]"]) == 2
+    assert "with tied embeddings" in capsys.readouterr().err
     assert (
         main(["run", TINY, *FAST, f"output_dir={out}", "student.lora.target_modules=[qproj]"]) == 2
     )

@@ -68,6 +68,16 @@ def check_sections(config: RunConfig) -> None:
     check(student.num_layers >= 1, "student.num_layers", student.num_layers, "an integer >= 1")
     if student.init == "path":
         check(bool(student.path), "student.path", student.path, "a model path when init=path")
+    if student.init == "layers_by_importance":  # the first and the last are always kept
+        check(student.num_layers >= 2, "student.num_layers", student.num_layers,
+              "an integer >= 2 with layers_by_importance")  # fmt: skip
+    check(
+        train.precision != "fp16" or config.incremental.anchor == "none",
+        "train.precision",
+        train.precision,
+        "fp32 or bf16 with incremental.anchor (the anchor's gradient is added outside fp16's "
+        "loss scaling)",
+    )
     calibration = student.calibration_examples
     check(calibration >= 1, "student.calibration_examples", calibration, "an integer >= 1")
     lora = student.lora
@@ -80,8 +90,15 @@ def check_sections(config: RunConfig) -> None:
             student.init != "shrunk_config",
             "student.init",
             student.init,
-            "layers_from_teacher or path with student.lora (LoRA adapts pretrained weights; "
-            "shrunk_config starts from random ones)",
+            "layers_from_teacher, layers_by_importance or path with student.lora (LoRA adapts "
+            "pretrained weights; shrunk_config starts from random ones)",
+        )
+        check(
+            not config.memory.fisher or config.memory.fraction == 0,
+            "memory.fisher",
+            config.memory.fisher,
+            "false with student.lora (an EWC anchor continues the merged student, whose "
+            "weights the adapters' Fisher estimate does not cover)",
         )
         check(
             config.incremental.anchor == "none",

@@ -140,9 +140,9 @@ def save_config(config: RunConfig, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
-# Settings that change no result (experiment tracking): a run resumed with a tracker added
-# is the same run.
-OBSERVERS = (("train", "report_to"), ("train", "tracking_dir"))
+# Settings that change no result (experiment tracking; recomputing activations, tested to
+# train identically): a run resumed with one changed is the same run.
+OBSERVERS = (("train", "report_to"), ("train", "tracking_dir"), ("train", "gradient_checkpointing"))
 
 
 def config_hash(config: Any) -> str:

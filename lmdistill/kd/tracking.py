@@ -3,7 +3,9 @@ sent to the trackers a user already has, through Accelerate's tracker classes (T
 Weights & Biases, MLflow, ...). Off by default; on the main process only.
 
 One tracker run per arm: `kd` (the KD student) and `baseline` (the CE-only student), each
-under `train.tracking_dir` (default OUTPUT_DIR/tracking) for trackers that write files. The
+under `train.tracking_dir` (default OUTPUT_DIR/tracking) for trackers that write files
+(TensorBoard: `tracking/kd/`); trackers with projects (W&B, Comet, MLflow's experiment)
+get the project `<output_dir's name>-<arm>`. The
 run's config is stored as its hyperparameters (flattened: `loss.alpha`, ...). Every record
 the history keeps (`train.log_every`) is logged as `train/<part>` at its step (loss, ce, kd,
 lr, grad_norm, tokens, tokens_per_s, group losses, ...); after evaluation, the held-out
@@ -14,6 +16,7 @@ per group too).
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -48,7 +51,9 @@ def missing_package(name: str) -> str | None:
 class Tracking:
     """The trackers of one arm; `log` and `finish` do nothing on other processes."""
 
-    def __init__(self, names: list[str], directory: Path, run_name: str, config: Mapping) -> None:
+    def __init__(
+        self, names: list[str], directory: Path, run_name: str, project: str, config: Mapping
+    ) -> None:
         from accelerate import PartialState
         from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
@@ -57,12 +62,19 @@ class Tracking:
             return
         for name in names:
             kind = LOGGER_TYPE_TO_CLASS[name]
-            if getattr(kind, "requires_logging_directory", False):
-                tracker = kind(run_name, directory)
-            else:
-                tracker = kind(run_name)
-            tracker.start()
-            tracker.store_init_configuration(flat_config(config))
+            try:
+                if getattr(kind, "requires_logging_directory", False):
+                    tracker = kind(run_name, directory)  # DIRECTORY/<arm>
+                else:  # a project per run and arm; files (MLflow) under the directory too
+                    accepted = inspect.signature(kind.__init__).parameters
+                    where = {"logging_dir": str(directory)} if "logging_dir" in accepted else {}
+                    tracker = kind(f"{project}-{run_name}", **where)
+                tracker.start()
+                tracker.store_init_configuration(flat_config(config))
+            except Exception as error:  # a tracker's own failure (no login, no server)
+                self.finish()
+                text = " ".join(str(error).split())[:300] or type(error).__name__
+                raise RuntimeError(f"train.report_to: {name} could not start: {text}") from None
             self.trackers.append(tracker)
 
     def log(self, values: Mapping[str, Any], step: int) -> None:
@@ -81,10 +93,10 @@ class Tracking:
 
 
 def open_tracking(
-    names: list[str], directory: Path, run_name: str, config: Mapping
+    names: list[str], directory: Path, run_name: str, project: str, config: Mapping
 ) -> Tracking | None:
     """The arm's trackers, or None when `train.report_to` is empty."""
-    return Tracking(names, directory, run_name, config) if names else None
+    return Tracking(names, directory, run_name, project, config) if names else None
 
 
 def flat_config(config: Mapping, prefix: str = "") -> dict[str, Any]:

@@ -61,7 +61,23 @@ MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 def make_accelerator(device: str, precision: str = "fp32") -> Accelerator:
     # On CPU, `cpu=True` makes a torchrun / accelerate launch use gloo (MULTI_CPU).
     check_precision(precision, resolve_device(device))
-    return Accelerator(cpu=use_cpu(device), mixed_precision=MIXED_PRECISION[precision])
+    # fp32 leaves Accelerate's own setting (e.g. `accelerate launch --mixed_precision`) alone.
+    mixed = MIXED_PRECISION[precision] if precision != "fp32" else None
+    return Accelerator(cpu=use_cpu(device), mixed_precision=mixed)
+
+
+def checkpointing(model: PreTrainedModel, on: bool) -> None:
+    """Activation (gradient) checkpointing on or off: transformers >= 5.2x names it
+    `activation_checkpointing_*`, earlier 5.x `gradient_checkpointing_*`."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -108,10 +124,8 @@ def train_student(
     `retention_weight`; `anchor` pulls the weights toward the previous ones
     (lmdistill/kd/incremental.py). `tracking` receives every record the history keeps."""
     accelerator = make_accelerator(train.device, train.precision)
-    if train.gradient_checkpointing:
-        student.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+    if train.gradient_checkpointing:  # until the end of training (evaluation keeps its cache)
+        checkpointing(student, True)
     # On-policy steps always need the teacher (it scores the samples); off-policy steps only
     # when the loss does (loss.alpha = 1 with on-policy: CE off-policy, the divergence on).
     on_policy = on_policy if teacher is not None else None  # the CE baseline stays off-policy
@@ -210,7 +224,7 @@ def train_student(
     bar.close()
     objective.eval()
     if train.gradient_checkpointing:
-        student.gradient_checkpointing_disable()
+        checkpointing(student, False)
     elapsed = time.perf_counter() - started
     rate = (state.tokens - tokens_at_start) / max(elapsed, 1e-9)
     return TrainResult(state, elapsed, rate, resumed_from, batches.sampled(accelerator))

@@ -46,6 +46,18 @@ def add_adapters(student: PreTrainedModel, spec: StudentConfig) -> Any:
         modules_to_save=list(lora.trainable) or None,
         task_type="CAUSAL_LM",
     )
+    if "lm_head" in lora.target_modules:
+        raise ValueError(
+            "student.lora.target_modules: lm_head cannot carry an adapter (the loss reads the "
+            "output matrix directly); train it in full with student.lora.trainable: [lm_head]"
+        )
+    tied = bool(getattr(student.config, "tie_word_embeddings", False))
+    both = {"lm_head", "embed_tokens"} & {*lora.target_modules, *lora.trainable}
+    if tied and both:
+        raise ValueError(
+            f"student.lora: {sorted(both)} with tied embeddings (the input embedding is the "
+            "output matrix): adapting or training one would untie them; leave both out"
+        )
     names = {name.rsplit(".", 1)[-1] for name, _ in student.named_modules()}
     for field, wanted in (("target_modules", lora.target_modules), ("trainable", lora.trainable)):
         missing = sorted(set(wanted) - names)

@@ -71,31 +71,40 @@ def layers_from_teacher(teacher: PreTrainedModel, num_layers: int) -> PreTrained
 
 
 @torch.no_grad()
-def block_influence(teacher: PreTrainedModel, batch: dict[str, torch.Tensor]) -> list[float]:
+def block_influence(
+    teacher: PreTrainedModel, batch: dict[str, torch.Tensor], rows: int = 4
+) -> list[float]:
     """Per teacher layer, 1 - the mean cosine similarity between its input and its output
     hidden states over the real (non-padding) tokens of `batch` (ShortGPT's block influence:
-    a layer that barely changes its input scores near 0)."""
-    layers = teacher.get_decoder().layers
-    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+    a layer that barely changes its input scores near 0). The decoder alone runs (no
+    logits), `rows` examples at a time, and each layer's cosines are summed as they come."""
+    decoder = teacher.get_decoder()
+    layers = decoder.layers
+    sums = [0.0] * len(layers)
+    real = torch.empty(0, dtype=torch.bool)
 
-    def hook(_: Any, args: tuple[Any, ...], output: Any) -> None:
-        out = output[0] if isinstance(output, tuple) else output
-        captured.append((args[0].detach().float(), out.detach().float()))
+    def hook(index: int) -> Any:
+        def add(_: Any, args: tuple[Any, ...], output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            cosine = torch.nn.functional.cosine_similarity(args[0].float(), out.float(), dim=-1)
+            sums[index] += float(cosine[real].sum())
 
-    handles = [layer.register_forward_hook(hook) for layer in layers]
+        return add
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    device = next(teacher.parameters()).device
     try:
-        device = next(teacher.parameters()).device
-        mask = batch["attention_mask"].to(device)
-        teacher(input_ids=batch["input_ids"].to(device), attention_mask=mask)
+        for start in range(0, batch["input_ids"].shape[0], rows):
+            mask = batch["attention_mask"][start : start + rows].to(device)
+            real = mask.bool()
+            decoder(
+                input_ids=batch["input_ids"][start : start + rows].to(device), attention_mask=mask
+            )
     finally:
         for handle in handles:
             handle.remove()
-    real = mask.bool()
-    scores = []
-    for inputs, outputs in captured:
-        cosine = torch.nn.functional.cosine_similarity(inputs, outputs, dim=-1)  # (B, T)
-        scores.append(float(1.0 - cosine[real].mean()))
-    return scores
+    tokens = int(batch["attention_mask"].sum())
+    return [1.0 - total / tokens for total in sums]
 
 
 def most_important_layers(scores: list[float], keep: int) -> list[int]:
