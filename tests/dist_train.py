@@ -105,7 +105,8 @@ def train_tiny(
 
 def two_processes(out: Path, port: int, *flags: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """This script under torchrun, 2 processes of batch 4, 2 steps: (run.json, weights)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    paths = [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, paths))}
     cmd = [
         sys.executable,
         "-m",

@@ -59,12 +59,16 @@ def add_adapters(student: PreTrainedModel, spec: StudentConfig) -> Any:
             "output matrix): adapting or training one would untie them; leave both out"
         )
     names = {name.rsplit(".", 1)[-1] for name, _ in student.named_modules()}
-    for field, wanted in (("target_modules", lora.target_modules), ("trainable", lora.trainable)):
+    fields = (
+        ("target_modules", lora.target_modules, "q_proj, v_proj, gate_proj"),
+        ("trainable", lora.trainable, "norm, lm_head (untied)"),
+    )
+    for field, wanted, examples in fields:
         missing = sorted(set(wanted) - names)
         if missing:
             raise ValueError(
                 f"student.lora.{field}: {missing} name no module of the student "
-                f"({type(student).__name__}); e.g. q_proj, v_proj, gate_proj, lm_head"
+                f"({type(student).__name__}); e.g. {examples}"
             )
     return get_peft_model(student, config)
 
