@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_distillation_commands(commands: Any) -> None:
-    """demo, run, generate, cache, eval."""
+    """demo, export, run, generate, cache, eval."""
     demo = commands.add_parser(
         "demo",
         help="distil SmolLM2-135M-Instruct into a 6-layer student and write a report",
@@ -120,6 +120,20 @@ def _add_distillation_commands(commands: Any) -> None:
     demo.add_argument("--out", default="lmdistill-demo", help="output directory")
     _common(demo, config=False)
     demo.set_defaults(handler=cmd_demo)
+
+    export = commands.add_parser(
+        "export",
+        help="write a saved student as a GGUF file for llama.cpp (f16 or q8_0)",
+        description="Reads a Hugging Face model directory (a run's student/) and writes a "
+        "GGUF file llama.cpp and llama-cpp-python load: Llama-architecture models with a "
+        "byte-level BPE tokenizer (SmolLM2 and its students). An existing file is not "
+        "overwritten. docs/export.md.",
+    )
+    export.add_argument("student", help="the model directory (config.json, safetensors)")
+    export.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the file to write")
+    export.add_argument("--type", default="f16", choices=["f16", "q8_0"], help="weights type")
+    export.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    export.set_defaults(handler=cmd_export)
 
     run = commands.add_parser(
         "run",
@@ -301,6 +315,17 @@ def check_resumable(config: RunConfig, resume: bool) -> None:
             f"--resume: nothing to resume in {out} (no run was started there: it has no "
             "config.yaml); check output_dir, or drop --resume to start a new run"
         )
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lmdistill.models.export import export_gguf
+
+    summary = export_gguf(Path(args.student), Path(args.gguf), args.type)
+    print(
+        f"wrote {summary['gguf']} ({summary['type']}, {summary['tensors']} tensors, "
+        f"{summary['bytes'] / 2**20:.1f} MiB, pre-tokenizer {summary['pre_tokenizer']})"
+    )
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -122,19 +122,25 @@ class TaskMetrics:
 
 @dataclass(frozen=True)
 class ChoiceMetrics:
-    """A multiple-choice task set: the option with the highest total log-prob (`accuracy`)
-    and per token (`accuracy_norm`)."""
+    """A multiple-choice task set, with lm-evaluation-harness's names: the option with the
+    highest total log-prob (`accuracy`, lm-eval's `acc`), per character of the option
+    (`accuracy_norm`, lm-eval's `acc_norm`), and per token (`accuracy_per_token`). Older
+    results (no `accuracy_per_token` key) hold the per-token one under `accuracy_norm`: read
+    back, it is `accuracy_per_token` and `accuracy_norm` is None."""
 
     questions: int
     accuracy: float
-    accuracy_norm: float
+    accuracy_norm: float | None
+    accuracy_per_token: float
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ChoiceMetrics:
-        return cls(d["questions"], d["accuracy"], d["accuracy_norm"])
+        if "accuracy_per_token" not in d:  # the older meaning of accuracy_norm
+            return cls(d["questions"], d["accuracy"], None, d["accuracy_norm"])
+        return cls(d["questions"], d["accuracy"], d["accuracy_norm"], d["accuracy_per_token"])
 
 
 def task_from_dict(d: dict[str, Any]) -> TaskMetrics | ChoiceMetrics:

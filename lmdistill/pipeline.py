@@ -29,6 +29,7 @@ from lmdistill.config import (
     LossConfig,
     ModelConfig,
     RunConfig,
+    StudentConfig,
     config_hash,
     save_config,
     to_dict,
@@ -37,6 +38,7 @@ from lmdistill.data import (
     Example,
     TokenizedExample,
     TruncationReport,
+    collate,
     data_hash,
     load_examples,
     tokenize_examples,
@@ -56,7 +58,8 @@ from lmdistill.kd.checkpoint import list_checkpoints
 from lmdistill.kd.incremental import Anchor
 from lmdistill.kd.on_policy import OnPolicy
 from lmdistill.kd.rationale import apply_objective, eval_prompts
-from lmdistill.kd.train import TrainResult, train_student
+from lmdistill.kd.tracking import open_tracking
+from lmdistill.kd.train import TrainResult, check_precision, train_student
 from lmdistill.metrics import ArmMetrics, EvalMetrics, RunMetrics
 from lmdistill.models import (
     build_student,
@@ -66,6 +69,7 @@ from lmdistill.models import (
     shared_vocab_size,
 )
 from lmdistill.models.generate import greedy_responses, stop_token_ids
+from lmdistill.models.lora import add_adapters, save_adapted
 from lmdistill.report import write_report
 from lmdistill.teachers.backends import TeacherSetup
 from lmdistill.teachers.base import Teacher
@@ -97,6 +101,7 @@ def run(config: RunConfig, *, resume: bool = False) -> RunMetrics:
         timeout=timedelta(minutes=config.train.process_group_timeout_minutes),
     )
     out = Path(config.output_dir)
+    check_precision(config.train.precision, device)
     check_inputs(config)
     with contextlib.ExitStack() as held:
         # Under torchrun the main process holds the locks for the run; if it cannot, it
@@ -174,20 +179,35 @@ def _run(config: RunConfig, *, resume: bool, started: float, device: torch.devic
     chash = config_hash(config)
     setup = open_teachers(config)
     teacher_model = setup.model  # None: a text-only teacher
-    torch.manual_seed(config.train.seed)  # fresh student weights are reproducible
-    student, _ = build_student(config.student, teacher_model, setup.tokenizer)
-    vocab_size = shared_vocab_size(teacher_model, student, setup.tokenizer)
     data = prepare_data(config, setup)
+    calibration = None
+    if config.student.init == "layers_by_importance":  # the first training examples
+        chosen = data.train_set[: config.student.calibration_examples]
+        calibration = collate(chosen, setup.tokenizer.pad_token_id)
+    torch.manual_seed(config.train.seed)  # fresh student weights are reproducible
+    student, _ = build_student(config.student, teacher_model, setup.tokenizer, calibration)
+    vocab_size = shared_vocab_size(teacher_model, student, setup.tokenizer)
     retention, anchor = continuation(config, student, setup.tokenizer)
     continued = lineage(config, setup.examples["train"])  # before the student changes
     ensemble = setup.signal.get("train")
     if isinstance(ensemble, EnsembleTeacher):
         ensemble.bind(data.train_set)
     models = describe_models(config, setup, student, vocab_size)  # while the teacher is loaded
+    # LoRA: the training code sees the student with its adapters injected; the PeftModel
+    # around it saves the merged student and the adapter (lmdistill/models/lora.py).
+    adapted = add_adapters(student, config.student) if config.student.lora.r > 0 else None
+    if adapted is not None:
+        trained = (p.numel() for p in student.parameters() if p.requires_grad)
+        models["student_trainable_parameters"] = sum(trained)
     evaluate = Evaluator.build(config, setup, data.eval_set, vocab_size)
 
     samples = eval_prompts(data.eval_examples[: config.eval.num_samples], config.objective)
-    initial = copy.deepcopy(student) if config.baseline else None  # on the CPU until it trains
+    # On the CPU until it trains; with LoRA, its own adapters (the same start).
+    initial_adapted = copy.deepcopy(adapted) if config.baseline and adapted is not None else None
+    if initial_adapted is not None:
+        initial = initial_adapted.get_base_model()
+    else:
+        initial = copy.deepcopy(student) if config.baseline else None
     student.to(device)  # type: ignore[arg-type]
     before = evaluate(student) if config.eval.enabled and config.eval.before else None
     if TEACHERS[config.teacher.kind].in_process and teacher_model is not None:
@@ -220,6 +240,7 @@ def _run(config: RunConfig, *, resume: bool, started: float, device: torch.devic
             texts,
             retention=retention,
             anchor=anchor,
+            adapted=adapted,
         ),
     )
     del retention
@@ -251,6 +272,8 @@ def _run(config: RunConfig, *, resume: bool, started: float, device: torch.devic
             "CE-only student",
             samples,
             texts,
+            tracked_as="baseline",
+            adapted=initial_adapted,
         )
     finish(config, metrics, samples, texts, started=started, device=device)
     return metrics
@@ -319,7 +342,13 @@ def describe_models(
         "teacher_signal": signal.identity if signal is not None else "text only",
         "teacher_parameters": count_parameters(teacher) if teacher is not None else None,
         "student_parameters": count_parameters(student),
+        "student_trainable_parameters": sum(
+            p.numel() for p in student.parameters() if p.requires_grad
+        ),
         "student_layers": student.config.num_hidden_layers,
+        # Which teacher layers the student kept, and (layers_by_importance) every layer's score.
+        "student_layer_map": getattr(student.config, "lmdistill_layer_map", None),
+        "layer_scores": getattr(student.config, "lmdistill_layer_scores", None),
         "teacher_layers": teacher.config.num_hidden_layers if teacher is not None else None,
         "vocab_size": vocab_size,
     }
@@ -352,40 +381,75 @@ class Arms:
         *,
         retention: Teacher | None = None,
         anchor: Anchor | None = None,
+        tracked_as: str = "kd",
+        adapted: Any = None,
     ) -> ArmMetrics:
         """Train `model` (from `teacher`'s signal, or CE only without one), evaluate it, add
         its answers to `texts` under `label`, save it under `directory/student`. An
         incremental run's KD student also keeps to its previous self (`retention`,
-        `anchor`)."""
+        `anchor`). With `train.report_to`, its records and held-out measures go to the
+        trackers as the run `tracked_as`."""
+        train = self.config.train
+        out = Path(self.config.output_dir)
+        tracking = open_tracking(
+            train.report_to,
+            Path(train.tracking_dir or out / "tracking"),
+            tracked_as,
+            out.resolve().name,
+            to_dict(self.config),
+        )
         on_policy = None
         if teacher is not None and self.config.on_policy.fraction > 0:
             stops = tuple(stop_token_ids(model, self.tokenizer))
             on_policy = OnPolicy(self.config.on_policy, stops, self.vocab_size, self.scorer)
-        result = train_student(
-            model,
-            teacher,
-            self.train_set,
-            train=self.config.train,
-            loss=loss,
-            vocab_size=self.vocab_size,
-            pad_token_id=self.tokenizer.pad_token_id,
-            checkpoint_dir=directory / "checkpoints",
-            config_hash=self.config_hash,
-            resume=self.resume,
-            desc=desc,
-            on_policy=on_policy,
-            retention=retention,
-            retention_weight=self.config.incremental.retention_weight,
-            anchor=anchor,
-        )
-        after = self.evaluate(model) if self.config.eval.enabled else None
+        try:
+            result = train_student(
+                model,
+                teacher,
+                self.train_set,
+                train=self.config.train,
+                loss=loss,
+                vocab_size=self.vocab_size,
+                pad_token_id=self.tokenizer.pad_token_id,
+                checkpoint_dir=directory / "checkpoints",
+                config_hash=self.config_hash,
+                resume=self.resume,
+                desc=desc,
+                on_policy=on_policy,
+                retention=retention,
+                retention_weight=self.config.incremental.retention_weight,
+                anchor=anchor,
+                tracking=tracking,
+            )
+            after = self.evaluate(model) if self.config.eval.enabled else None
+            if tracking is not None:
+                tracking.log_evaluation(after, result.state.step)
+        finally:  # the trackers' files closed even when training stops with an error
+            if tracking is not None:
+                tracking.finish()
         summary = summarise(result, after)
         scoring = getattr(self.scorer, "stats", None)
         if summary.on_policy is not None and scoring is not None:
             summary.on_policy.update(scored_by_server=scoring.as_dict())
         texts[label] = sample(model, self.tokenizer, samples, self.config)
-        save_student(model, self.tokenizer, directory / "student")
+        if adapted is not None:  # merged into student/, the adapter beside it
+            base = adapter_base(self.config.student)
+            if PartialState().is_main_process:
+                save_adapted(adapted, self.tokenizer, directory, base)
+        else:
+            save_student(model, self.tokenizer, directory / "student")
         return summary
+
+
+def adapter_base(student: StudentConfig) -> str | None:
+    """Where a LoRA student's base is on disk, as `PeftModel.from_pretrained` needs it: the
+    absolute path of `student.path` when it is a plain Hugging Face directory; None (the
+    base is written beside the student) for a student made from the teacher, an alias, a
+    GGUF file or `tiny-llama`."""
+    if student.init != "path" or student.path is None or student.gguf_file is not None:
+        return None
+    path = Path(student.path).expanduser()
+    return str(path.resolve()) if (path / "config.json").is_file() else None
 
 
 def finish(

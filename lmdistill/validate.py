@@ -15,6 +15,7 @@ from lmdistill.config.checks import check
 from lmdistill.dd.select import SELECTORS
 from lmdistill.dd.stage import FEATURES, SCORERS
 from lmdistill.kd.rationale import OBJECTIVES
+from lmdistill.kd.tracking import TRACKERS, missing_package
 from lmdistill.losses import LOSSES
 from lmdistill.registry import Registry
 from lmdistill.teachers.ensemble import STRATEGIES
@@ -42,6 +43,22 @@ def validate(config: RunConfig) -> None:
     _validate_select(config.select)
     _validate_ensemble(config)
     _validate_memory(config)
+    _validate_tracking(config.train.report_to)
+
+
+def _validate_tracking(names: list[str]) -> None:
+    """Each tracker is one Accelerate knows, named once, and its package is installed."""
+    for name in names:
+        check(name in TRACKERS, "train.report_to", name, f"trackers among {', '.join(TRACKERS)}")
+        package = missing_package(name)
+        check(
+            package is None,
+            "train.report_to",
+            name,
+            f"a tracker whose package is installed (pip install {package}; "
+            "`pip install 'lmdistill[track]'` installs tensorboard)",
+        )
+    check(len(set(names)) == len(names), "train.report_to", names, "each tracker named once")
 
 
 def _validate_memory(config: RunConfig) -> None:

@@ -19,11 +19,18 @@ import torch
 from accelerate import PartialState
 
 import lmdistill  # noqa: F401  (threading defaults before torch loads)
-from lmdistill.config import LossConfig, OnPolicyConfig, StudentConfig, TrainConfig
+from lmdistill.config import (
+    LossConfig,
+    OnPolicyConfig,
+    StudentConfig,
+    StudentLoraConfig,
+    TrainConfig,
+)
 from lmdistill.data import load_examples, tokenize_examples
 from lmdistill.kd.on_policy import OnPolicy
 from lmdistill.kd.train import train_student
 from lmdistill.models import build_student
+from lmdistill.models.lora import add_adapters
 from lmdistill.models.tiny import build_tiny_llama, build_tiny_tokenizer
 from lmdistill.teachers.base import LocalTeacher
 
@@ -48,12 +55,18 @@ def train_tiny(
     on_policy: OnPolicy | None = None,
     group_objective: str = "none",
     groups: int = 0,
+    lora: int = 0,
 ) -> tuple[dict, list]:
     """`groups` > 0: the examples get that many groups, one in four in the last one and the
-    others shared among the rest (1: every example in one group)."""
+    others shared among the rest (1: every example in one group). `lora` > 0: the student
+    trains LoRA adapters of that rank only."""
     tokenizer = build_tiny_tokenizer()
     teacher = build_tiny_llama(len(tokenizer), layers=4, hidden=64, seed=0).eval()
-    student, _ = build_student(StudentConfig(num_layers=2), teacher, tokenizer)
+    spec = StudentConfig(num_layers=2, lora=StudentLoraConfig(r=lora))
+    student, _ = build_student(spec, teacher, tokenizer)
+    if lora:
+        torch.manual_seed(0)  # the adapters' init
+        student = add_adapters(student, spec).get_base_model()
     examples = load_examples("builtin:gsm8k-demo")[:40]
     if groups:
         examples = [
@@ -92,7 +105,8 @@ def train_tiny(
 
 def two_processes(out: Path, port: int, *flags: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """This script under torchrun, 2 processes of batch 4, 2 steps: (run.json, weights)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    paths = [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, paths))}
     cmd = [
         sys.executable,
         "-m",
@@ -121,6 +135,7 @@ if __name__ == "__main__":
     parser.add_argument("--on-policy", action="store_true")
     parser.add_argument("--group-objective", default="none")
     parser.add_argument("--groups", type=int, default=0)
+    parser.add_argument("--lora", type=int, default=0)
     args = parser.parse_args()
     state = PartialState(cpu=True)
     policy = ON_POLICY if args.on_policy else None
@@ -132,6 +147,7 @@ if __name__ == "__main__":
         on_policy=policy,
         group_objective=args.group_objective,
         groups=args.groups,
+        lora=args.lora,
     )
     if state.is_main_process:
         torch.save(weights, args.out / "weights.pt")

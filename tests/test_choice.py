@@ -46,7 +46,50 @@ def test_the_choice_the_model_prefers_wins(tiny_teacher: Any, tiny_tokenizer: An
     ]
     result = multiple_choice(tiny_teacher, tiny_tokenizer, questions)
     assert result.accuracy == 0.5
-    assert result.accuracy_norm == (0.5 if best_norm in (best, (best + 1) % 3) else 0.0)
+    assert result.accuracy_per_token == (0.5 if best_norm in (best, (best + 1) % 3) else 0.0)
+
+
+def test_the_shared_context_gives_what_one_forward_per_choice_gives(
+    tiny_teacher: Any, tiny_tokenizer: Any
+) -> None:
+    """Choices that share leading tokens ("22 apples", "22 pears"), a one-character choice
+    and two equal choices: every score as a forward pass of the whole text."""
+    question = ChoiceQuestion("q", "How many?", ("22 apples", "22 pears", "7", "7"), 0)
+    scores = choice_logprobs(tiny_teacher, tiny_tokenizer, question)
+    prompt = encode_prompt(
+        Example("q", ({"role": "user", "content": question.question},), None), tiny_tokenizer
+    )
+    for choice, (total, count) in zip(question.choices, scores, strict=True):
+        ids = tiny_tokenizer(choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = tiny_teacher(input_ids=torch.tensor([prompt + ids])).logits[0].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        direct = sum(float(logprobs[len(prompt) - 1 + i, t]) for i, t in enumerate(ids))
+        assert count == len(ids) and total == pytest.approx(direct, abs=1e-4)
+    assert scores[2] == pytest.approx(scores[3])
+
+
+def test_the_three_measures_normalise_as_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """acc: the highest sum; acc_norm (lm-eval's): per character; per token: per token."""
+    from lmdistill.eval import choice
+
+    # (sum, tokens): "aaaaaaaaaa" (10 chars, 2 tokens) vs "b" (1 char, 1 token).
+    fixed = [(-4.0, 2), (-1.0, 1)]
+    monkeypatch.setattr(choice, "choice_logprobs", lambda *a, **k: fixed)
+    asked = [ChoiceQuestion("q", "?", ("aaaaaaaaaa", "b"), 0)]
+    result = choice.multiple_choice(torch.nn.Linear(1, 1), None, asked)  # type: ignore[arg-type]
+    assert result.accuracy == 0.0  # -4 < -1
+    assert result.accuracy_norm == 1.0  # -0.4 per character > -1
+    assert result.accuracy_per_token == 0.0  # -2 per token < -1
+
+
+def test_older_results_read_their_per_token_measure_under_its_name() -> None:
+    from lmdistill.metrics import ChoiceMetrics
+
+    old = ChoiceMetrics.from_dict({"questions": 2, "accuracy": 0.5, "accuracy_norm": 1.0})
+    assert (old.accuracy_norm, old.accuracy_per_token) == (None, 1.0)
+    new = ChoiceMetrics(2, 0.5, 0.0, 1.0)
+    assert ChoiceMetrics.from_dict(new.as_dict()) == new
 
 
 def test_multiple_choice_files_are_checked(tmp_path: Path) -> None:

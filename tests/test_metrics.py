@@ -40,7 +40,12 @@ ARM = {
         **FIDELITY,
         "tasks": {
             "lab:test:4": TASK,
-            "mc:q.jsonl": {"questions": 2, "accuracy": 0.5, "accuracy_norm": 1.0},
+            "mc:q.jsonl": {
+                "questions": 2,
+                "accuracy": 0.5,
+                "accuracy_norm": 0.5,
+                "accuracy_per_token": 1.0,
+            },
         },
     },
     "steps": 8,

@@ -68,6 +68,44 @@ def check_sections(config: RunConfig) -> None:
     check(student.num_layers >= 1, "student.num_layers", student.num_layers, "an integer >= 1")
     if student.init == "path":
         check(bool(student.path), "student.path", student.path, "a model path when init=path")
+    if student.init == "layers_by_importance":  # the first and the last are always kept
+        check(student.num_layers >= 2, "student.num_layers", student.num_layers,
+              "an integer >= 2 with layers_by_importance")  # fmt: skip
+    check(
+        train.precision != "fp16" or config.incremental.anchor == "none",
+        "train.precision",
+        train.precision,
+        "fp32 or bf16 with incremental.anchor (the anchor's gradient is added outside fp16's "
+        "loss scaling)",
+    )
+    calibration = student.calibration_examples
+    check(calibration >= 1, "student.calibration_examples", calibration, "an integer >= 1")
+    lora = student.lora
+    check(lora.r >= 0, "student.lora.r", lora.r, "an integer >= 0 (0: no LoRA)")
+    if lora.r > 0:
+        check(lora.alpha > 0, "student.lora.alpha", lora.alpha, "a number > 0")
+        check(0 <= lora.dropout < 1, "student.lora.dropout", lora.dropout, "in [0, 1)")
+        check(bool(lora.target_modules), "student.lora.target_modules", [], "module names")
+        check(
+            student.init != "shrunk_config",
+            "student.init",
+            student.init,
+            "layers_from_teacher, layers_by_importance or path with student.lora (LoRA adapts "
+            "pretrained weights; shrunk_config starts from random ones)",
+        )
+        check(
+            not config.memory.fisher or config.memory.fraction == 0,
+            "memory.fisher",
+            config.memory.fisher,
+            "false with student.lora (an EWC anchor continues the merged student, whose "
+            "weights the adapters' Fisher estimate does not cover)",
+        )
+        check(
+            config.incremental.anchor == "none",
+            "incremental.anchor",
+            config.incremental.anchor,
+            "none with student.lora (the adapters leave the previous weights as they are)",
+        )
     check(config.cache.k >= 1, "cache.k", config.cache.k, "an integer >= 1")
     check(config.cache.shard_size >= 1, "cache.shard_size", config.cache.shard_size, ">= 1")
     _check_teacher(config)

@@ -140,12 +140,20 @@ def save_config(config: RunConfig, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
+# Settings that change no result (experiment tracking; recomputing activations, tested to
+# train identically): a run resumed with one changed is the same run.
+OBSERVERS = (("train", "report_to"), ("train", "tracking_dir"), ("train", "gradient_checkpointing"))
+
+
 def config_hash(config: Any) -> str:
     """A short hash of the settings that differ from lmdistill's defaults: a new option whose
     default keeps the old behaviour leaves the hash (and so checkpoints, finished sweep runs
     and protocol arms) valid."""
-    settings = to_dict(config)
-    blob = json.dumps(changed_settings(settings, to_dict(type(config)())), sort_keys=True)
+    settings, defaults = to_dict(config), to_dict(type(config)())
+    for section, key in OBSERVERS:  # where results are watched, not what they are
+        for found in (settings, defaults):
+            found.get(section, {}).pop(key, None)
+    blob = json.dumps(changed_settings(settings, defaults), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -69,24 +69,49 @@ class TeacherConfig(ModelConfig):
 
 
 @dataclass
+class StudentLoraConfig:
+    """LoRA adapters on the student (`peft`): with `r` > 0 only the adapters train (and the
+    modules named in `trainable`, trained in full); the saved student is merged, the adapter
+    is saved beside it. 0: every weight trains."""
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: [
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        ]
+    )  # fmt: skip
+    trainable: list[str] = field(default_factory=list)
+
+
+@dataclass
 class StudentConfig:
     """How the student is built.
 
     - `layers_from_teacher`: keep `num_layers` of the teacher's layers, evenly spaced, first and
       last included, with the teacher's weights (DistilBERT-style initialisation).
+    - `layers_by_importance`: keep the first, the last and the `num_layers - 2` most important
+      of the others, scored by block influence (ShortGPT: 1 - the mean cosine between a
+      layer's input and output hidden states) on `calibration_examples` training examples.
     - `shrunk_config`: the teacher's architecture with fewer layers / a narrower width, fresh
       random weights.
     - `path`: any model `ModelConfig.path` accepts, given in `path`.
     """
 
-    init: Literal["layers_from_teacher", "shrunk_config", "path"] = "layers_from_teacher"
+    init: Literal["layers_from_teacher", "layers_by_importance", "shrunk_config", "path"] = (
+        "layers_from_teacher"
+    )
     num_layers: int = 6
+    # layers_by_importance: the training examples whose hidden states score the layers.
+    calibration_examples: int = 32
     hidden_size: int | None = None
     intermediate_size: int | None = None
     path: str | None = None
     gguf_file: str | None = None
     freeze_embeddings: bool = False
     init_std: float | None = None  # shrunk_config: the weights' init std (default: teacher's)
+    lora: StudentLoraConfig = field(default_factory=StudentLoraConfig)
 
 
 @dataclass
@@ -221,6 +246,17 @@ class TrainConfig:
     # exponentiated weights q on the groups' mean losses, `dro_step_size` its step (eta).
     group_objective: Literal["none", "reweight", "dro"] = "none"
     dro_step_size: float = 0.01
+    # Experiment tracking through Accelerate's trackers (tensorboard, wandb, mlflow, ...):
+    # training records and held-out measures, one tracker run per arm (kd, baseline), under
+    # `tracking_dir` (default OUTPUT_DIR/tracking) for trackers that write files. Off: [].
+    report_to: list[str] = field(default_factory=list)
+    tracking_dir: str | None = None
+    # Mixed precision on a GPU (Accelerate's autocast; fp16 with loss scaling): fp32 weights
+    # and optimizer, bf16/fp16 matmuls. Refused on the CPU and on GPUs without bf16.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Recompute each layer's activations in the backward pass instead of keeping them: less
+    # memory for longer sequences or larger batches, about a third more compute.
+    gradient_checkpointing: bool = False
 
 
 @dataclass

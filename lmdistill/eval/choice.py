@@ -2,10 +2,18 @@
 
 Rows (JSONL) look like `{"question": ..., "choices": ["A text", "B text", ...], "answer": 1}`
 (`answer` an index, or a letter A, B, ...). The prompt is the question rendered with the
-chat template, and each choice is scored as the assistant's response: the sum of its tokens'
-log-probabilities (`accuracy`) and that sum divided by the number of tokens
-(`accuracy_norm`, which does not favour short choices), as lm-evaluation-harness reports
-`acc` and `acc_norm`.
+chat template, and each choice is scored as the assistant's response (its tokens, without
+an end of turn). Three measures, named as lm-evaluation-harness names its own:
+
+- `accuracy`: the choice with the highest sum of log-probabilities (lm-eval's `acc`);
+- `accuracy_norm`: that sum divided by the choice's length in characters (lm-eval's
+  `acc_norm`: `len(choice)` of the choice string);
+- `accuracy_per_token`: the sum divided by the choice's number of tokens (lmdistill's own;
+  it depends on the tokenizer, so it is not comparable across model families).
+
+The question's context is computed once per question: one forward of the tokens all its
+choices share, then every choice's remaining tokens in one batch, from that forward's
+key/value cache (docs/usage.md, "Multiple choice").
 """
 
 from __future__ import annotations
@@ -18,9 +26,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from lmdistill.data import DataError, Example, collate, tokenize_examples
+from lmdistill.data import DataError, Example, tokenize_examples
 from lmdistill.io import read_utf8
 from lmdistill.metrics import ChoiceMetrics
+from lmdistill.models.forward import kv_cache
 
 
 @dataclass(frozen=True)
@@ -73,36 +82,71 @@ def load_choice_questions(path: str | Path) -> list[ChoiceQuestion]:
 def choice_logprobs(
     model: PreTrainedModel, tokenizer: Any, question: ChoiceQuestion, max_length: int = 1024
 ) -> list[tuple[float, int]]:
-    """(sum of log-probs, number of tokens) of each choice as the answer to the question."""
+    """(sum of log-probs, number of tokens) of each choice as the answer to the question: the
+    shared context once, the choices' own tokens in one batch from its key/value cache."""
     examples = [
         Example(f"{question.id}:{i}", ({"role": "user", "content": question.question},), choice,
                 response_complete=False)
         for i, choice in enumerate(question.choices)
     ]  # fmt: skip
     items, _ = tokenize_examples(examples, tokenizer, max_length, "error", on_empty="error")
-    batch = collate(items, tokenizer.pad_token_id)
-    batch = {k: v.to(model.device) for k, v in batch.items() if k != "weights"}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-    labels = batch["labels"][:, 1:]  # position t predicts token t + 1
-    mask = labels >= 0
-    picked = logprobs.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # (B, T-1)
-    sums = (picked * mask).sum(dim=1)
-    counts = mask.sum(dim=1)
-    return [(float(s), int(c)) for s, c in zip(sums, counts, strict=True)]
+    sequences = [item.input_ids for item in items]
+    # Every choice keeps one token of its own (two equal choices would share all of them).
+    shared = min(common_prefix(sequences), min(len(s) for s in sequences) - 1)
+    device = model.device
+    context = model(input_ids=torch.tensor([sequences[0][:shared]], device=device), use_cache=True)
+    cached = kv_cache(model, context)
+    (cache,) = cached.values()
+    rest = [s[shared:] for s in sequences]
+    longest = max(len(r) for r in rest)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([r + [pad] * (longest - len(r)) for r in rest], device=device)
+    mask = torch.tensor(
+        [[1] * (shared + len(r)) + [0] * (longest - len(r)) for r in rest], device=device
+    )
+    cache.batch_repeat_interleave(len(rest))
+    positions = torch.arange(shared, shared + longest, device=device).expand(len(rest), -1)
+    own = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **cached).logits
+    context_logprobs = torch.log_softmax(context.logits[0].float(), dim=-1)  # (shared, V)
+    own_logprobs = torch.log_softmax(own.float(), dim=-1)  # (B, longest, V)
+    found = []
+    for b, item in enumerate(items):
+        total, count = 0.0, 0
+        for t in range(1, len(item.input_ids)):  # position t - 1 predicts token t
+            if item.labels[t] < 0:
+                continue
+            row = context_logprobs[t - 1] if t - 1 < shared else own_logprobs[b, t - 1 - shared]
+            total += float(row[item.input_ids[t]])
+            count += 1
+        found.append((total, count))
+    return found
+
+
+def common_prefix(sequences: list[list[int]]) -> int:
+    """The number of leading tokens all `sequences` share."""
+    length = 0
+    for column in zip(*sequences, strict=False):
+        if any(token != column[0] for token in column):
+            break
+        length += 1
+    return length
 
 
 def multiple_choice(
     model: PreTrainedModel, tokenizer: Any, questions: list[ChoiceQuestion]
 ) -> ChoiceMetrics:
-    """`accuracy` (highest total log-prob) and `accuracy_norm` (per token) over `questions`."""
+    """`accuracy`, `accuracy_norm` (per character) and `accuracy_per_token` over
+    `questions`."""
     model.eval()
-    right = right_norm = 0
+    right = right_chars = right_tokens = 0
     for question in questions:
         scores = choice_logprobs(model, tokenizer, question)
-        right += max(range(len(scores)), key=lambda i: scores[i][0]) == question.answer
-        right_norm += (
-            max(range(len(scores)), key=lambda i: scores[i][0] / max(scores[i][1], 1))
-            == question.answer
+        chars = [max(len(c), 1) for c in question.choices]
+        options = range(len(scores))
+        right += max(options, key=lambda i: scores[i][0]) == question.answer
+        right_chars += max(options, key=lambda i: scores[i][0] / chars[i]) == question.answer
+        right_tokens += (
+            max(options, key=lambda i: scores[i][0] / max(scores[i][1], 1)) == question.answer
         )
-    return ChoiceMetrics(len(questions), right / len(questions), right_norm / len(questions))
+    n = len(questions)
+    return ChoiceMetrics(n, right / n, right_chars / n, right_tokens / n)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from lmdistill.io import DiskFullError, atomic_dir, free_bytes
@@ -70,12 +70,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def adapters_only(model: nn.Module) -> bool:
+    """Whether a checkpoint of `model` holds its trained tensors only: a LoRA student (peft
+    marks the model it injects adapters into), whose frozen base the run rebuilds."""
+    return any(hasattr(module, "peft_config") for module in model.modules())
+
+
+def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """About what one checkpoint takes on disk: the weights (tied ones once) plus every
-    tensor in the optimizer's state (for AdamW, two moments per trainable weight)."""
+    """About what one checkpoint takes on disk: the weights (tied ones once; a LoRA
+    student's trained ones only) plus every tensor in the optimizer's state (for AdamW, two
+    moments per trainable weight)."""
     seen: set[int] = set()
     total = 0
-    for tensor in model.state_dict().values():
+    kept = trained_tensors(model) if adapters_only(model) else model.state_dict()
+    for tensor in kept.values():
         if tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
             total += tensor.numel() * tensor.element_size()
@@ -125,8 +137,10 @@ def save_checkpoint(
 ) -> Path:
     target = directory / f"{PREFIX}{state.step:06d}"
     with atomic_dir(target) as tmp:
-        # save_model de-duplicates tied weights (embedding == output head) correctly.
-        save_model(model, str(tmp / "model.safetensors"))
+        if adapters_only(model):  # the adapters (and modules trained in full) alone
+            save_file(trained_tensors(model), str(tmp / "model.safetensors"))
+        else:  # save_model de-duplicates tied weights (embedding == output head) correctly.
+            save_model(model, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
@@ -157,13 +171,28 @@ def load_checkpoint(
     except (OSError, ValueError, TypeError) as error:
         raise CheckpointError(f"{path / 'state.json'} is damaged: {error}") from None
     try:
-        load_model(model, str(path / "model.safetensors"))
+        if adapters_only(model):
+            load_trained(model, path / "model.safetensors")
+        else:
+            load_model(model, str(path / "model.safetensors"))
         optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(scheduler_state)
         set_rng_state(rng)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
         raise CheckpointError(f"{path} does not fit this run or is damaged: {error}") from None
     return state
+
+
+def load_trained(model: nn.Module, path: Path) -> None:
+    """A LoRA checkpoint into `model`: exactly its trained tensors, or an error."""
+    tensors = load_file(str(path))
+    expected = set(trained_tensors(model))
+    if set(tensors) != expected:
+        raise ValueError(
+            f"it holds {len(tensors)} tensors, and this run trains {len(expected)} others "
+            "(another student.lora setting?)"
+        )
+    model.load_state_dict(tensors, strict=False)
 
 
 def _safe_load(path: Path) -> Any:

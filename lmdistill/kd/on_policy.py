@@ -32,6 +32,7 @@ from lmdistill.data import (
     collate_prompts,
     prompt_ids,
 )
+from lmdistill.models.forward import kv_cache
 from lmdistill.teachers.base import Teacher
 
 
@@ -158,7 +159,6 @@ def sample(
     ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
     generators = [torch.Generator().manual_seed(key) for key in keys]
     accepted = inspect.signature(model.forward).parameters
-    cache_name = "cache" if "cache" in accepted else None
     # Only the last position's logits: (B, 1, V), not (B, prompt length, V).
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
     out = model(
@@ -183,8 +183,7 @@ def sample(
             attention_mask=mask,
             position_ids=following,
             use_cache=True,
-            # transformers >= 5.2x names the KV cache `cache`; earlier 5.x `past_key_values`.
-            **({"cache": out.cache} if cache_name else {"past_key_values": out.past_key_values}),
+            **kv_cache(model, out),
         )
         following = following + 1
     return written

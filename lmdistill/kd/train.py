@@ -36,6 +36,7 @@ from lmdistill.kd.incremental import Anchor
 from lmdistill.kd.objective import PARTS, KDObjective
 from lmdistill.kd.on_policy import OnPolicy, SamplingStats, is_on_policy, on_policy_batches
 from lmdistill.kd.optim import build_optimizer, build_scheduler
+from lmdistill.kd.tracking import Tracking
 from lmdistill.models.forward import uses_attention
 from lmdistill.models.loading import resolve_device
 from lmdistill.teachers.base import Teacher
@@ -54,9 +55,45 @@ def use_cpu(device: str) -> bool:
     return resolve_device(device).type == "cpu"
 
 
-def make_accelerator(device: str) -> Accelerator:
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def make_accelerator(device: str, precision: str = "fp32") -> Accelerator:
     # On CPU, `cpu=True` makes a torchrun / accelerate launch use gloo (MULTI_CPU).
-    return Accelerator(cpu=use_cpu(device))
+    check_precision(precision, resolve_device(device))
+    # fp32 leaves Accelerate's own setting (e.g. `accelerate launch --mixed_precision`) alone.
+    mixed = MIXED_PRECISION[precision] if precision != "fp32" else None
+    return Accelerator(cpu=use_cpu(device), mixed_precision=mixed)
+
+
+def checkpointing(model: PreTrainedModel, on: bool) -> None:
+    """Activation (gradient) checkpointing on or off: transformers >= 5.2x names it
+    `activation_checkpointing_*`, earlier 5.x `gradient_checkpointing_*`."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """`train.precision` other than fp32 needs a GPU that computes in it: one line if not."""
+    if precision == "fp32":
+        return
+    if device.type != "cuda":
+        raise ValueError(
+            f"train.precision={precision} needs a CUDA GPU, and this run trains on the CPU: use "
+            "fp32 (CPU autocast has no fp16, and bf16 matmuls are slow on most CPUs)"
+        )
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f"train.precision=bf16: this GPU ({torch.cuda.get_device_name(device)}) does not "
+            "compute in bf16; use fp16 or fp32"
+        )
 
 
 def train_student(
@@ -77,6 +114,7 @@ def train_student(
     retention: Teacher | None = None,
     retention_weight: float = 0.0,
     anchor: Anchor | None = None,
+    tracking: Tracking | None = None,
 ) -> TrainResult:
     """Train `student` in place on `teacher`'s signal (any backend: in-process, cache).
     `stop_after` ends the call after that many steps (as a kill would), leaving the
@@ -84,8 +122,10 @@ def train_student(
     the steps trains on responses the student samples (lmdistill/kd/on_policy.py). With
     `retention` (the previous student, frozen) its divergence joins the loss at
     `retention_weight`; `anchor` pulls the weights toward the previous ones
-    (lmdistill/kd/incremental.py)."""
-    accelerator = make_accelerator(train.device)
+    (lmdistill/kd/incremental.py). `tracking` receives every record the history keeps."""
+    accelerator = make_accelerator(train.device, train.precision)
+    if train.gradient_checkpointing:  # until the end of training (evaluation keeps its cache)
+        checkpointing(student, True)
     # On-policy steps always need the teacher (it scores the samples); off-policy steps only
     # when the loss does (loss.alpha = 1 with on-policy: CE off-policy, the divergence on).
     on_policy = on_policy if teacher is not None else None  # the CE baseline stays off-policy
@@ -171,6 +211,10 @@ def train_student(
             state.group_weights = balance.update(state.group_weights, *by_group)
         if state.step % train.log_every == 0 or state.step == train.max_steps:
             state.history.append(record)
+            if tracking is not None:
+                tracking.log(
+                    {f"train/{k}": v for k, v in record.items() if k != "step"}, state.step
+                )
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{rate:.0f}")
         bar.update(1)
         if train.checkpoint_every and (
@@ -179,6 +223,8 @@ def train_student(
             checkpoint(accelerator, checkpoint_dir, objective, optimizer, scheduler, state, train)
     bar.close()
     objective.eval()
+    if train.gradient_checkpointing:
+        checkpointing(student, False)
     elapsed = time.perf_counter() - started
     rate = (state.tokens - tokens_at_start) / max(elapsed, 1e-9)
     return TrainResult(state, elapsed, rate, resumed_from, batches.sampled(accelerator))

@@ -539,18 +539,22 @@ def fused_kd_loss(
         grad_on and student_hidden.requires_grad,
         grad_on and student_weight.requires_grad,
     )
-    loss_sum, ce_sum, kd_sum = _FusedKDFunction.apply(
-        student_hidden,
-        student_weight,
-        targets,
-        teacher_hidden,
-        teacher_weight,
-        teacher_signal,
-        spec,
-        needs_grad,
-        None if token_weights is None else token_weights.detach(),
-        row_losses,
-    )
+    # Under mixed precision (train.precision) autocast would run the chunks' matmuls in
+    # bf16/fp16 although their inputs are upcast, and the gradients computed here would meet
+    # fp16's range before loss scaling: the loss head computes in fp32, outside autocast.
+    with torch.autocast(student_hidden.device.type, enabled=False):
+        loss_sum, ce_sum, kd_sum = _FusedKDFunction.apply(
+            student_hidden,
+            student_weight,
+            targets,
+            teacher_hidden,
+            teacher_weight,
+            teacher_signal,
+            spec,
+            needs_grad,
+            None if token_weights is None else token_weights.detach(),
+            row_losses,
+        )
     return loss_sum, {"ce": ce_sum, "kd": kd_sum}
 
 

@@ -4,7 +4,9 @@ hidden states and attention maps). Teachers, students and evaluation share it.""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -15,6 +17,15 @@ from lmdistill.data import IGNORE_INDEX
 
 def uses_attention(loss: LossConfig) -> bool:
     return loss.attention_weight > 0
+
+
+def kv_cache(model: PreTrainedModel, out: Any) -> dict[str, Any]:
+    """The key/value cache of forward output `out`, as the keyword the next forward of
+    `model` takes it by: transformers >= 5.2x names it `cache`, earlier 5.x
+    `past_key_values`."""
+    if "cache" in inspect.signature(model.forward).parameters:
+        return {"cache": out.cache}
+    return {"past_key_values": out.past_key_values}
 
 
 @dataclass

@@ -27,17 +27,29 @@ def evenly_spaced_layers(total: int, keep: int) -> list[int]:
 
 
 def build_student(
-    spec: StudentConfig, teacher: PreTrainedModel | None, teacher_tokenizer: Any
+    spec: StudentConfig,
+    teacher: PreTrainedModel | None,
+    teacher_tokenizer: Any,
+    calibration: dict[str, torch.Tensor] | None = None,
 ) -> tuple[PreTrainedModel, Any]:
     """Return `(student, tokenizer)`; the tokenizer is checked against the teacher's. With no
     teacher weights (a text-only teacher) the student is `spec.path` and its tokenizer the
-    one given."""
+    one given. `layers_by_importance` scores the teacher's layers on `calibration` (a
+    collated batch: input_ids, attention_mask)."""
     if teacher is None:
         assert spec.init == "path" and spec.path is not None
         student, tokenizer = load_model(ModelConfig(path=spec.path, gguf_file=spec.gguf_file))
         check_tokenizers(teacher_tokenizer, tokenizer)
     elif spec.init == "layers_from_teacher":
         student = layers_from_teacher(teacher, spec.num_layers)
+        tokenizer = teacher_tokenizer
+    elif spec.init == "layers_by_importance":
+        if calibration is None:
+            raise ValueError("student.init=layers_by_importance needs calibration examples")
+        scores = block_influence(teacher, calibration)
+        keep = most_important_layers(scores, spec.num_layers)
+        student = copy_layers(teacher, keep)
+        student.config.lmdistill_layer_scores = [round(s, 6) for s in scores]
         tokenizer = teacher_tokenizer
     elif spec.init == "shrunk_config":
         student = shrunk_from_teacher(teacher, spec)
@@ -54,10 +66,64 @@ def build_student(
 
 
 def layers_from_teacher(teacher: PreTrainedModel, num_layers: int) -> PreTrainedModel:
-    """A shallower copy of the teacher (DistilBERT-style init): every kept layer, the
-    embeddings, the final norm and the output head carry the teacher's weights."""
-    total = teacher.config.num_hidden_layers
-    keep = evenly_spaced_layers(total, num_layers)
+    """A shallower copy of the teacher (DistilBERT-style init) with evenly spaced layers."""
+    return copy_layers(teacher, evenly_spaced_layers(teacher.config.num_hidden_layers, num_layers))
+
+
+@torch.no_grad()
+def block_influence(
+    teacher: PreTrainedModel, batch: dict[str, torch.Tensor], rows: int = 4
+) -> list[float]:
+    """Per teacher layer, 1 - the mean cosine similarity between its input and its output
+    hidden states over the real (non-padding) tokens of `batch` (ShortGPT's block influence:
+    a layer that barely changes its input scores near 0). The decoder alone runs (no
+    logits), `rows` examples at a time, and each layer's cosines are summed as they come."""
+    decoder = teacher.get_decoder()
+    layers = decoder.layers
+    sums = [0.0] * len(layers)
+    real = torch.empty(0, dtype=torch.bool)
+
+    def hook(index: int) -> Any:
+        def add(_: Any, args: tuple[Any, ...], output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            cosine = torch.nn.functional.cosine_similarity(args[0].float(), out.float(), dim=-1)
+            sums[index] += float(cosine[real].sum())
+
+        return add
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    device = next(teacher.parameters()).device
+    try:
+        for start in range(0, batch["input_ids"].shape[0], rows):
+            mask = batch["attention_mask"][start : start + rows].to(device)
+            real = mask.bool()
+            decoder(
+                input_ids=batch["input_ids"][start : start + rows].to(device), attention_mask=mask
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    tokens = int(batch["attention_mask"].sum())
+    return [1.0 - total / tokens for total in sums]
+
+
+def most_important_layers(scores: list[float], keep: int) -> list[int]:
+    """The first and the last layer, and the `keep - 2` others with the highest scores (ties:
+    the earlier layer), in order."""
+    total = len(scores)
+    if not 2 <= keep <= total:
+        raise ValueError(
+            f"student.num_layers: {keep} must be in [2, {total}] with layers_by_importance "
+            "(the first and the last layer are always kept)"
+        )
+    middle = sorted(range(1, total - 1), key=lambda i: (-scores[i], i))[: keep - 2]
+    return sorted([0, *middle, total - 1])
+
+
+def copy_layers(teacher: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
+    """A shallower copy of the teacher: the layers `keep` (in order), the embeddings, the
+    final norm and the output head, all with the teacher's weights."""
+    num_layers = len(keep)
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = num_layers
     if isinstance(getattr(config, "layer_types", None), list):

@@ -71,10 +71,26 @@ def setup_lines(metrics: RunMetrics, config: dict[str, Any]) -> list[str]:
         if models.get("teacher_parameters") is not None
         else "text only: no log-probs, no weights here"
     )
+    lora = config["student"].get("lora") or {}
+    trained = models.get("student_trainable_parameters")
+    adapters = (
+        f"; LoRA r={lora['r']} on {', '.join(lora['target_modules'])}: "
+        f"{trained / 1e6:.2f} M parameters trained, merged into student/"
+        if lora.get("r") and trained is not None
+        else ""
+    )
+    kept = models.get("student_layer_map")
+    scores = models.get("layer_scores")
+    layers = []
+    if kept is not None:
+        layers = ["", f"Teacher layers kept: {kept}."]
+        if scores:
+            scored = ", ".join(f"{i}: {v:.3f}" for i, v in enumerate(scores))
+            layers[1] += f" Block influence per teacher layer (1 - cos(input, output)): {scored}."
     return [
         f"Teacher `{models['teacher']}` ({size}) -> student "
         f"({models['student_parameters'] / 1e6:.1f} M parameters, {models['student_layers']} "
-        f"layers, init `{config['student']['init']}`).",
+        f"layers, init `{config['student']['init']}`{adapters}).",
         "",
         f"Objective: `{loss['alpha']} * CE + (1 - {loss['alpha']}) * {loss['temperature']}^2 * "
         f"{loss['divergence']}(teacher || student)`, {kd.steps} steps, "
@@ -86,6 +102,7 @@ def setup_lines(metrics: RunMetrics, config: dict[str, Any]) -> list[str]:
         f"{data['train_truncation']['truncated']} / dropped "
         f"{data['train_truncation']['dropped']} training examples at max_length "
         f"{config['data']['max_length']}.",
+        *layers,
     ]
 
 
@@ -289,9 +306,10 @@ def task_table(metrics: RunMetrics) -> list[str]:
     for name, values in arms:
         for source, task in (values.tasks if values is not None else {}).items():
             if not isinstance(task, TaskMetrics):  # multiple choice by log-likelihood
+                norm = "-" if task.accuracy_norm is None else f"{task.accuracy_norm:.3f}"
                 rows.append(
-                    f"| `{source}` | {name} | {task.accuracy:.3f} (per-token "
-                    f"{task.accuracy_norm:.3f}) | | | | | |"
+                    f"| `{source}` | {name} | acc {task.accuracy:.3f}, acc_norm {norm} (per "
+                    f"character), per token {task.accuracy_per_token:.3f} | | | | | |"
                 )
                 continue
             reference = teacher.get(source)
