@@ -109,13 +109,11 @@ def main() -> None:
         for a, b in zip(qa, qb, strict=True)
     )
     prompt_tokens = [
-        len(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": q.question}], add_generation_prompt=True
-            )
-        )
+        len(tokenizer(tokenizer.apply_chat_template(
+            [{"role": "user", "content": q.question}], add_generation_prompt=True, tokenize=False
+        ))["input_ids"])
         for q in questions
-    ]
+    ]  # fmt: skip
     per_question = {name: statistics.fmean(values) for name, values in seconds.items()}
     report = {
         "benchmark": "multiple choice: shared context vs whole texts",

@@ -91,6 +91,13 @@ def arm_overrides(
     return common + extra
 
 
+def arm_directory(arm: str, retention: float) -> str:
+    """An arm's directory; a retention arm at another weight than 1 has its own (`-r0.3`), so
+    that a sweep over the weight reuses phase 1 and the re-run and nothing else."""
+    name = arm.replace(" ", "-").replace("+", "and")
+    return f"{name}-r{retention:g}" if "retention" in arm and retention != 1.0 else name
+
+
 def measured(metrics: dict[str, Any]) -> dict[str, float]:
     kd = metrics["kd"]
     tasks = kd["after"]["tasks"]
@@ -186,7 +193,7 @@ def main() -> None:
         )
         runs.append({"arm": "phase 1", "seed": seed, **first})
         for arm in args.arms:
-            where = out / arm.replace(" ", "-").replace("+", "and") / f"s{seed}"
+            where = out / arm_directory(arm, args.retention_weight) / f"s{seed}"
             overrides = arm_overrides(
                 arm, phase1, args.phase2_steps, args.retention_weight, args.anchor_weight, both
             )
