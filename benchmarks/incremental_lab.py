@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ TEST_A = f"lab:test:100:0:{KNOBS}:operations=add+subtract"  # the config's eval.
 TEST_B = f"lab:test:100:0:{KNOBS}:operations=add+multiply"
 EVAL_B = f"lab:test:64:0:{KNOBS}:operations=add+multiply"
 PHASE1_STEPS = 350
+DEFAULT_ARGS = ["--out", "outputs/lab/incremental", "--seeds", "3"]  # make lab-incremental
 RERUN = "re-run on A + B"
 ARMS = (
     "fine-tune on B",
@@ -219,6 +221,9 @@ def main() -> None:
         return
     result = {
         **provenance("incremental"),
+        # The command that wrote this file: `make lab-incremental`, or the script with its
+        # own arguments (a sweep over the retention weight).
+        **({"command": "python " + " ".join(sys.argv)} if sys.argv[1:] != DEFAULT_ARGS else {}),
         "setup": {
             "config": CONFIG,
             "capability_a": TRAIN_A,
