@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -223,7 +224,7 @@ def main() -> None:
         **provenance("incremental"),
         # The command that wrote this file: `make lab-incremental`, or the script with its
         # own arguments (a sweep over the retention weight).
-        **({"command": "python " + " ".join(sys.argv)} if sys.argv[1:] != DEFAULT_ARGS else {}),
+        **({"command": "python " + shlex.join(sys.argv)} if sys.argv[1:] != DEFAULT_ARGS else {}),
         "setup": {
             "config": CONFIG,
             "capability_a": TRAIN_A,
