@@ -25,7 +25,7 @@ from losses import code_info, machine_info
 import lmdistill  # noqa: F401  (threading defaults before torch loads)
 from lmdistill.config import ModelConfig
 from lmdistill.data import Example, collate, load_examples, tokenize_examples
-from lmdistill.eval.choice import ChoiceQuestion, choice_logprobs
+from lmdistill.eval.choice import ChoiceQuestion, choice_logprobs, picks
 from lmdistill.models import load_model
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "choice_speed.json"
@@ -73,15 +73,10 @@ def whole_text_logprobs(
 def accuracies(
     questions: list[ChoiceQuestion], scores: list[list[tuple[float, int]]]
 ) -> dict[str, float]:
+    """The three measures over `questions`, picked as lmdistill's evaluation picks."""
     found = {"accuracy": 0.0, "accuracy_norm": 0.0, "accuracy_per_token": 0.0}
     for question, score in zip(questions, scores, strict=True):
-        options = range(len(score))
-        picks = {
-            "accuracy": max(options, key=lambda i: score[i][0]),
-            "accuracy_norm": max(options, key=lambda i: score[i][0] / len(question.choices[i])),
-            "accuracy_per_token": max(options, key=lambda i: score[i][0] / score[i][1]),
-        }
-        for key, pick in picks.items():
+        for key, pick in picks(question, score).items():
             found[key] += (pick == question.answer) / len(questions)
     return found
 

@@ -21,18 +21,30 @@ from lmdistill.eval.choice import (
 QUESTION = ChoiceQuestion("q", "What is 2+2?", ("4", "five", "22 apples"), 0)
 
 
+def _whole_texts(model: Any, tokenizer: Any, question: ChoiceQuestion) -> list[tuple[float, int]]:
+    """The reference: one forward pass of the prompt and each choice, the choice's tokens'
+    log-probs summed (and counted)."""
+    prompt = encode_prompt(
+        Example("q", ({"role": "user", "content": question.question},), None), tokenizer
+    )
+    found = []
+    for choice in question.choices:
+        ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + ids])).logits[0].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        found.append(
+            (sum(float(logprobs[len(prompt) - 1 + i, t]) for i, t in enumerate(ids)), len(ids))
+        )
+    return found
+
+
 def test_choice_scores_equal_a_direct_forward_pass(tiny_teacher: Any, tiny_tokenizer: Any) -> None:
     scores = choice_logprobs(tiny_teacher, tiny_tokenizer, QUESTION)
-    prompt = encode_prompt(
-        Example("q", ({"role": "user", "content": QUESTION.question},), None), tiny_tokenizer
-    )
-    for choice, (total, count) in zip(QUESTION.choices, scores, strict=True):
-        ids = tiny_tokenizer(choice, add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            logits = tiny_teacher(input_ids=torch.tensor([prompt + ids])).logits[0].float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        direct = sum(float(logprobs[len(prompt) - 1 + i, t]) for i, t in enumerate(ids))
-        assert count == len(ids)
+    for (total, count), (direct, tokens) in zip(
+        scores, _whole_texts(tiny_teacher, tiny_tokenizer, QUESTION), strict=True
+    ):
+        assert count == tokens
         assert total == pytest.approx(direct, abs=1e-4)
 
 
@@ -56,16 +68,10 @@ def test_the_shared_context_gives_what_one_forward_per_choice_gives(
     and two equal choices: every score as a forward pass of the whole text."""
     question = ChoiceQuestion("q", "How many?", ("22 apples", "22 pears", "7", "7"), 0)
     scores = choice_logprobs(tiny_teacher, tiny_tokenizer, question)
-    prompt = encode_prompt(
-        Example("q", ({"role": "user", "content": question.question},), None), tiny_tokenizer
-    )
-    for choice, (total, count) in zip(question.choices, scores, strict=True):
-        ids = tiny_tokenizer(choice, add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            logits = tiny_teacher(input_ids=torch.tensor([prompt + ids])).logits[0].float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        direct = sum(float(logprobs[len(prompt) - 1 + i, t]) for i, t in enumerate(ids))
-        assert count == len(ids) and total == pytest.approx(direct, abs=1e-4)
+    for (total, count), (direct, tokens) in zip(
+        scores, _whole_texts(tiny_teacher, tiny_tokenizer, question), strict=True
+    ):
+        assert count == tokens and total == pytest.approx(direct, abs=1e-4)
     assert scores[2] == pytest.approx(scores[3])
 
 

@@ -132,21 +132,29 @@ def common_prefix(sequences: list[list[int]]) -> int:
     return length
 
 
+def picks(question: ChoiceQuestion, scores: list[tuple[float, int]]) -> dict[str, int]:
+    """The choice each measure picks from (sum of log-probs, tokens) per choice: the highest
+    sum, per character, per token (ties: the first choice, as lm-eval's argmax)."""
+    options = range(len(scores))
+    chars = [max(len(c), 1) for c in question.choices]
+    return {
+        "accuracy": max(options, key=lambda i: scores[i][0]),
+        "accuracy_norm": max(options, key=lambda i: scores[i][0] / chars[i]),
+        "accuracy_per_token": max(options, key=lambda i: scores[i][0] / max(scores[i][1], 1)),
+    }
+
+
 def multiple_choice(
     model: PreTrainedModel, tokenizer: Any, questions: list[ChoiceQuestion]
 ) -> ChoiceMetrics:
     """`accuracy`, `accuracy_norm` (per character) and `accuracy_per_token` over
     `questions`."""
     model.eval()
-    right = right_chars = right_tokens = 0
+    right = dict.fromkeys(("accuracy", "accuracy_norm", "accuracy_per_token"), 0)
     for question in questions:
-        scores = choice_logprobs(model, tokenizer, question)
-        chars = [max(len(c), 1) for c in question.choices]
-        options = range(len(scores))
-        right += max(options, key=lambda i: scores[i][0]) == question.answer
-        right_chars += max(options, key=lambda i: scores[i][0] / chars[i]) == question.answer
-        right_tokens += (
-            max(options, key=lambda i: scores[i][0] / max(scores[i][1], 1)) == question.answer
-        )
+        for measure, pick in picks(question, choice_logprobs(model, tokenizer, question)).items():
+            right[measure] += pick == question.answer
     n = len(questions)
-    return ChoiceMetrics(n, right / n, right_chars / n, right_tokens / n)
+    return ChoiceMetrics(
+        n, right["accuracy"] / n, right["accuracy_norm"] / n, right["accuracy_per_token"] / n
+    )

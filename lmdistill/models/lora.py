@@ -73,11 +73,6 @@ def add_adapters(student: PreTrainedModel, spec: StudentConfig) -> Any:
     return get_peft_model(student, config)
 
 
-def is_adapted(model: Any) -> bool:
-    """Whether `model` carries LoRA adapters (peft marks the model it injects into)."""
-    return hasattr(model, "peft_config")
-
-
 def save_adapted(adapted: Any, tokenizer: Any, directory: Path, base_path: str | None) -> None:
     """`directory/student` merged, `directory/student_adapter`, and `directory/student_base`
     unless the base is `base_path` (a model on disk already); each written atomically."""
