@@ -4,6 +4,8 @@ accuracy without learning the shortcut or levelling the majority down?
 
     make lab-fair
     # = python benchmarks/fairness_lab.py --out outputs/lab/fair --seeds 3
+    # two cores: `--only-seeds 0 1 2 --arms 'plain KD' 'CE only'` and the same with
+    # `--arms reweight dro` side by side, then the plain call writes the result
 
 The teacher (configs/lab/fair-teacher.yaml) learnt the lab from balanced data of two groups
 that differ in surface form only (names and items), each problem with one distractor
@@ -110,6 +112,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/lab/fair"))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--arms", nargs="*", default=list(ARMS))
+    parser.add_argument(
+        "--only-seeds",
+        nargs="*",
+        type=int,
+        help="run these seeds' runs and write no result: a second process (on another core) "
+        "shares the work; finished runs are kept, so a last call without it writes the result",
+    )
     parser.add_argument("--result", type=Path, default=ROOT / "docs/results/fairness.json")
     parser.add_argument("--tables", action="store_true", help="print the docs' table and stop")
     parser.add_argument("overrides", nargs="*", help="key=value for every run (a smoke test)")
@@ -120,12 +129,15 @@ def main() -> None:
     out: Path = args.out if args.out.is_absolute() else ROOT / args.out
     runs: list[dict[str, Any]] = []
     teacher: dict[str, Any] | None = None
-    for seed in range(args.seeds):
+    seeds = range(args.seeds) if args.only_seeds is None else args.only_seeds
+    for seed in seeds:
         for arm in args.arms:
             where = out / arm.replace(" ", "-") / f"s{seed}"
-            # The teacher is the same in every run: its answers are scored once (the first
-            # run). The untrained students' scores are no part of the result.
-            once = [] if (seed, arm) == (0, args.arms[0]) else ["eval.task_teacher=false"]
+            # The teacher is the same in every run: its answers are scored once (plain KD's
+            # first seed, whichever process runs it). The untrained students' scores are no
+            # part of the result.
+            scorer = (0, PLAIN if PLAIN in args.arms else args.arms[0])
+            once = [] if (seed, arm) == scorer else ["eval.task_teacher=false"]
             metrics = run(
                 CONFIG,
                 where,
@@ -138,6 +150,8 @@ def main() -> None:
             runs.append({"arm": arm, "seed": seed, **measured(metrics["kd"]["after"])})
             if teacher is None and metrics.get("teacher"):
                 teacher = measured(metrics["teacher"])
+    if args.only_seeds is not None:
+        return
     result = {
         **provenance("fairness"),
         "setup": {
