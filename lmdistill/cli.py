@@ -172,7 +172,8 @@ def _add_distillation_commands(commands: Any) -> None:
         "eval",
         help="measure a saved student's fidelity to the teacher on held-out data",
         description="KL(teacher || student) per token, top-1 agreement and perplexity on the "
-        "held-out split of the config's data. Prints JSON.",
+        "held-out split of the config's data; with eval.lm_eval_tasks, lm-evaluation-harness "
+        "scores of the student and the teacher. Prints JSON.",
     )
     _common(evaluate, resume=False)
     evaluate.add_argument("--student", required=True, help="student directory (HF format)")
@@ -543,7 +544,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         pad_token_id=setup.tokenizer.pad_token_id,
         batch_size=config.eval.batch_size,
     )
-    print(json.dumps(result.as_dict(), indent=2))
+    found = result.as_dict()
+    if config.eval.lm_eval_tasks:  # lm-evaluation-harness on both (lmdistill/eval/harness.py)
+        from lmdistill.eval.harness import lm_eval_scores
+
+        found["lm_eval"] = {
+            "student": lm_eval_scores(student, student_tokenizer, config.eval),
+            "teacher": lm_eval_scores(setup.model, setup.tokenizer, config.eval),
+        }
+    print(json.dumps(found, indent=2))
     return 0
 
 
@@ -568,6 +577,9 @@ def print_summary(config: RunConfig, metrics: RunMetrics) -> None:
                 print(f"  {name:8s} {source}: exact match {task.exact_match:.3f}")
             else:
                 print(f"  {name:8s} {source}: accuracy {task.accuracy:.3f}")
+        for task_name, found in values.lm_eval.items():
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in found.items() if k != "documents")
+            print(f"  {name:8s} lm-eval {task_name}: {shown}")
     print(f"  wall time {metrics.wall_seconds / 60:.1f} min, peak RSS {metrics.peak_rss_mb:.0f} MB")
 
 

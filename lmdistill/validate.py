@@ -5,6 +5,7 @@ objectives, scorers, features, selectors). This sits at the top of the import gr
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from pathlib import Path
@@ -44,6 +45,7 @@ def validate(config: RunConfig) -> None:
     _validate_ensemble(config)
     _validate_memory(config)
     _validate_tracking(config.train.report_to)
+    _validate_lm_eval(config)
 
 
 def _validate_tracking(names: list[str]) -> None:
@@ -59,6 +61,24 @@ def _validate_tracking(names: list[str]) -> None:
             "`pip install 'lmdistill[track]'` installs tensorboard)",
         )
     check(len(set(names)) == len(names), "train.report_to", names, "each tracker named once")
+
+
+def _validate_lm_eval(config: RunConfig) -> None:
+    """lm-eval is installed when tasks are named; a task file is there; a limit is >= 1."""
+    tasks, limit = config.eval.lm_eval_tasks, config.eval.lm_eval_limit
+    if not tasks:
+        return
+    check(
+        importlib.util.find_spec("lm_eval") is not None,
+        "eval.lm_eval_tasks",
+        tasks,
+        "lm-evaluation-harness installed (pip install 'lmdistill[eval]')",
+    )
+    for task in tasks:
+        if task.endswith((".yaml", ".yml")):
+            check(Path(task).is_file(), "eval.lm_eval_tasks", task, "a task YAML file that exists")
+    check(limit is None or limit >= 1, "eval.lm_eval_limit", limit, "null or documents >= 1")
+    check(len(set(tasks)) == len(tasks), "eval.lm_eval_tasks", tasks, "each task named once")
 
 
 def _validate_memory(config: RunConfig) -> None:

@@ -20,6 +20,7 @@ from lmdistill.data.example import NO_GROUP
 from lmdistill.eval.answers import answer_quality
 from lmdistill.eval.choice import load_choice_questions, multiple_choice
 from lmdistill.eval.fidelity import fidelity, fidelity_by_group
+from lmdistill.eval.harness import lm_eval_scores
 from lmdistill.eval.task import greedy_answers, task_accuracy
 from lmdistill.io import atomic_write_json
 from lmdistill.kd.rationale import eval_prompts
@@ -82,6 +83,9 @@ class Evaluator:
                 batch_size=config.eval.batch_size,
             )
             teacher = dataclasses.replace(teacher or EvalMetrics(), answers=own)
+        if config.eval.enabled and config.eval.lm_eval_tasks and setup.model is not None:
+            scores = lm_eval_scores(setup.model, setup.tokenizer, config.eval)
+            teacher = dataclasses.replace(teacher or EvalMetrics(), lm_eval=scores)
         return cls(
             config,
             signal,
@@ -135,7 +139,8 @@ class Evaluator:
                 vocab_size=self.vocab_size,
                 batch_size=settings.batch_size,
             )
-        return EvalMetrics(fidelity_metrics, tasks, answers, groups)
+        harness = lm_eval_scores(model, tokenizer, settings) if settings.lm_eval_tasks else {}
+        return EvalMetrics(fidelity_metrics, tasks, answers, groups, harness)
 
 
 def eval_groups(eval_set: list[TokenizedExample]) -> dict[str, list[int]]:
