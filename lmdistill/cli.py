@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_distillation_commands(commands: Any) -> None:
-    """demo, export, run, generate, cache, eval."""
+    """demo, plan, export, run, generate, cache, eval."""
     demo = commands.add_parser(
         "demo",
         help="distil SmolLM2-135M-Instruct into a 6-layer student and write a report",
@@ -120,6 +120,20 @@ def _add_distillation_commands(commands: Any) -> None:
     demo.add_argument("--out", default="lmdistill-demo", help="output directory")
     _common(demo, config=False)
     demo.set_defaults(handler=cmd_demo)
+
+    plan = commands.add_parser(
+        "plan",
+        help="predict a run's time, memory and disk from a short probe, without training it",
+        description="Runs the config on a slice in a temporary directory (the teacher answers "
+        "and caches a few examples, the student trains --probe-steps + 1 steps, nothing is "
+        "evaluated or kept) and scales each stage to the full run: time per step and in "
+        "all, peak memory with its parts, teacher cache and checkpoint bytes, and whether "
+        "they fit this machine. docs/plan.md.",
+    )
+    _common(plan, resume=False)
+    plan.add_argument("--probe-steps", type=int, default=3, help="timed steps (default 3)")
+    plan.add_argument("--json", metavar="FILE", help="also write the prediction as JSON")
+    plan.set_defaults(handler=cmd_plan)
 
     export = commands.add_parser(
         "export",
@@ -316,6 +330,20 @@ def check_resumable(config: RunConfig, resume: bool) -> None:
             f"--resume: nothing to resume in {out} (no run was started there: it has no "
             "config.yaml); check output_dir, or drop --resume to start a new run"
         )
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from lmdistill.io import atomic_write_json
+    from lmdistill.plan import make_plan
+
+    config = load_config(args.config, args.overrides)
+    if args.json and Path(args.json).exists():
+        raise ConfigError(f"--json: {args.json} exists; choose another file (nothing written)")
+    plan = make_plan(config, args.probe_steps)
+    print("\n".join(["", f"plan for {args.config}:", *("  " + line for line in plan.lines())]))
+    if args.json:
+        atomic_write_json(Path(args.json), plan.as_dict())
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
