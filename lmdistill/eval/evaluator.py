@@ -27,7 +27,7 @@ from lmdistill.kd.rationale import eval_prompts
 from lmdistill.metrics import ChoiceMetrics, EvalMetrics, FidelityMetrics, TaskMetrics
 from lmdistill.models import describe, weights_fingerprint
 from lmdistill.teachers.backends import TeacherSetup
-from lmdistill.teachers.base import Teacher
+from lmdistill.teachers.base import LocalTeacher, Teacher
 from lmdistill.teachers.consistency import with_rationale_prompt
 
 
@@ -45,6 +45,9 @@ class Evaluator:
     choice_sets: dict[str, Any]
     teacher_answers: dict[str, list[str]]
     teacher: EvalMetrics | None  # the teacher's accuracy on the task sets
+    # Who scores the models' own answers (teacher NLL, reverse KL): the training signal when
+    # it is a model in this process; with a cache, the teacher's weights the run loaded.
+    answer_teacher: Teacher | None = None
 
     @classmethod
     def build(
@@ -72,12 +75,15 @@ class Evaluator:
         }
         task_sets = {s: eval_prompts(q, config.objective) for s, q in questions.items()}
         signal = setup.signal.get("eval")  # None: a text-only teacher (fidelity is refused)
+        answer_teacher = signal
+        if config.teacher.kind == "cache" and not config.teachers and setup.model is not None:
+            answer_teacher = LocalTeacher(setup.model, setup.tokenizer, "teacher")
         if config.eval.enabled and config.eval.answers and setup.model is not None:
             own = answer_quality(  # the teacher's own answers: the reference row
                 setup.model,
                 setup.tokenizer,
                 [prompt_ids(item) for item in eval_set[: config.eval.answers]],
-                signal,
+                answer_teacher,
                 max_new_tokens=config.eval.answer_max_new_tokens,
                 vocab_size=vocab_size,
                 batch_size=config.eval.batch_size,
@@ -96,6 +102,7 @@ class Evaluator:
             choice_sets,
             teacher_answers,
             teacher,
+            answer_teacher,
         )
 
     def __call__(self, model: PreTrainedModel) -> EvalMetrics:
@@ -134,7 +141,7 @@ class Evaluator:
                 model,
                 tokenizer,
                 [prompt_ids(item) for item in self.eval_set[: settings.answers]],
-                self.signal,
+                self.answer_teacher,
                 max_new_tokens=settings.answer_max_new_tokens,
                 vocab_size=self.vocab_size,
                 batch_size=settings.batch_size,
