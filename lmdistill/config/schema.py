@@ -158,6 +158,9 @@ class GenerateConfig:
     min_chars: int = 0
     max_chars: int | None = None
     require_answer: bool = False
+    # Train only on answers the teacher finished: a response cut at max_new_tokens (no
+    # end-of-turn token) is dropped and counted, so the student sees every answer end.
+    drop_truncated: bool = False
 
 
 @dataclass
