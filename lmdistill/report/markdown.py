@@ -141,8 +141,20 @@ def teacher_lines(metrics: RunMetrics) -> list[str]:
             f"Sequence-level KD: the teacher wrote {gen['prompts']} responses "
             f"({gen['new_tokens']:,} tokens generated in this call at "
             f"{gen['new_tokens_per_s']:.0f} tokens/s; {gen['hit_length_limit']} hit "
-            "max_new_tokens and are kept without an end-of-turn token).",
+            + (
+                "max_new_tokens: the training ones among them are dropped, held-out ones "
+                "kept without an end-of-turn token)."
+                if "truncated" in gen.get("rationales", {}).get("dropped", {})
+                else "max_new_tokens and are kept without an end-of-turn token)."
+            ),
         ]
+        if gen.get("rationales"):
+            kept = gen["rationales"]
+            reasons = ", ".join(f"{n} {why}" for why, n in kept["dropped"].items()) or "none"
+            lines[-1] += (
+                f" Training responses kept: {kept['kept']} of "
+                f"{kept['prompts'] * kept['samples_per_prompt']} (dropped: {reasons})."
+            )
     if setup.get("served"):
         served = setup["served"]
         lines += [

@@ -11,8 +11,9 @@ With `generate.samples: n` the teacher answers every training question n times (
 
 Format filters apply first: `min_chars` / `max_chars` on the response, `require_answer` (a
 GSM8K-style `#### answer` line), and a response cut at `max_new_tokens` is never kept when
-anything is filtered (`drop_truncated` asks for that alone). At most `keep_per_prompt` samples are kept per question (the first
-ones in sample order; default all); a question with none left is dropped. Every drop is
+anything is filtered (`drop_truncated` asks for that alone). At most `keep_per_prompt`
+samples are kept per question (the first ones in sample order; default all); a question
+with none left is dropped. Every drop is
 counted by reason in the report, so a filter that throws away most of the data is visible.
 
 Held-out questions are answered once (sample 0) and never filtered, so evaluation sees the
