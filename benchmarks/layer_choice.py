@@ -28,8 +28,8 @@ INITS = {"evenly spaced": "layers_from_teacher", "by importance": "layers_by_imp
 
 
 def one(init: str, cache: Path, out: Path, overrides: list[str]) -> dict[str, Any]:
-    command = [sys.executable, "-m", "lmdistill", "demo", "--out", str(out),
-               f"student.init={init}", f"cache.dir={cache}", "baseline=false", *overrides]  # fmt: skip
+    settings = [f"student.init={init}", f"cache.dir={cache}", "baseline=false", *overrides]
+    command = [sys.executable, "-m", "lmdistill", "demo", "--out", str(out), *settings]
     subprocess.run(command, cwd=ROOT, check=True)
     metrics = json.loads((out / "metrics.json").read_text())
     after = metrics["kd"]["after"]
