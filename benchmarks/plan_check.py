@@ -7,9 +7,11 @@ Cases: configs/tiny.yaml (random tiny models), the fairness lab's student
 (configs/lab/fair.yaml at 60 steps: needs `make outputs/lab/fair-teacher/student/config.json`)
 and the demo (configs/demo.yaml, SmolLM2-135M-Instruct). For each, `lmdistill plan` runs in
 its own process, then `lmdistill run` with the same config in another (so each peak
-resident memory is its own), one after the other on a quiet machine. Measured time per
-step is the run's, computed as the plan computes it (the steps after the first); the ratio
-is predicted / measured. Writes the result with the commit, the command and the machine.
+resident memory is its own), one after the other on a quiet machine; `--measured-demo DIR`
+compares the demo's plan with a finished `make demo` run instead of running it again.
+Measured time per step is the run's, computed as the plan computes it (the steps after the
+first); the ratio is predicted / measured. Writes the result with the commit, the command
+and the machine.
 """
 
 from __future__ import annotations
@@ -42,13 +44,17 @@ def seconds_per_step(history: list[dict[str, Any]], steps: int, seconds: float) 
     return (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1)
 
 
-def one_case(config: str, overrides: list[str], where: Path) -> dict[str, Any]:
+def one_case(
+    config: str, overrides: list[str], where: Path, measured_run: Path | None = None
+) -> dict[str, Any]:
+    """Plan, then run (or read `measured_run`, a finished run of the same config)."""
     predicted_file = where / "plan.json"
-    out = where / "run"
-    common = [config, f"output_dir={out}", *overrides]
+    out = measured_run or where / "run"
+    common = [config, f"output_dir={where / 'run'}", *overrides]
     subprocess.run([*LMDISTILL, "plan", *common, "--json", str(predicted_file)], cwd=ROOT,
                    check=True)  # fmt: skip
-    subprocess.run([*LMDISTILL, "run", *common], cwd=ROOT, check=True)
+    if measured_run is None:
+        subprocess.run([*LMDISTILL, "run", *common], cwd=ROOT, check=True)
     predicted = json.loads(predicted_file.read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     kd = metrics["kd"]
@@ -108,6 +114,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument(
+        "--measured-demo",
+        type=Path,
+        help="a finished `make demo` run (e.g. lmdistill-demo/) to compare the demo's plan "
+        "with, instead of running the demo again",
+    )
     parser.add_argument("--tables", action="store_true", help="print the docs' table and stop")
     args = parser.parse_args()
     if args.tables:
@@ -119,7 +131,12 @@ def main() -> None:
             config, overrides = CASES[name]
             where = Path(tmp) / name.replace(" ", "-")
             where.mkdir()
-            cases[name] = one_case(config, overrides, where)
+            measured = (
+                args.measured_demo.resolve() if name == "demo" and args.measured_demo else None
+            )
+            cases[name] = one_case(config, overrides, where, measured)
+            if measured is not None:
+                cases[name]["measured_run"] = str(args.measured_demo)
             print(name, json.dumps(cases[name]["ratio"]), flush=True)
     sys.path.insert(0, str(Path(__file__).parent))
     from losses import code_info, machine_info
