@@ -37,11 +37,13 @@ TARGET = 0.25  # within 25%
 
 
 def seconds_per_step(history: list[dict[str, Any]], steps: int, seconds: float) -> float:
-    """As lmdistill/plan.py: the mean of the steps after the first."""
-    elapsed = [r["tokens"] / r["tokens_per_s"] for r in history if r.get("tokens_per_s")]
-    if len(elapsed) < 2:
+    """As lmdistill/plan.py: the mean of the steps after the first logged one."""
+    records = [r for r in history if r.get("tokens_per_s")]
+    if len(records) < 2:
         return seconds / max(steps, 1)
-    return (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1)
+    first, last = records[0], records[-1]
+    elapsed = last["tokens"] / last["tokens_per_s"] - first["tokens"] / first["tokens_per_s"]
+    return float(elapsed / (last["step"] - first["step"]))
 
 
 def one_case(

@@ -9,18 +9,21 @@ checkpoints. Each stage's measured cost is scaled to the full run:
   probe's steps after the first (warm-up) one; training time = steps x that;
 - **generation**: the teacher's seconds per prompt in the probe x the run's prompts (an
   upper bound when the probe's answers hit `max_new_tokens` more often than the run's);
-- **teacher cache**: its bytes per response token x the probe's tokens per example x the
-  run's examples (`teacher.kind: cache`);
+- **teacher cache**: the probe cache's bytes per example x the run's examples
+  (`teacher.kind: cache`);
 - **checkpoints**: the bytes of one checkpoint (weights, or a LoRA student's trained
-  tensors, and AdamW's two moments) x `train.keep_checkpoints`, plus the saved students;
+  tensors, and AdamW's two moments) x the checkpoints kept, for each trained student,
+  plus the saved students;
 - **peak memory**: the probe process's peak resident memory, with its parts named: the
   models' weights, gradients and optimizer state (from their parameter counts), the
   teacher's weights, one chunk of the loss head, and the rest (activations, the runtime);
+  on a GPU, the probe's peak allocated GPU memory against the GPU's size (untested: no GPU
+  was available);
 - whether that fits this machine: peak memory against the memory available now, disk
   against the free space where `output_dir` will be.
 
-Evaluation is not probed (its time is not in the prediction). Checked against measured runs
-by `benchmarks/plan_check.py` (docs/plan.md).
+Evaluation and writing the teacher cache are not timed (not in the prediction). Checked
+against measured runs by `benchmarks/plan_check.py` (docs/plan.md).
 """
 
 from __future__ import annotations
@@ -33,8 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lmdistill.config import ConfigError, RunConfig
 from lmdistill.metrics import ArmMetrics, RunMetrics
+from lmdistill.models.loading import resolve_device
 from lmdistill.teachers.setup import load_splits
 
 MB = 1024 * 1024
@@ -55,6 +61,7 @@ class Plan:
     generation_seconds: float | None  # None: the teacher writes no responses
     prompts: int
     memory_mb: dict[str, float]  # the parts of the peak, and `peak`
+    memory_device: str  # where that peak is: `cpu` (resident memory) or `cuda` (allocated)
     available_memory_mb: float | None
     cache_bytes: int | None
     checkpoint_bytes: int
@@ -87,10 +94,14 @@ class Plan:
             out.append(
                 f"teacher responses: {self.prompts} prompts, {_minutes(self.generation_seconds)}"
             )
-        out.append(f"total before evaluation: {_minutes(total)}")
-        available = self.available_memory_mb
         out.append(
-            f"peak memory: {memory['peak']:,.0f} MB ({parts} MB); available "
+            f"generation and training: {_minutes(total)} (writing the teacher cache and "
+            "evaluating not counted)"
+        )
+        available = self.available_memory_mb
+        where = "GPU" if self.memory_device == "cuda" else "resident"
+        out.append(
+            f"peak {where} memory: {memory['peak']:,.0f} MB ({parts} MB); available "
             + (f"{available:,.0f} MB" if available is not None else "unknown")
             + f": {fits[self.fits_memory]}"
         )
@@ -145,13 +156,19 @@ def make_plan(config: RunConfig, probe_steps: int = 3) -> Plan:
         )
         metrics = run(probe)
         peak = peak_rss_mb()
+    device = resolve_device(config.train.device)
+    available = _available_memory_mb()
+    if device.type == "cuda":  # the parts live on the GPU: its peak, against its size
+        peak = torch.cuda.max_memory_allocated(device) / MB
+        available = torch.cuda.get_device_properties(device).total_memory / MB
     kd_step = _seconds_per_step(metrics.kd)
     base_step = _seconds_per_step(metrics.baseline) if metrics.baseline is not None else None
     train_seconds = train.max_steps * (kd_step + (base_step or 0.0))
     probe_seconds = metrics.kd.train_seconds + (
         metrics.baseline.train_seconds if metrics.baseline else 0.0
     )
-    prompts = len(train_examples) + len(held_out)  # the teacher answers both splits
+    # The teacher answers both splits, each training question `generate.samples` times.
+    prompts = len(train_examples) * config.generate.samples + len(held_out)
     generated = metrics.setup.get("generate")
     generation_seconds = None
     if generated and generated.get("prompts"):
@@ -162,7 +179,6 @@ def make_plan(config: RunConfig, probe_steps: int = 3) -> Plan:
     out = Path(config.output_dir).resolve()
     where = next(p for p in (out, *out.parents) if p.exists())
     free = shutil.disk_usage(where).free
-    available = _available_memory_mb()
     return Plan(
         probe_steps=probe_steps,
         probe_examples=probe_examples,
@@ -174,6 +190,7 @@ def make_plan(config: RunConfig, probe_steps: int = 3) -> Plan:
         generation_seconds=generation_seconds,
         prompts=prompts,
         memory_mb=memory,
+        memory_device=device.type,
         available_memory_mb=available,
         cache_bytes=cache_bytes,
         checkpoint_bytes=checkpoint_bytes,
@@ -185,12 +202,15 @@ def make_plan(config: RunConfig, probe_steps: int = 3) -> Plan:
 
 
 def _seconds_per_step(arm: ArmMetrics) -> float:
-    """The mean seconds of the steps after the first: each record's cumulative tokens over
-    its cumulative rate is the time since training started."""
-    elapsed = [r["tokens"] / r["tokens_per_s"] for r in arm.history if r.get("tokens_per_s")]
-    if len(elapsed) < 2:
+    """The mean seconds of the steps after the first logged one: each record's cumulative
+    tokens over its cumulative rate is the time since training started (records may be
+    `train.log_every` steps apart)."""
+    records = [r for r in arm.history if r.get("tokens_per_s")]
+    if len(records) < 2:
         return arm.train_seconds / max(arm.steps, 1)
-    return (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1)
+    first, last = records[0], records[-1]
+    elapsed = last["tokens"] / last["tokens_per_s"] - first["tokens"] / first["tokens_per_s"]
+    return elapsed / (last["step"] - first["step"])
 
 
 def _cache_bytes(metrics: RunMetrics, prompts: int) -> int | None:
@@ -210,8 +230,10 @@ def _sizes(metrics: RunMetrics, config: RunConfig, peak_mb: float) -> tuple[int,
     trained = models.get("student_trainable_parameters") or student
     saved_weights = trained if config.student.lora.r > 0 else student
     checkpoint = 4 * (saved_weights + ADAM_MOMENTS * trained)
-    students = 4 * student * (2 if config.baseline else 1)
-    checkpoints = checkpoint * config.train.keep_checkpoints + students
+    arms = 2 if config.baseline else 1  # each trained student keeps its own checkpoints
+    every, steps = config.train.checkpoint_every, config.train.max_steps
+    kept = min(config.train.keep_checkpoints, math.ceil(steps / every)) if every > 0 else 0
+    checkpoints = arms * (checkpoint * kept + 4 * student)  # and the saved students
     teacher = models.get("teacher_parameters") or 0
     vocab = models["vocab_size"]
     memory = {

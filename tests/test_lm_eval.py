@@ -116,6 +116,19 @@ def test_lm_eval_settings_are_checked_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"eval\.lm_eval_limit"):
         load_config(TINY, [f"eval.lm_eval_tasks=[{task}]", "eval.lm_eval_limit=0"])
     assert load_config(TINY, []).eval.lm_eval_tasks == []
+    with pytest.raises(ConfigError, match="a task lm-eval knows"):
+        load_config(TINY, ["eval.lm_eval_tasks=[no_such_task_anywhere]"])
+    with pytest.raises(ConfigError, match=r"eval\.lm_eval_num_fewshot"):
+        load_config(TINY, [f"eval.lm_eval_tasks=[{task}]", "eval.lm_eval_num_fewshot=-1"])
+    # A task file that would import Python (lm-eval's `!function` tag, or an include) is
+    # refused: nothing loaded from disk runs code.
+    coded = tmp_path / "coded.yaml"
+    coded.write_text(task.read_text() + "process_docs: !function utils.process_docs\n")
+    included = tmp_path / "included.yaml"
+    included.write_text(f"include: {task.name}\ntask: other\n")
+    for bad in (coded, included):
+        with pytest.raises(ConfigError, match="runs no code"):
+            load_config(TINY, [f"eval.lm_eval_tasks=[{bad}]"])
 
 
 def gsm8k_choices(count: int) -> list[dict[str, Any]]:

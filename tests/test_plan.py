@@ -36,12 +36,15 @@ def test_the_plan_predicts_what_the_run_writes(tmp_path: Path) -> None:
     assert main(["run", TINY, *SMALL, f"output_dir={out}", "train.keep_checkpoints=1"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert plan.prompts == metrics["generate"]["prompts"]
-    # One kept checkpoint (weights + AdamW's moments) and the two saved students, as written.
+    # One kept checkpoint (weights + AdamW's moments) per trained student, and the two saved
+    # students, as written.
+    kept = [out / "checkpoints", out / "baseline" / "checkpoints"]
+    assert all(len(list(d.iterdir())) == 1 for d in kept)
     written = sum(
         f.stat().st_size
-        for d in (out / "checkpoints", out / "student", out / "baseline" / "student")
+        for d in (*kept, out / "student", out / "baseline" / "student")
         for f in d.rglob("*.safetensors")
-    ) + sum(f.stat().st_size for f in (out / "checkpoints").rglob("optimizer.pt"))
+    ) + sum(f.stat().st_size for d in kept for f in d.rglob("optimizer.pt"))
     assert plan.checkpoint_bytes == pytest.approx(written, rel=0.05)
     assert plan.fits_disk
 
@@ -53,11 +56,25 @@ def test_plan_prints_the_prediction_and_writes_json(
     args = ["plan", TINY, *SMALL, f"output_dir={tmp_path / 'run'}", "--probe-steps", "1"]
     assert main([*args, "--json", str(target)]) == 0
     shown = capsys.readouterr().out
-    for words in ("time per step: KD", "peak memory:", "disk: checkpoints", "teacher responses"):
+    for words in ("time per step: KD", "peak resident memory:", "disk: checkpoints", "teacher"):
         assert words in shown
     assert json.loads(target.read_text())["probe_steps"] == 1
     assert main([*args, "--json", str(target)]) == 2  # an existing file is never overwritten
     assert "exists" in capsys.readouterr().err
+
+
+def test_time_per_step_counts_steps_not_log_records() -> None:
+    """With train.log_every > 1 the records are steps apart: the time is per step."""
+    from lmdistill.metrics import ArmMetrics
+    from lmdistill.plan import _seconds_per_step
+
+    history = [  # 1 s for the first step, then 2 s a step; a record every 10 steps
+        {"step": 1, "tokens": 100, "tokens_per_s": 100.0},
+        {"step": 11, "tokens": 1100, "tokens_per_s": 1100 / 21},
+        {"step": 21, "tokens": 2100, "tokens_per_s": 2100 / 41},
+    ]
+    arm = ArmMetrics(None, 21, 2100, 41.0, 2100 / 41, history=history)
+    assert _seconds_per_step(arm) == pytest.approx(2.0)
 
 
 def test_plan_refuses_what_it_cannot_probe(tmp_path: Path) -> None:

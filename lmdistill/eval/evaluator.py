@@ -76,7 +76,11 @@ class Evaluator:
         task_sets = {s: eval_prompts(q, config.objective) for s, q in questions.items()}
         signal = setup.signal.get("eval")  # None: a text-only teacher (fidelity is refused)
         answer_teacher = signal
-        if config.teacher.kind == "cache" and not config.teachers and setup.model is not None:
+        scores_answers = config.eval.enabled and config.eval.answers > 0
+        cached = config.teacher.kind == "cache" and not config.teachers
+        if scores_answers and cached and setup.model is not None:
+            # Kept for the end of the run: the teacher's weights stay in memory (training
+            # still reads the cache).
             answer_teacher = LocalTeacher(setup.model, setup.tokenizer, "teacher")
         if config.eval.enabled and config.eval.answers and setup.model is not None:
             own = answer_quality(  # the teacher's own answers: the reference row

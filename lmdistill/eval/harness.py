@@ -25,6 +25,7 @@ import contextlib
 import io
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ def lm_eval_scores(
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), _one_line_errors():
             harness = HFLM(
                 pretrained=model,
                 tokenizer=tokenizer,
@@ -71,12 +72,26 @@ def lm_eval_scores(
                 task_manager=TaskManager(include_defaults=bool(names)),
                 bootstrap_iters=0,
                 log_samples=False,
+                # lm-eval reseeds the global generators by default: leave them as they are.
+                random_seed=None,
+                numpy_random_seed=None,
+                torch_random_seed=None,
+                fewshot_random_seed=1234,  # lm-eval's default: the same few-shot examples
             )
     finally:
         quiet.setLevel(level)
         model.train(was_training)
     assert found is not None  # a single process is lm-eval's rank 0
     return {task: _metrics(values) for task, values in found["results"].items()}
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """lm-eval's KeyError for a task it cannot find, as the one-line error of a bad input."""
+    try:
+        yield
+    except KeyError as error:
+        raise ValueError(f"eval.lm_eval_tasks: lm-eval could not load a task ({error})") from None
 
 
 def _metrics(values: dict[str, Any]) -> dict[str, float]:
