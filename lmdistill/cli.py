@@ -25,7 +25,7 @@ command line as key.path=value, e.g. `train.max_steps=200 loss.divergence=revers
 """
 
 EPILOG = """examples:
-  lmdistill demo                                   # SmolLM2-135M -> 6 layers, ~8 min on CPU
+  lmdistill demo                                   # SmolLM2-135M -> 8 layers, on CPU
   lmdistill run configs/tiny.yaml output_dir=out   # tiny random models, < 1 min
   lmdistill run configs/demo.yaml --resume         # continue a killed run
   lmdistill eval configs/demo.yaml --student lmdistill-demo/student
@@ -110,10 +110,10 @@ def _add_distillation_commands(commands: Any) -> None:
     """demo, plan, export, run, generate, cache, eval."""
     demo = commands.add_parser(
         "demo",
-        help="distil SmolLM2-135M-Instruct into a 6-layer student and write a report",
-        description="The whole pipeline on a real model, sized for a laptop CPU (~8 min): "
+        help="distil SmolLM2-135M-Instruct into an 8-layer student and write a report",
+        description="The whole pipeline on a real model, sized for a laptop CPU: "
         "SmolLM2-135M-Instruct writes answers to GSM8K questions and caches its top-32 "
-        "log-probs on them, a 6-of-30-layer student is distilled from the cache with KD, a "
+        "log-probs on them, an 8-of-30-layer student is distilled from the cache with KD, a "
         "CE-only student is trained on the same data for the same steps, and both are "
         "compared on held-out prompts.",
     )
