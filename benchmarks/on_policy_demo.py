@@ -3,8 +3,9 @@
     make demo-on-policy
     # = python benchmarks/on_policy_demo.py --out outputs/on-policy-demo --seeds 3 --budget-s 200
 
-1. Start: the demo's off-policy KD student (configs/demo.yaml with the teacher in memory,
-   48 steps; SmolLM2-135M-Instruct -> 6 of its 30 layers), on fixed train / held-out rows.
+1. Start: the demo's off-policy KD student as the demo was until 2026-12-07
+   (configs/experiments/demo-6-layer.yaml with the teacher in memory, 48 steps;
+   SmolLM2-135M-Instruct -> 6 of its 30 layers), on fixed train / held-out rows.
 2. Calibration: each arm of configs/experiments/on-policy-demo.yaml trains a few steps from
    the start; its seconds per step set its step count for `--budget-s` seconds of training.
 3. The arms, `--seeds` seeds each: off-policy (the teacher's sampled answers) and on-policy
@@ -77,7 +78,7 @@ def main() -> None:
 
     start_dir = out / "start"
     start = run(
-        "configs/demo.yaml",
+        "configs/experiments/demo-6-layer.yaml",
         start_dir,
         "teacher.kind=local",
         *DATA,
@@ -132,7 +133,8 @@ def main() -> None:
         **provenance("on-policy-demo"),
         "setup": {
             "config": CONFIG,
-            "start": "configs/demo.yaml teacher.kind=local (48 off-policy KD steps)",
+            "start": "configs/experiments/demo-6-layer.yaml teacher.kind=local "
+            "(48 off-policy KD steps)",
             "budget_seconds": args.budget_s,
             "calibration_steps": CALIBRATION_STEPS,
             "seconds_per_step": seconds_per_step,

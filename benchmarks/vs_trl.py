@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = "configs/demo.yaml"
+CONFIG = "configs/experiments/demo-6-layer.yaml"
 DATA = (
     "data.train=builtin:gsm8k-demo[:256]",
     "data.eval=builtin:gsm8k-demo[352:384]",

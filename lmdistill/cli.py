@@ -25,7 +25,7 @@ command line as key.path=value, e.g. `train.max_steps=200 loss.divergence=revers
 """
 
 EPILOG = """examples:
-  lmdistill demo                                   # SmolLM2-135M -> 6 layers, ~8 min on CPU
+  lmdistill demo                                   # SmolLM2-135M -> 8 layers, on CPU
   lmdistill run configs/tiny.yaml output_dir=out   # tiny random models, < 1 min
   lmdistill run configs/demo.yaml --resume         # continue a killed run
   lmdistill eval configs/demo.yaml --student lmdistill-demo/student
@@ -107,19 +107,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_distillation_commands(commands: Any) -> None:
-    """demo, export, run, generate, cache, eval."""
+    """demo, plan, export, run, generate, cache, eval."""
     demo = commands.add_parser(
         "demo",
-        help="distil SmolLM2-135M-Instruct into a 6-layer student and write a report",
-        description="The whole pipeline on a real model, sized for a laptop CPU (~8 min): "
+        help="distil SmolLM2-135M-Instruct into an 8-layer student and write a report",
+        description="The whole pipeline on a real model, sized for a laptop CPU: "
         "SmolLM2-135M-Instruct writes answers to GSM8K questions and caches its top-32 "
-        "log-probs on them, a 6-of-30-layer student is distilled from the cache with KD, a "
+        "log-probs on them, an 8-of-30-layer student is distilled from the cache with KD, a "
         "CE-only student is trained on the same data for the same steps, and both are "
         "compared on held-out prompts.",
     )
     demo.add_argument("--out", default="lmdistill-demo", help="output directory")
     _common(demo, config=False)
     demo.set_defaults(handler=cmd_demo)
+
+    plan = commands.add_parser(
+        "plan",
+        help="predict a run's time, memory and disk from a short probe, without training it",
+        description="Runs the config on a slice in a temporary directory (the teacher answers "
+        "and caches a few examples, the student trains --probe-steps + 1 steps, nothing is "
+        "evaluated or kept) and scales each stage to the full run: time per step and in "
+        "all, peak memory with its parts, teacher cache and checkpoint bytes, and whether "
+        "they fit this machine. docs/plan.md.",
+    )
+    _common(plan, resume=False)
+    plan.add_argument("--probe-steps", type=int, default=3, help="timed steps (default 3)")
+    plan.add_argument("--json", metavar="FILE", help="also write the prediction as JSON")
+    plan.set_defaults(handler=cmd_plan)
 
     export = commands.add_parser(
         "export",
@@ -172,7 +186,8 @@ def _add_distillation_commands(commands: Any) -> None:
         "eval",
         help="measure a saved student's fidelity to the teacher on held-out data",
         description="KL(teacher || student) per token, top-1 agreement and perplexity on the "
-        "held-out split of the config's data. Prints JSON.",
+        "held-out split of the config's data; with eval.lm_eval_tasks, lm-evaluation-harness "
+        "scores of the student and the teacher. Prints JSON.",
     )
     _common(evaluate, resume=False)
     evaluate.add_argument("--student", required=True, help="student directory (HF format)")
@@ -315,6 +330,20 @@ def check_resumable(config: RunConfig, resume: bool) -> None:
             f"--resume: nothing to resume in {out} (no run was started there: it has no "
             "config.yaml); check output_dir, or drop --resume to start a new run"
         )
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from lmdistill.io import atomic_write_json
+    from lmdistill.plan import make_plan
+
+    config = load_config(args.config, args.overrides)
+    if args.json and Path(args.json).exists():
+        raise ConfigError(f"--json: {args.json} exists; choose another file (nothing written)")
+    plan = make_plan(config, args.probe_steps)
+    print("\n".join(["", f"plan for {args.config}:", *("  " + line for line in plan.lines())]))
+    if args.json:
+        atomic_write_json(Path(args.json), plan.as_dict())
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -543,7 +572,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         pad_token_id=setup.tokenizer.pad_token_id,
         batch_size=config.eval.batch_size,
     )
-    print(json.dumps(result.as_dict(), indent=2))
+    found = result.as_dict()
+    if config.eval.lm_eval_tasks:  # lm-evaluation-harness on both (lmdistill/eval/harness.py)
+        from lmdistill.eval.harness import lm_eval_scores
+
+        found["lm_eval"] = {
+            "student": lm_eval_scores(student, student_tokenizer, config.eval),
+            "teacher": lm_eval_scores(setup.model, setup.tokenizer, config.eval),
+        }
+    print(json.dumps(found, indent=2))
     return 0
 
 
@@ -568,6 +605,9 @@ def print_summary(config: RunConfig, metrics: RunMetrics) -> None:
                 print(f"  {name:8s} {source}: exact match {task.exact_match:.3f}")
             else:
                 print(f"  {name:8s} {source}: accuracy {task.accuracy:.3f}")
+        for task_name, found in values.lm_eval.items():
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in found.items() if k != "documents")
+            print(f"  {name:8s} lm-eval {task_name}: {shown}")
     print(f"  wall time {metrics.wall_seconds / 60:.1f} min, peak RSS {metrics.peak_rss_mb:.0f} MB")
 
 

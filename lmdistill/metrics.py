@@ -187,6 +187,8 @@ class EvalMetrics:
     answers: AnswerMetrics | None = None  # its own greedy answers (eval.answers > 0)
     # Fidelity per group of the held-out rows (the data's `group` field); empty: no groups.
     groups: dict[str, FidelityMetrics] = field(default_factory=dict)
+    # lm-evaluation-harness per task: {task: {metric: value}} by lm-eval's names.
+    lm_eval: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         d = self.fidelity.as_dict() if self.fidelity is not None else {}
@@ -198,6 +200,8 @@ class EvalMetrics:
             d["groups"] = {name: f.as_dict() for name, f in self.groups.items()}
         if gaps := self.group_gaps():
             d["group_gaps"] = gaps
+        if self.lm_eval:
+            d["lm_eval"] = self.lm_eval
         return d
 
     @classmethod
@@ -208,6 +212,7 @@ class EvalMetrics:
             tasks={s: task_from_dict(t) for s, t in (d.get("tasks") or {}).items()},
             answers=AnswerMetrics.from_dict(d["answers"]) if d.get("answers") else None,
             groups={g: FidelityMetrics.from_dict(f) for g, f in (d.get("groups") or {}).items()},
+            lm_eval={t: dict(m) for t, m in (d.get("lm_eval") or {}).items()},
         )
 
     def group_gaps(self) -> dict[str, dict[str, Any]]:

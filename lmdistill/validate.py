@@ -5,6 +5,7 @@ objectives, scorers, features, selectors). This sits at the top of the import gr
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from pathlib import Path
@@ -44,6 +45,7 @@ def validate(config: RunConfig) -> None:
     _validate_ensemble(config)
     _validate_memory(config)
     _validate_tracking(config.train.report_to)
+    _validate_lm_eval(config)
 
 
 def _validate_tracking(names: list[str]) -> None:
@@ -59,6 +61,54 @@ def _validate_tracking(names: list[str]) -> None:
             "`pip install 'lmdistill[track]'` installs tensorboard)",
         )
     check(len(set(names)) == len(names), "train.report_to", names, "each tracker named once")
+
+
+def _validate_lm_eval(config: RunConfig) -> None:
+    """lm-eval is installed when tasks are named; a task file is there; a limit is >= 1."""
+    tasks, limit = config.eval.lm_eval_tasks, config.eval.lm_eval_limit
+    if not tasks:
+        return
+    check(
+        importlib.util.find_spec("lm_eval") is not None,
+        "eval.lm_eval_tasks",
+        tasks,
+        "lm-evaluation-harness installed (pip install 'lmdistill[eval]')",
+    )
+    files = [task for task in tasks if task.endswith((".yaml", ".yml"))]
+    for task in files:
+        check(Path(task).is_file(), "eval.lm_eval_tasks", task, "a task YAML file that exists")
+        check(
+            _plain_task_file(Path(task)),
+            "eval.lm_eval_tasks",
+            task,
+            "a task file that runs no code: plain YAML, no `!function` tag or `include` "
+            "(lm-eval imports the Python they name)",
+        )
+    names = [task for task in tasks if task not in files]
+    if names:  # lm-eval's own index of its tasks (a few seconds to build)
+        from lm_eval.tasks import TaskManager
+
+        known = set(TaskManager().all_tasks)
+        for name in names:
+            check(
+                name in known, "eval.lm_eval_tasks", name, "a task lm-eval knows, or a .yaml file"
+            )
+    check(limit is None or limit >= 1, "eval.lm_eval_limit", limit, "null or documents >= 1")
+    shots = config.eval.lm_eval_num_fewshot
+    check(shots is None or shots >= 0, "eval.lm_eval_num_fewshot", shots, "null or >= 0")
+    check(len(set(tasks)) == len(tasks), "eval.lm_eval_tasks", tasks, "each task named once")
+
+
+def _plain_task_file(path: Path) -> bool:
+    """Whether a task file is data only: it parses as plain YAML (a `!function` tag does
+    not) and includes no other file."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return isinstance(loaded, dict) and "include" not in loaded
 
 
 def _validate_memory(config: RunConfig) -> None:

@@ -93,3 +93,20 @@ def test_a_run_reports_each_models_own_answers(tmp_path: Path) -> None:
     assert saved["kd"]["after"]["answers"]["answers"] == 4
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## The models' own greedy answers" in report and "| teacher (reference) |" in report
+
+
+def test_a_cached_teacher_still_scores_the_answers_with_its_weights(tmp_path: Path) -> None:
+    """Training reads the cache; the teacher's weights the run loaded score the models' own
+    answers (the demo's set-up): the same figures as a local teacher gives."""
+    from conftest import tiny_run_config
+
+    from lmdistill.pipeline import run
+
+    answers = ["eval.answers=3", "eval.answer_max_new_tokens=12", "baseline=false"]
+    cached = run(tiny_run_config(tmp_path / "cache", *answers, "teacher.kind=cache"))
+    local = run(tiny_run_config(tmp_path / "local", *answers, "teacher.kind=local"))
+    for found, reference in ((cached.teacher, local.teacher), (cached.before, local.before)):
+        assert found is not None and found.answers is not None
+        assert reference is not None and reference.answers is not None
+        assert found.answers.teacher_nll is not None
+        assert found.answers.teacher_nll == pytest.approx(reference.answers.teacher_nll, rel=1e-5)

@@ -83,6 +83,19 @@ def test_format_filters_count_each_reason_and_drop_questions_left_empty() -> Non
     assert not filtering(GenerateConfig())
 
 
+def test_drop_truncated_keeps_only_answers_the_teacher_finished() -> None:
+    """The student sees every answer end: a response cut at max_new_tokens ("~" here) is
+    dropped and counted; the rest are kept as written, and without the option nothing is."""
+    config = GenerateConfig(drop_truncated=True)
+    assert filtering(config)
+    prompts = [_question(i, None) for i in range(3)]
+    answered = _answered(prompts, [["ends here"], ["cut in the mid~"], ["also ends"]])
+    kept, report = select_rationales(prompts, answered, config)
+    assert [(e.id, e.response) for e in kept] == [("q0", "ends here"), ("q2", "also ends")]
+    assert report["dropped"] == {"truncated": 1} and report["prompts_dropped"] == 1
+    assert all(e.response_complete for e in kept)
+
+
 def test_config_rejects_samples_without_sampling_and_bad_filters(tmp_path: Path) -> None:
     bad = {
         "generate.samples=3": "generate.do_sample",

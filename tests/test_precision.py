@@ -60,3 +60,47 @@ def test_gradient_checkpointing_trains_exactly_as_without(tmp_path: Path) -> Non
         torch.testing.assert_close(checkpointed[name], weight, rtol=1e-5, atol=1e-6)
     saved = json.loads((runs["true"] / "student" / "config.json").read_text())
     assert not saved.get("gradient_checkpointing")  # the saved student is a plain model
+
+
+FSDP_LAUNCH = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+machine_rank: 0
+num_processes: 2
+mixed_precision: "no"
+use_cpu: true
+rdzv_backend: static
+same_network: true
+main_process_ip: 127.0.0.1
+main_process_port: 29547
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: NO_WRAP
+  fsdp_state_dict_type: FULL_STATE_DICT
+"""
+
+
+def test_an_fsdp_launch_is_refused_in_one_line_before_anything_is_written(tmp_path: Path) -> None:
+    """On the CPU Accelerate turns an FSDP config into plain data parallelism without a word
+    (and sharded checkpoints are untested): lmdistill says so and stops, in every process."""
+    import os
+    import subprocess
+    import sys
+
+    launch = tmp_path / "fsdp.yaml"
+    launch.write_text(FSDP_LAUNCH)
+    out = tmp_path / "run"
+    tiny = str(ROOT / "configs" / "tiny.yaml")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch),
+               "-m", "lmdistill", "run", tiny, f"output_dir={out}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode != 0
+    refused = [line for line in done.stderr.splitlines() if "lmdistill run: error:" in line]
+    assert refused and all("FSDP was asked for" in line for line in refused)
+    # The launcher reports its failed children with a traceback of its own; none of
+    # lmdistill's code is in it.
+    assert "lmdistill/" not in "".join(
+        line for line in done.stderr.splitlines() if line.lstrip().startswith("File ")
+    )
+    assert not out.exists()

@@ -158,6 +158,9 @@ class GenerateConfig:
     min_chars: int = 0
     max_chars: int | None = None
     require_answer: bool = False
+    # Train only on answers the teacher finished: a response cut at max_new_tokens (no
+    # end-of-turn token) is dropped and counted, so the student sees every answer end.
+    drop_truncated: bool = False
 
 
 @dataclass
@@ -316,6 +319,13 @@ class EvalConfig:
     # teacher's NLL of them and KL(model || teacher) on them (lmdistill/eval/answers.py).
     answers: int = 0
     answer_max_new_tokens: int = 128
+    # lm-evaluation-harness on every model the run evaluates (lmdistill/eval/harness.py):
+    # lm-eval task names or task YAML files; documents per task (null: all); few-shot
+    # examples (null: the task's own); the chat template (lm-eval's --apply_chat_template).
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_limit: int | None = None
+    lm_eval_num_fewshot: int | None = None
+    lm_eval_chat_template: bool = False
 
 
 @dataclass

@@ -14,8 +14,9 @@ first `eval.answers` held-out prompts the model answers greedily (up to
 - `reverse_kl`: KL(model || teacher) per token on the model's own text, what on-policy
   distillation optimises.
 
-The teacher measures need its full distribution (a teacher in this process); with another
-teacher they are None.
+The teacher measures need its full distribution: a teacher in this process, or, when
+training reads a cache (`teacher.kind: cache`), the teacher's weights the run loaded; with a
+served or text-only teacher they are None.
 """
 
 from __future__ import annotations

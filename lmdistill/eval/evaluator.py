@@ -20,13 +20,14 @@ from lmdistill.data.example import NO_GROUP
 from lmdistill.eval.answers import answer_quality
 from lmdistill.eval.choice import load_choice_questions, multiple_choice
 from lmdistill.eval.fidelity import fidelity, fidelity_by_group
+from lmdistill.eval.harness import lm_eval_scores
 from lmdistill.eval.task import greedy_answers, task_accuracy
 from lmdistill.io import atomic_write_json
 from lmdistill.kd.rationale import eval_prompts
 from lmdistill.metrics import ChoiceMetrics, EvalMetrics, FidelityMetrics, TaskMetrics
 from lmdistill.models import describe, weights_fingerprint
 from lmdistill.teachers.backends import TeacherSetup
-from lmdistill.teachers.base import Teacher
+from lmdistill.teachers.base import LocalTeacher, Teacher
 from lmdistill.teachers.consistency import with_rationale_prompt
 
 
@@ -44,6 +45,9 @@ class Evaluator:
     choice_sets: dict[str, Any]
     teacher_answers: dict[str, list[str]]
     teacher: EvalMetrics | None  # the teacher's accuracy on the task sets
+    # Who scores the models' own answers (teacher NLL, reverse KL): the training signal when
+    # it is a model in this process; with a cache, the teacher's weights the run loaded.
+    answer_teacher: Teacher | None = None
 
     @classmethod
     def build(
@@ -71,17 +75,27 @@ class Evaluator:
         }
         task_sets = {s: eval_prompts(q, config.objective) for s, q in questions.items()}
         signal = setup.signal.get("eval")  # None: a text-only teacher (fidelity is refused)
+        answer_teacher = signal
+        scores_answers = config.eval.enabled and config.eval.answers > 0
+        cached = config.teacher.kind == "cache" and not config.teachers
+        if scores_answers and cached and setup.model is not None:
+            # Kept for the end of the run: the teacher's weights stay in memory (training
+            # still reads the cache).
+            answer_teacher = LocalTeacher(setup.model, setup.tokenizer, "teacher")
         if config.eval.enabled and config.eval.answers and setup.model is not None:
             own = answer_quality(  # the teacher's own answers: the reference row
                 setup.model,
                 setup.tokenizer,
                 [prompt_ids(item) for item in eval_set[: config.eval.answers]],
-                signal,
+                answer_teacher,
                 max_new_tokens=config.eval.answer_max_new_tokens,
                 vocab_size=vocab_size,
                 batch_size=config.eval.batch_size,
             )
             teacher = dataclasses.replace(teacher or EvalMetrics(), answers=own)
+        if config.eval.enabled and config.eval.lm_eval_tasks and setup.model is not None:
+            scores = lm_eval_scores(setup.model, setup.tokenizer, config.eval)
+            teacher = dataclasses.replace(teacher or EvalMetrics(), lm_eval=scores)
         return cls(
             config,
             signal,
@@ -92,6 +106,7 @@ class Evaluator:
             choice_sets,
             teacher_answers,
             teacher,
+            answer_teacher,
         )
 
     def __call__(self, model: PreTrainedModel) -> EvalMetrics:
@@ -130,12 +145,13 @@ class Evaluator:
                 model,
                 tokenizer,
                 [prompt_ids(item) for item in self.eval_set[: settings.answers]],
-                self.signal,
+                self.answer_teacher,
                 max_new_tokens=settings.answer_max_new_tokens,
                 vocab_size=self.vocab_size,
                 batch_size=settings.batch_size,
             )
-        return EvalMetrics(fidelity_metrics, tasks, answers, groups)
+        harness = lm_eval_scores(model, tokenizer, settings) if settings.lm_eval_tasks else {}
+        return EvalMetrics(fidelity_metrics, tasks, answers, groups, harness)
 
 
 def eval_groups(eval_set: list[TokenizedExample]) -> dict[str, list[int]]:

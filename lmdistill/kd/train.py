@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -63,7 +64,26 @@ def make_accelerator(device: str, precision: str = "fp32") -> Accelerator:
     check_precision(precision, resolve_device(device))
     # fp32 leaves Accelerate's own setting (e.g. `accelerate launch --mixed_precision`) alone.
     mixed = MIXED_PRECISION[precision] if precision != "fp32" else None
+    check_sharding()
     return Accelerator(cpu=use_cpu(device), mixed_precision=mixed)
+
+
+SHARDING = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+
+
+def check_sharding() -> None:
+    """An `accelerate launch` config that asks for FSDP or DeepSpeed is refused in one line:
+    lmdistill's checkpoints, saved students and evaluation have not been run with sharded
+    weights (no multi-GPU machine to test them), and on the CPU Accelerate silently turns an
+    FSDP config into plain data parallelism. DDP (torchrun, configs/accelerate/) is tested."""
+    for variable, name in SHARDING.items():
+        if os.environ.get(variable, "false").lower() in ("true", "1"):
+            raise ValueError(
+                f"{name} was asked for by the accelerate launch config; lmdistill has not been "
+                "tested with sharded weights, so it does not run under it: launch with data "
+                "parallelism (configs/accelerate/multi_cpu.yaml, or torchrun) instead "
+                "(docs/distributed.md)"
+            )
 
 
 def checkpointing(model: PreTrainedModel, on: bool) -> None:

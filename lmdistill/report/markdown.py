@@ -48,6 +48,8 @@ def render(metrics: RunMetrics, config: dict[str, Any], has_eval: bool) -> str:
         lines += ["", "## The models' own greedy answers", "", *answers_table(metrics)]
     if metrics.kd.after is not None and metrics.kd.after.tasks:
         lines += ["", "## Task accuracy (greedy answers)", "", *task_table(metrics)]
+    if metrics.kd.after is not None and metrics.kd.after.lm_eval:
+        lines += ["", "## lm-evaluation-harness", "", *lm_eval_table(metrics, config)]
     lines += lineage_lines(metrics.setup.get("lineage"), metrics.setup.get("memory"))
     if has_groups(metrics):
         lines += ["", "## By group (the data's `group` field)", "", *group_lines(metrics, NAMES)]
@@ -139,8 +141,20 @@ def teacher_lines(metrics: RunMetrics) -> list[str]:
             f"Sequence-level KD: the teacher wrote {gen['prompts']} responses "
             f"({gen['new_tokens']:,} tokens generated in this call at "
             f"{gen['new_tokens_per_s']:.0f} tokens/s; {gen['hit_length_limit']} hit "
-            "max_new_tokens and are kept without an end-of-turn token).",
+            + (
+                "max_new_tokens: the training ones among them are dropped, held-out ones "
+                "kept without an end-of-turn token)."
+                if "truncated" in gen.get("rationales", {}).get("dropped", {})
+                else "max_new_tokens and are kept without an end-of-turn token)."
+            ),
         ]
+        if gen.get("rationales"):
+            kept = gen["rationales"]
+            reasons = ", ".join(f"{n} {why}" for why, n in kept["dropped"].items()) or "none"
+            lines[-1] += (
+                f" Training responses kept: {kept['kept']} of "
+                f"{kept['prompts'] * kept['samples_per_prompt']} (dropped: {reasons})."
+            )
     if setup.get("served"):
         served = setup["served"]
         lines += [
@@ -265,6 +279,29 @@ def fidelity_table(metrics: RunMetrics) -> list[str]:
             "the end-of-turn tokens); KL is over the teacher's top-k ids plus one tail bucket.",
         ]
     return rows
+
+
+def lm_eval_table(metrics: RunMetrics, config: dict[str, Any]) -> list[str]:
+    """lm-eval's metrics per task and model, by lm-eval's names (eval.lm_eval_tasks)."""
+    arms: list[tuple[str, EvalMetrics | None]] = [("teacher", metrics.teacher)]
+    arms += [(NAMES[arm], values) for arm, values in metrics.arms()]
+    rows = ["| task | metric | " + " | ".join(n for n, _ in arms) + " |"]
+    rows.append("|---|---|" + "---|" * len(arms))
+    after = metrics.kd.after
+    assert after is not None
+    for task, measured in after.lm_eval.items():
+        for metric in measured:
+            cells = []
+            for _, values in arms:
+                value = (values.lm_eval.get(task, {}) if values is not None else {}).get(metric)
+                cells.append("" if value is None else f"{value:.4g}")
+            rows.append(f"| `{task}` | {metric} | " + " | ".join(cells) + " |")
+    return [
+        "Scored by lm-evaluation-harness's `hf` model on each loaded model"
+        + (" (chat template on)." if config.get("eval", {}).get("lm_eval_chat_template") else "."),
+        "",
+        *rows,
+    ]
 
 
 def answers_table(metrics: RunMetrics) -> list[str]:

@@ -11,8 +11,9 @@ With `generate.samples: n` the teacher answers every training question n times (
 
 Format filters apply first: `min_chars` / `max_chars` on the response, `require_answer` (a
 GSM8K-style `#### answer` line), and a response cut at `max_new_tokens` is never kept when
-anything is filtered. At most `keep_per_prompt` samples are kept per question (the first
-ones in sample order; default all); a question with none left is dropped. Every drop is
+anything is filtered (`drop_truncated` asks for that alone). At most `keep_per_prompt`
+samples are kept per question (the first ones in sample order; default all); a question
+with none left is dropped. Every drop is
 counted by reason in the report, so a filter that throws away most of the data is visible.
 
 Held-out questions are answered once (sample 0) and never filtered, so evaluation sees the
@@ -41,6 +42,7 @@ def filtering(config: GenerateConfig) -> bool:
         or config.min_chars > 0
         or config.max_chars is not None
         or config.require_answer
+        or config.drop_truncated
     )
 
 
@@ -124,7 +126,8 @@ def select_rationales(
     if prompts and not kept:
         raise ValueError(
             f"generate: the filters kept none of {len(prompts)} training questions (dropped: "
-            f"{dict(dropped)}); loosen generate.keep / min_chars / max_chars / require_answer"
+            f"{dict(dropped)}); loosen generate.keep / min_chars / max_chars / require_answer "
+            "/ drop_truncated (or raise max_new_tokens)"
         )
     report = {
         "prompts": len(prompts),

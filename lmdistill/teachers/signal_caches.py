@@ -78,6 +78,8 @@ def generation_identity(config: RunConfig) -> dict[str, Any]:
     if not config.generate.enabled:
         return {}
     settings = dataclasses.asdict(config.generate)
+    if not settings["drop_truncated"]:  # newer than some caches: recorded only when set
+        del settings["drop_truncated"]
     return {k: v for k, v in settings.items() if k not in ("enabled", "batch_size")}
 
 
