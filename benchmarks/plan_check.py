@@ -8,7 +8,8 @@ Cases: configs/tiny.yaml (random tiny models), the fairness lab's student
 and the demo (configs/demo.yaml, SmolLM2-135M-Instruct). For each, `lmdistill plan` runs in
 its own process, then `lmdistill run` with the same config in another (so each peak
 resident memory is its own), one after the other on a quiet machine; `--measured-demo DIR`
-compares the demo's plan with a finished `make demo` run instead of running it again.
+compares the demo's plan with a finished `make demo` run (its directory, or the result file
+benchmarks/fresh_demo.py writes) instead of running it again.
 Measured time per step is the run's, computed as the plan computes it (the steps after the
 first); the ratio is predicted / measured. Writes the result with the commit, the command
 and the machine.
@@ -58,7 +59,10 @@ def one_case(
     if measured_run is None:
         subprocess.run([*LMDISTILL, "run", *common], cwd=ROOT, check=True)
     predicted = json.loads(predicted_file.read_text())
-    metrics = json.loads((out / "metrics.json").read_text())
+    if out.suffix == ".json":  # a result file (docs/results/demo.json): its run's metrics
+        metrics = json.loads(out.read_text())["metrics"]
+    else:
+        metrics = json.loads((out / "metrics.json").read_text())
     kd = metrics["kd"]
     measured = {
         "seconds_per_step": seconds_per_step(kd["history"], kd["steps"], kd["train_seconds"]),
@@ -119,8 +123,8 @@ def main() -> None:
     parser.add_argument(
         "--measured-demo",
         type=Path,
-        help="a finished `make demo` run (e.g. lmdistill-demo/) to compare the demo's plan "
-        "with, instead of running the demo again",
+        help="a finished `make demo` run (lmdistill-demo/, or the result file "
+        "docs/results/demo.json) to compare the demo's plan with, instead of running it again",
     )
     parser.add_argument("--tables", action="store_true", help="print the docs' table and stop")
     args = parser.parse_args()
