@@ -2,8 +2,9 @@
 
 The probe is the run itself on a slice: the same teacher, student, data format and settings
 in a temporary directory, with `probe_steps + 1` training steps on just enough examples
-(the teacher writes their responses and its cache as the run would), no evaluation, no
-checkpoints. Each stage's measured cost is scaled to the full run:
+(the teacher writes their responses and its cache as the run would), the trained students
+evaluated on one batch as the run evaluates them (the peak memory can be there; task sets
+and lm-eval are not probed), no checkpoints. Each stage's measured cost is scaled to the full run:
 
 - **time per step** (KD, and the CE-only baseline when the run has one): the mean of the
   probe's steps after the first (warm-up) one; training time = steps x that;
@@ -148,9 +149,23 @@ def make_plan(config: RunConfig, probe_steps: int = 3) -> Plan:
                 eval_size=eval_size if config.data.eval is None else config.data.eval_size,
             ),
             train=dataclasses.replace(
-                train, max_steps=steps, checkpoint_every=0, report_to=[], warmup_steps=0
+                train,
+                max_steps=steps,
+                checkpoint_every=0,
+                report_to=[],
+                warmup_steps=0,
+                log_every=1,  # every probe step timed
             ),
-            eval=dataclasses.replace(config.eval, enabled=False),
+            # Evaluated as the run evaluates its students, on one batch (its memory is the
+            # run's: the peak can be there); task sets and lm-eval are not probed.
+            eval=dataclasses.replace(
+                config.eval,
+                before=False,
+                tasks=[],
+                lm_eval_tasks=[],
+                num_samples=min(config.eval.num_samples, 1),
+                answers=min(config.eval.answers, config.eval.batch_size),
+            ),
             # The probe's cache is its own (a shared cache directory is never touched).
             cache=dataclasses.replace(config.cache, dir=None),
         )
