@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -75,13 +74,10 @@ def main() -> None:
             arms[name] = one(init, Path(tmp) / "cache", Path(tmp) / init, args.overrides)
             print(name, arms[name]["kl_before"], arms[name]["kl_after"], flush=True)
     sys.path.insert(0, str(Path(__file__).parent))
-    from losses import code_info, machine_info
+    from losses import run_header
 
     result = {
-        "experiment": "layer-choice",
-        "command": "python " + shlex.join(["benchmarks/layer_choice.py", *sys.argv[1:]]),
-        "code": code_info(),
-        "machine": machine_info(),
+        **run_header("layer-choice", "benchmarks/layer_choice.py"),
         "overrides": args.overrides,
         "arms": arms,
     }

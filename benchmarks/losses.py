@@ -671,5 +671,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nwrote {args.out}")
 
 
+def run_header(experiment: str, script: str) -> dict[str, Any]:
+    """A benchmark's result header: the experiment, the command that ran it (this script
+    with its own arguments), the commit and the machine."""
+    import shlex
+    import sys
+
+    return {
+        "experiment": experiment,
+        "command": "python " + shlex.join([script, *sys.argv[1:]]),
+        "code": code_info(),
+        "machine": machine_info(),
+    }
+
+
 if __name__ == "__main__":
     main()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -145,13 +144,10 @@ def main() -> None:
                 cases[name]["measured_run"] = str(args.measured_demo)
             print(name, json.dumps(cases[name]["ratio"]), flush=True)
     sys.path.insert(0, str(Path(__file__).parent))
-    from losses import code_info, machine_info
+    from losses import run_header
 
     result = {
-        "experiment": "plan-check",
-        "command": "python " + shlex.join(["benchmarks/plan_check.py", *sys.argv[1:]]),
-        "code": code_info(),
-        "machine": machine_info(),
+        **run_header("plan-check", "benchmarks/plan_check.py"),
         "target": f"within {TARGET:.0%} of the measured run",
         "cases": cases,
     }
