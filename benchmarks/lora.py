@@ -24,15 +24,16 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "lora.json"
 VARIANTS = {"full fine-tuning": 0, "LoRA r=8": 8}
 
 
-def prepare(directory: Path) -> None:
-    """The demo's student (6 of SmolLM2's 30 layers), saved: the workers load it alone, so
-    that their peak memory is the student's training, not the teacher's loading."""
+def prepare(directory: Path, layers: int = 6) -> None:
+    """A student of `layers` of SmolLM2's 30 (evenly spaced; 6: the old demo's), saved: the
+    workers load it alone, so that their peak memory is the student's training, not the
+    teacher's loading. (benchmarks/sharding.py uses it too.)"""
     import lmdistill  # noqa: F401  (threading defaults before torch loads)
     from lmdistill.config import ModelConfig, StudentConfig
     from lmdistill.models import build_student, load_model
 
     teacher, tokenizer = load_model(ModelConfig(path="smollm2-135m-instruct"))
-    student, _ = build_student(StudentConfig(num_layers=6), teacher, tokenizer)
+    student, _ = build_student(StudentConfig(num_layers=layers), teacher, tokenizer)
     student.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 

@@ -131,6 +131,12 @@ def make_plan(config: RunConfig, probe_steps: int = 3) -> Plan:
             f"local or cache); this config's teacher is {config.teacher.kind!r}"
             + (" with several teachers" if config.teachers else "")
         )
+    if config.train.sharding != "none":
+        raise ConfigError(
+            "lmdistill plan predicts one process, and train.sharding=fsdp splits the student "
+            "over the processes of a launch: plan it with train.sharding=none (per process, an "
+            "upper bound on the sharded run's memory)"
+        )
     train = config.train
     train_examples, held_out = load_splits(config)
     per_step = train.batch_size * train.grad_accum

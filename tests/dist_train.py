@@ -35,6 +35,7 @@ from lmdistill.models.tiny import build_tiny_llama, build_tiny_tokenizer
 from lmdistill.teachers.base import LocalTeacher
 
 JSD = LossConfig(divergence="generalized_jsd", alpha=0.3, temperature=2.0, chunk_size=37)
+FEATURES = LossConfig(alpha=0.5, hidden_weight=1.0, hidden_kind="mse", chunk_size=37)
 # Every step on-policy; stop tokens common enough in a random student's samples that they
 # end at different lengths (the normalisation by generated tokens is exercised).
 ON_POLICY = OnPolicy(
@@ -56,10 +57,11 @@ def train_tiny(
     group_objective: str = "none",
     groups: int = 0,
     lora: int = 0,
+    sharding: str = "none",
 ) -> tuple[dict, list]:
     """`groups` > 0: the examples get that many groups, one in four in the last one and the
     others shared among the rest (1: every example in one group). `lora` > 0: the student
-    trains LoRA adapters of that rank only."""
+    trains LoRA adapters of that rank only. `sharding`: train.sharding."""
     tokenizer = build_tiny_tokenizer()
     teacher = build_tiny_llama(len(tokenizer), layers=4, hidden=64, seed=0).eval()
     spec = StudentConfig(num_layers=2, lora=StudentLoraConfig(r=lora))
@@ -85,6 +87,7 @@ def train_tiny(
         device="cpu",
         group_objective=group_objective,  # type: ignore[arg-type]
         dro_step_size=0.5,
+        sharding=sharding,  # type: ignore[arg-type]
     )
     result = train_student(
         student,
@@ -124,7 +127,9 @@ def two_processes(out: Path, port: int, *flags: str) -> tuple[dict[str, Any], di
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((out / "run.json").read_text()), torch.load(out / "weights.pt")
+    run = json.loads((out / "run.json").read_text())
+    run["output"] = done.stdout + done.stderr
+    return run, torch.load(out / "weights.pt")
 
 
 if __name__ == "__main__":
@@ -136,22 +141,36 @@ if __name__ == "__main__":
     parser.add_argument("--group-objective", default="none")
     parser.add_argument("--groups", type=int, default=0)
     parser.add_argument("--lora", type=int, default=0)
+    parser.add_argument("--sharding", default="none")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--features", action="store_true", help="hidden-state MSE as well")
+    parser.add_argument("--ckpt", type=Path, help="checkpoint directory (default OUT/ckpt)")
+    parser.add_argument("--stop-after", type=int)
+    parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     state = PartialState(cpu=True)
     policy = ON_POLICY if args.on_policy else None
     weights, history = train_tiny(
         args.batch_size,
-        1,
+        args.grad_accum,
         args.steps,
-        args.out / "ckpt",
+        args.ckpt or args.out / "ckpt",
+        stop_after=args.stop_after,
+        resume=args.resume,
+        loss=FEATURES if args.features else JSD,
         on_policy=policy,
         group_objective=args.group_objective,
         groups=args.groups,
         lora=args.lora,
+        sharding=args.sharding,
     )
     if state.is_main_process:
+        args.out.mkdir(parents=True, exist_ok=True)
         torch.save(weights, args.out / "weights.pt")
-        info = {"processes": state.num_processes, "type": str(state.distributed_type)}
+        info = {
+            "processes": state.num_processes,
+            "type": str(state.distributed_type),
+        }
         (args.out / "run.json").write_text(json.dumps({"history": history, **info}))
     # Tear gloo down before exit: left to the interpreter's shutdown, a worker can abort in a
     # C++ destructor ("terminate called without an active exception") after finishing.

@@ -92,3 +92,6 @@ def test_plan_refuses_what_it_cannot_probe(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="one teacher in this process"):
         make_plan(served)
+    sharded = load_config(TINY, [f"output_dir={tmp_path}", "train.sharding=fsdp"])
+    with pytest.raises(ConfigError, match=r"plan it with train\.sharding=none"):
+        make_plan(sharded)

@@ -81,8 +81,8 @@ fsdp_config:
 
 
 def test_an_fsdp_launch_is_refused_in_one_line_before_anything_is_written(tmp_path: Path) -> None:
-    """On the CPU Accelerate turns an FSDP config into plain data parallelism without a word
-    (and sharded checkpoints are untested): lmdistill says so and stops, in every process."""
+    """On the CPU Accelerate turns an FSDP config into plain data parallelism without a word;
+    lmdistill shards through train.sharding instead: it says so and stops, in every process."""
     import os
     import subprocess
     import sys
@@ -98,6 +98,7 @@ def test_an_fsdp_launch_is_refused_in_one_line_before_anything_is_written(tmp_pa
     assert done.returncode != 0
     refused = [line for line in done.stderr.splitlines() if "lmdistill run: error:" in line]
     assert refused and all("FSDP was asked for" in line for line in refused)
+    assert "set train.sharding=fsdp" in refused[0]
     # The launcher reports its failed children with a traceback of its own; none of
     # lmdistill's code is in it.
     assert "lmdistill/" not in "".join(

@@ -78,6 +78,8 @@ def check_sections(config: RunConfig) -> None:
         "fp32 or bf16 with incremental.anchor (the anchor's gradient is added outside fp16's "
         "loss scaling)",
     )
+    if train.sharding == "fsdp":
+        _check_sharding(config)
     calibration = student.calibration_examples
     check(calibration >= 1, "student.calibration_examples", calibration, "an integer >= 1")
     lora = student.lora
@@ -178,6 +180,27 @@ def _check_incremental(config: RunConfig) -> None:
             inc.memory,
             "the earlier run's memory directory with anchor=ewc (it holds the Fisher estimate)",
         )
+
+
+def _check_sharding(config: RunConfig) -> None:
+    """What a sharded student does not run yet, refused before anything is loaded."""
+    for ok, allowed in (
+        (config.student.lora.r == 0, "none with student.lora (LoRA students are not sharded)"),
+        (
+            config.on_policy.fraction == 0,
+            "none with on-policy steps (a sharded student generates only in lockstep across "
+            "processes, and each process samples answers of its own lengths)",
+        ),
+        (
+            config.incremental.anchor == "none",
+            "none with incremental.anchor (the anchor reads the whole weights)",
+        ),
+        (
+            config.train.precision != "fp16",
+            "none with train.precision=fp16 (its loss scaling is not sharded; use bf16)",
+        ),
+    ):
+        check(ok, "train.sharding", config.train.sharding, allowed)
 
 
 def _check_on_policy(config: RunConfig) -> None:

@@ -140,9 +140,14 @@ def save_config(config: RunConfig, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
-# Settings that change no result (experiment tracking; recomputing activations, tested to
-# train identically): a run resumed with one changed is the same run.
-OBSERVERS = (("train", "report_to"), ("train", "tracking_dir"), ("train", "gradient_checkpointing"))
+# Settings that change no result (experiment tracking; recomputing activations and sharding
+# over processes, tested to train identically): a run resumed with one changed is the same run.
+OBSERVERS = (
+    ("train", "report_to"),
+    ("train", "tracking_dir"),
+    ("train", "gradient_checkpointing"),
+    ("train", "sharding"),
+)
 
 
 def config_hash(config: Any) -> str:

@@ -260,6 +260,10 @@ class TrainConfig:
     # Recompute each layer's activations in the backward pass instead of keeping them: less
     # memory for longer sequences or larger batches, about a third more compute.
     gradient_checkpointing: bool = False
+    # Under torchrun / accelerate launch: `fsdp` shards the student's weights, gradients and
+    # AdamW moments over the processes (torch's FSDP2; docs/distributed.md), `none` keeps a
+    # whole copy in each (DDP). Same update either way; checkpoints are whole tensors.
+    sharding: Literal["none", "fsdp"] = "none"
 
 
 @dataclass

@@ -80,10 +80,11 @@ def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+def checkpoint_bytes(model: nn.Module, optimizer: Any) -> int:
     """About what one checkpoint takes on disk: the weights (tied ones once; a LoRA
     student's trained ones only) plus every tensor in the optimizer's state (for AdamW, two
-    moments per trainable weight)."""
+    moments per trainable weight). `optimizer`: an Optimizer, or anything with its `state`
+    and `param_groups` (a sharded one's, whose tensors count whole)."""
     seen: set[int] = set()
     total = 0
     kept = trained_tensors(model) if adapters_only(model) else model.state_dict()

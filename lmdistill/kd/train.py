@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from lmdistill.kd.incremental import Anchor
 from lmdistill.kd.objective import PARTS, KDObjective
 from lmdistill.kd.on_policy import OnPolicy, SamplingStats, is_on_policy, on_policy_batches
 from lmdistill.kd.optim import build_optimizer, build_scheduler
+from lmdistill.kd.sharding import ShardedStudent, WholeOptimizer, shard_student, whole
 from lmdistill.kd.tracking import Tracking
 from lmdistill.models.forward import uses_attention
 from lmdistill.models.loading import resolve_device
@@ -72,17 +74,17 @@ SHARDING = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpee
 
 
 def check_sharding() -> None:
-    """An `accelerate launch` config that asks for FSDP or DeepSpeed is refused in one line:
-    lmdistill's checkpoints, saved students and evaluation have not been run with sharded
-    weights (no multi-GPU machine to test them), and on the CPU Accelerate silently turns an
-    FSDP config into plain data parallelism. DDP (torchrun, configs/accelerate/) is tested."""
+    """An `accelerate launch` config that asks for Accelerate's FSDP or DeepSpeed plugin is
+    refused in one line: lmdistill shards the student itself (`train.sharding: fsdp`, torch's
+    FSDP2, tested on the CPU), and on the CPU Accelerate silently turns an FSDP config into
+    plain data parallelism. DeepSpeed ZeRO is not supported."""
     for variable, name in SHARDING.items():
         if os.environ.get(variable, "false").lower() in ("true", "1"):
             raise ValueError(
-                f"{name} was asked for by the accelerate launch config; lmdistill has not been "
-                "tested with sharded weights, so it does not run under it: launch with data "
-                "parallelism (configs/accelerate/multi_cpu.yaml, or torchrun) instead "
-                "(docs/distributed.md)"
+                f"{name} was asked for by the accelerate launch config; lmdistill does not run "
+                "under Accelerate's sharding plugins: launch with data parallelism "
+                "(configs/accelerate/multi_cpu.yaml, or torchrun) and set train.sharding=fsdp "
+                "to shard the student (docs/distributed.md)"
             )
 
 
@@ -153,16 +155,24 @@ def train_student(
     teacher = used_teacher(teacher, loss)
     torch.manual_seed(train.seed)
     teacher_config = teacher.model_config if teacher is not None else None
-    objective = KDObjective(
+    objective: torch.nn.Module = KDObjective(
         student,
         loss,
         vocab_size,
         teacher_config,
         retention_weight=retention_weight if retention is not None else 0.0,
     )
+    shards = shard_student(objective, train.sharding, accelerator.num_processes, accelerator.device)
+    if shards is not None:  # train the sharded copy; `objective` gets its weights back
+        if accelerator.is_main_process:
+            print(shards.describe(), file=sys.stderr)
+        objective = shards.model
     optimizer = build_optimizer(objective, train)
     scheduler = build_scheduler(optimizer, train)
-    objective, optimizer = accelerator.prepare(objective, optimizer)
+    if shards is None:
+        objective, optimizer = accelerator.prepare(objective, optimizer)
+    else:  # no DDP wrapper: FSDP reduce-scatters the gradients itself
+        optimizer = accelerator.prepare(optimizer)
     if anchor is not None:
         anchor.to(accelerator.device)
     # The retention teacher scores the text only: no hidden states or attentions.
@@ -171,8 +181,11 @@ def train_student(
         prepared.prepare(accelerator.device, loss)
 
     state = start_state(
-        accelerator, objective, optimizer, scheduler, checkpoint_dir, config_hash, train, resume
-    )
+        accelerator, objective, optimizer, scheduler, checkpoint_dir, config_hash, train, resume,
+        shards,
+    )  # fmt: skip
+    if shards is not None:  # from here the shards hold the weights
+        shards.release()
     resumed_from = state.step
     logged = [
         k
@@ -240,8 +253,12 @@ def train_student(
         if train.checkpoint_every and (
             state.step % train.checkpoint_every == 0 or state.step == train.max_steps
         ):
-            checkpoint(accelerator, checkpoint_dir, objective, optimizer, scheduler, state, train)
+            checkpoint(
+                accelerator, checkpoint_dir, objective, optimizer, scheduler, state, train, shards
+            )
     bar.close()
+    if shards is not None:  # the trained weights, whole, on every process
+        objective = shards.gather().to(accelerator.device)
     objective.eval()
     if train.gradient_checkpointing:
         checkpointing(student, False)
@@ -367,7 +384,7 @@ def optimizer_step(
         student = accelerator.unwrap_model(objective).student
         anchor.last_penalty = anchor.penalty(student)
         anchor.add_gradient(student)
-    grad_norm = accelerator.clip_grad_norm_(objective.parameters(), train.max_grad_norm)
+    grad_norm = whole(accelerator.clip_grad_norm_(objective.parameters(), train.max_grad_norm))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -391,16 +408,21 @@ def start_state(
     config_hash: str,
     train: TrainConfig,
     resume: bool,
+    shards: ShardedStudent | None = None,
 ) -> TrainState:
     """A fresh state, or (with `resume`) the last checkpoint's, its weights, optimizer and
-    schedule restored; before a step runs, a check that the checkpoints will fit on disk."""
+    schedule restored; before a step runs, a check that the checkpoints will fit on disk.
+    A sharded run reads the checkpoint's whole tensors and keeps its shard of each."""
     state = TrainState(config_hash=config_hash)
+    model = accelerator.unwrap_model(objective) if shards is None else shards.whole
+    whole_optimizer = optimizer if shards is None else WholeOptimizer(optimizer)
     if resume and (checkpoints := list_checkpoints(checkpoint_dir)):
-        unwrapped = accelerator.unwrap_model(objective)
-        state = resumed_state(checkpoints[-1], unwrapped, optimizer, scheduler, config_hash)
+        state = resumed_state(checkpoints[-1], model, whole_optimizer, scheduler, config_hash)
+        if shards is not None:
+            shards.scatter()
     if train.checkpoint_every and state.step < train.max_steps:
         # Every process checks (none is left waiting in a collective for one that stopped).
-        need = checkpoint_bytes(accelerator.unwrap_model(objective), optimizer)
+        need = checkpoint_bytes(model, whole_optimizer)
         check_room(checkpoint_dir, need, train.keep_checkpoints, warn=accelerator.is_main_process)
     return state
 
@@ -482,18 +504,18 @@ def checkpoint(
     scheduler: Any,
     state: TrainState,
     train: TrainConfig,
+    shards: ShardedStudent | None = None,
 ) -> None:
-    """The main process writes the checkpoint; every process waits for it."""
+    """The main process writes the checkpoint; every process waits for it. A sharded run's
+    weights and optimizer state are gathered whole first (every process takes part)."""
+    model, whole_optimizer = accelerator.unwrap_model(objective), optimizer
+    if shards is not None:
+        model, whole_optimizer = shards.gather(), shards.optimizer_snapshot(optimizer)
     if accelerator.is_main_process:
-        save_checkpoint(
-            directory,
-            accelerator.unwrap_model(objective),
-            optimizer,
-            scheduler,
-            state,
-            train.keep_checkpoints,
-        )
+        save_checkpoint(directory, model, whole_optimizer, scheduler, state, train.keep_checkpoints)
     accelerator.wait_for_everyone()
+    if shards is not None:
+        shards.release()
 
 
 def accumulate_gradients(
