@@ -2,6 +2,7 @@
 peak memory per process, seconds per step, and the same trained weights.
 
     python benchmarks/sharding.py [--steps 8] [--batches 8 2] [--out FILE]
+    python benchmarks/sharding.py --table      # docs/distributed.md's table from the file
 
 The student is the demo's size: 8 of SmolLM2-135M-Instruct's 30 layers (the teacher's
 weights, evenly spaced: the memory does not depend on which), trained on the builtin GSM8K
@@ -164,17 +165,44 @@ def setting(student: Path, batch: int, steps: int, tmp: Path) -> dict[str, Any]:
     return found
 
 
+def table(report: dict[str, Any]) -> str:
+    """The docs' table (docs/distributed.md) from a result file."""
+    rows = [
+        "| global batch | run | peak memory per process | added by training | of DDP "
+        "| seconds per step | of DDP | largest weight difference from 1 process |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for found in report["settings"]:
+        for name in VARIANTS:
+            run = found[name]
+            fsdp = name.startswith("FSDP")
+            memory = f"**{found['fsdp_training_memory_of_ddp']:.2f}**" if fsdp else ""
+            time_of = f"{found['fsdp_time_of_ddp']:.2f}" if fsdp else ""
+            differs = run["max_weight_difference_from_one_process"]
+            rows.append(
+                f"| {found['global_batch']} | {name} | {run['peak_rss_mib_per_process']:,.0f} MiB "
+                f"| {run['training_rss_mib_per_process']:,.0f} MiB | {memory} "
+                f"| {run['seconds_per_step']:.2f} | {time_of} "
+                f"| {f'{differs:.1e}' if run['processes'] > 1 else ''} |"
+            )
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 2], help="global batches")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--table", action="store_true", help="print the docs' table of --out")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--student", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--to", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--prepare", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.out.read_text())))
+        return
     if args.prepare is not None:
         sys.path.insert(0, str(Path(__file__).parent))
         from lora import prepare
