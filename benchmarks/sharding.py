@@ -11,7 +11,8 @@ activations and the 49,152-wide logits weigh most; 2: the weights, gradients and
 moments do), three variants, one after the other, each in fresh processes: 1 process with
 batch B; 2 processes with batch B/2 each, `train.sharding: none` (DDP); the same with
 `fsdp`. Each process records its resident memory after loading the student and its peak
-while training (sampled every 5 ms), and the time of the steps after the first. Rank 0
+while training (sampled every 5 ms), and the seconds per step of the steps after the first
+at the run's average token rate (the first step's time is part of that rate). Rank 0
 keeps the trained weights; they are compared with the one-process run's. Writes the result
 with the commit, the command and the machine.
 """

@@ -59,7 +59,12 @@ from lmdistill.kd.incremental import Anchor
 from lmdistill.kd.on_policy import OnPolicy
 from lmdistill.kd.rationale import apply_objective, eval_prompts
 from lmdistill.kd.tracking import open_tracking
-from lmdistill.kd.train import TrainResult, check_precision, check_sharding, train_student
+from lmdistill.kd.train import (
+    TrainResult,
+    check_launch_plugins,
+    check_precision,
+    train_student,
+)
 from lmdistill.metrics import ArmMetrics, EvalMetrics, RunMetrics
 from lmdistill.models import (
     build_student,
@@ -102,7 +107,7 @@ def run(config: RunConfig, *, resume: bool = False) -> RunMetrics:
     )
     out = Path(config.output_dir)
     check_precision(config.train.precision, device)
-    check_sharding()
+    check_launch_plugins(config.train.sharding)
     check_inputs(config)
     with contextlib.ExitStack() as held:
         # Under torchrun the main process holds the locks for the run; if it cannot, it

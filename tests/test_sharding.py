@@ -140,3 +140,23 @@ def test_a_sharded_run_from_the_command_line_saves_a_whole_student(tmp_path: Pat
     assert len(compared) >= len(saved) - 1  # all but a tied copy
     for name in compared:
         torch.testing.assert_close(saved[f"student.{name}"], weights[name])
+
+
+def test_sharding_needs_torch_2_6_and_no_fp16_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    from lmdistill.kd.train import check_launch_plugins
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda name: "2.5.1" if name == "torch" else real(name)
+    )
+    with pytest.raises(ConfigError, match=r"train\.sharding: 'fsdp'.*torch 2\.5\.1"):
+        load_config(TINY, ["train.sharding=fsdp"])
+    load_config(TINY, ["train.sharding=none"])  # older torch runs unsharded
+    monkeypatch.undo()
+    # `accelerate launch --mixed_precision fp16` reaches the run as this variable.
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="fp16's loss scaling is not sharded"):
+        check_launch_plugins("fsdp")
+    check_launch_plugins("none")

@@ -3,6 +3,7 @@ Every error names the field (`train.lr`) and what is allowed."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from lmdistill.config.build import updated
@@ -182,9 +183,21 @@ def _check_incremental(config: RunConfig) -> None:
         )
 
 
+FSDP_TORCH = (2, 6)  # torch.distributed.fsdp.fully_shard and torch.distributed.tensor
+
+
 def _check_sharding(config: RunConfig) -> None:
     """What a sharded student does not run yet, refused before anything is loaded."""
+    import importlib.metadata
+
+    version = importlib.metadata.version("torch")
+    numbers = re.match(r"(\d+)\.(\d+)", version)
+    found = (int(numbers.group(1)), int(numbers.group(2))) if numbers else (0, 0)
     for ok, allowed in (
+        (
+            found >= FSDP_TORCH,
+            f"none with torch {version} (FSDP2 needs torch >= 2.6: pip install 'torch>=2.6')",
+        ),
         (config.student.lora.r == 0, "none with student.lora (LoRA students are not sharded)"),
         (
             config.on_policy.fraction == 0,

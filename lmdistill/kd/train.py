@@ -61,23 +61,30 @@ def use_cpu(device: str) -> bool:
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
-def make_accelerator(device: str, precision: str = "fp32") -> Accelerator:
+def make_accelerator(device: str, precision: str = "fp32", sharding: str = "none") -> Accelerator:
     # On CPU, `cpu=True` makes a torchrun / accelerate launch use gloo (MULTI_CPU).
     check_precision(precision, resolve_device(device))
     # fp32 leaves Accelerate's own setting (e.g. `accelerate launch --mixed_precision`) alone.
     mixed = MIXED_PRECISION[precision] if precision != "fp32" else None
-    check_sharding()
+    check_launch_plugins(sharding)
     return Accelerator(cpu=use_cpu(device), mixed_precision=mixed)
 
 
 SHARDING = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
 
 
-def check_sharding() -> None:
+def check_launch_plugins(sharding: str = "none") -> None:
     """An `accelerate launch` config that asks for Accelerate's FSDP or DeepSpeed plugin is
     refused in one line: lmdistill shards the student itself (`train.sharding: fsdp`, torch's
     FSDP2, tested on the CPU), and on the CPU Accelerate silently turns an FSDP config into
-    plain data parallelism. DeepSpeed ZeRO is not supported."""
+    plain data parallelism. DeepSpeed ZeRO is not supported. So is a launch's fp16 (loss
+    scaling) with a sharded student, as `train.precision=fp16` is."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if sharding == "fsdp" and launched == "fp16":
+        raise ValueError(
+            "the accelerate launch asks for fp16 (mixed_precision), and fp16's loss scaling "
+            "is not sharded: launch with bf16 or no mixed precision, or train.sharding=none"
+        )
     for variable, name in SHARDING.items():
         if os.environ.get(variable, "false").lower() in ("true", "1"):
             raise ValueError(
@@ -145,7 +152,7 @@ def train_student(
     `retention` (the previous student, frozen) its divergence joins the loss at
     `retention_weight`; `anchor` pulls the weights toward the previous ones
     (lmdistill/kd/incremental.py). `tracking` receives every record the history keeps."""
-    accelerator = make_accelerator(train.device, train.precision)
+    accelerator = make_accelerator(train.device, train.precision, train.sharding)
     if train.gradient_checkpointing:  # until the end of training (evaluation keeps its cache)
         checkpointing(student, True)
     # On-policy steps always need the teacher (it scores the samples); off-policy steps only
@@ -509,8 +516,10 @@ def checkpoint(
     """The main process writes the checkpoint; every process waits for it. A sharded run's
     weights and optimizer state are gathered whole first (every process takes part)."""
     model, whole_optimizer = accelerator.unwrap_model(objective), optimizer
-    if shards is not None:
-        model, whole_optimizer = shards.gather(), shards.optimizer_snapshot(optimizer)
+    if shards is not None:  # whole on the main process only, the others drop each tensor
+        keep = accelerator.is_main_process
+        model = shards.gather(keep)
+        whole_optimizer = shards.optimizer_snapshot(optimizer, keep)
     if accelerator.is_main_process:
         save_checkpoint(directory, model, whole_optimizer, scheduler, state, train.keep_checkpoints)
     accelerator.wait_for_everyone()
@@ -545,9 +554,12 @@ def accumulate_gradients(
         kept = None
         if retention is not None:
             kept = retention.score(batch, chunk, retention_loss or loss)
-        # Only the last micro-batch synchronises gradients across processes.
+        # Under DDP only the last micro-batch synchronises gradients across processes; a
+        # sharded student (no `no_sync`) reduce-scatters each micro-batch's gradients into
+        # its shards, which keeps no whole gradient between micro-batches. Autocast as
+        # Accelerate's prepared model has it (a sharded one is not prepared).
         sync = nullcontext() if i == len(micro) - 1 else accelerator.no_sync(objective)
-        with sync:
+        with sync, accelerator.autocast():
             loss_sum, parts = objective(
                 **batch,
                 teacher_states=signal.states if signal else None,
