@@ -27,6 +27,7 @@ COMMANDS = {
     "e1": "make lab-e1",
     "e2": "make lab-e2",
     "demo": "make demo-results",
+    "demo-trial": "lmdistill run configs/demo.yaml (with the trial's overrides)",
     "lab-dd": "make lab-dd",
     "demo-dd": "make demo-dd",
     "on-policy": "make lab-on-policy",
@@ -170,9 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lab", type=Path, default=ROOT / "outputs" / "lab")
     parser.add_argument("--demo", type=Path, default=ROOT / "lmdistill-demo")
     parser.add_argument("--demo-dd", type=Path, default=ROOT / "outputs" / "dd" / "protocol-demo")
+    parser.add_argument("--trial", help="demo-trial: its name (docs/results/demo-trial-NAME)")
+    parser.add_argument("--trial-command", help="demo-trial: the command that ran it")
     args = parser.parse_args(argv)
     try:
-        if args.experiment == "demo":
+        if args.experiment == "demo-trial":  # a variant of the demo, run from --demo
+            if not args.trial or not args.trial_command:
+                raise ValueError("demo-trial needs --trial NAME and --trial-command COMMAND")
+            result = {**collect_demo(args.demo), "experiment": f"demo-trial-{args.trial}",
+                      "command": args.trial_command}  # fmt: skip
+            OUTPUTS["demo-trial"] = f"demo-trial-{args.trial}.json"
+        elif args.experiment == "demo":
             result = collect_demo(args.demo)
         elif args.experiment == "lab-dd":
             result = collect_protocol(args.experiment, args.lab / "dd")
