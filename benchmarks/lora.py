@@ -38,18 +38,35 @@ def prepare(directory: Path, layers: int = 6) -> None:
     tokenizer.save_pretrained(directory)
 
 
+def train_ce(
+    student: Any, tokenizer: Any, train_set: list[Any], train: Any
+) -> tuple[Any, float, int]:
+    """CE-only training of `student` (no teacher), checkpoints in a temporary directory:
+    the result, and the seconds and response tokens of the steps after the first (the first
+    takes allocation, first touch), the seconds at the run's average token rate.
+    (benchmarks/sharding.py uses it too.)"""
+    from lmdistill.config import LossConfig
+    from lmdistill.kd.train import train_student
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train_student(student, None, train_set, train=train, loss=LossConfig(alpha=1.0),
+                               vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                               checkpoint_dir=Path(tmp), config_hash="bench")  # fmt: skip
+    history = result.state.history
+    later = history[-1]["tokens"] - history[0]["tokens"]
+    return result, result.seconds * later / history[-1]["tokens"], later
+
+
 def measure(student_dir: Path, rank: int, steps: int) -> dict[str, Any]:
     """One variant, in this process: trainable parameters, seconds per step, peak RSS."""
     import lmdistill  # noqa: F401  (threading defaults before torch loads)
     from lmdistill.config import (
-        LossConfig,
         ModelConfig,
         StudentConfig,
         StudentLoraConfig,
         TrainConfig,
     )
     from lmdistill.data import load_examples, tokenize_examples
-    from lmdistill.kd.train import train_student
     from lmdistill.models import load_model
     from lmdistill.models.lora import add_adapters
 
@@ -62,15 +79,7 @@ def measure(student_dir: Path, rank: int, steps: int) -> dict[str, Any]:
     train_set, _ = tokenize_examples(examples, tokenizer, 256, "warn")
     train = TrainConfig(max_steps=steps + 1, batch_size=8, lr=1e-4, warmup_steps=1,
                         checkpoint_every=0, device="cpu", log_every=1)  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        result = train_student(student, None, train_set, train=train, loss=LossConfig(alpha=1.0),
-                               vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                               checkpoint_dir=Path(tmp), config_hash="bench")  # fmt: skip
-    history = result.state.history
-    # The first step is not timed (allocation, first touch): the tokens and time after it,
-    # at the run's own rate.
-    later = history[-1]["tokens"] - history[0]["tokens"]
-    seconds = result.seconds * later / history[-1]["tokens"]
+    _, seconds, later = train_ce(student, tokenizer, train_set, train)
     return {
         "rank": rank,
         "parameters": sum(p.numel() for p in student.parameters()),

@@ -68,10 +68,10 @@ def measure(student_dir: Path, sharding: str, batch: int, steps: int, out: Path)
     import torch
     from accelerate import PartialState
 
-    from lmdistill.config import LossConfig, ModelConfig, TrainConfig
+    from lmdistill.config import ModelConfig, TrainConfig
     from lmdistill.data import load_examples, tokenize_examples
-    from lmdistill.kd.train import train_student
     from lmdistill.models import load_model
+    from lora import train_ce  # this script's directory is on sys.path
 
     state = PartialState(cpu=True)
     student, tokenizer = load_model(ModelConfig(path=str(student_dir)))
@@ -81,14 +81,9 @@ def measure(student_dir: Path, sharding: str, batch: int, steps: int, out: Path)
                         checkpoint_every=0, device="cpu", log_every=1,
                         sharding=sharding)  # type: ignore[arg-type]  # fmt: skip
     loaded = rss_mib()
-    with tempfile.TemporaryDirectory() as tmp, PeakSampler() as peak:
-        result = train_student(student, None, train_set, train=train, loss=LossConfig(alpha=1.0),
-                               vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                               checkpoint_dir=Path(tmp), config_hash="bench")  # fmt: skip
+    with PeakSampler() as peak:
+        result, seconds, _ = train_ce(student, tokenizer, train_set, train)
     history = result.state.history
-    # The first step is not timed (allocation, first touch): the tokens and time after it.
-    later = history[-1]["tokens"] - history[0]["tokens"]
-    seconds = result.seconds * later / history[-1]["tokens"]
     found = {
         "processes": state.num_processes,
         "rank": state.process_index,
@@ -205,7 +200,6 @@ def main() -> None:
         print(table(json.loads(args.out.read_text())))
         return
     if args.prepare is not None:
-        sys.path.insert(0, str(Path(__file__).parent))
         from lora import prepare
 
         prepare(args.prepare, LAYERS)

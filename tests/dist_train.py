@@ -167,10 +167,7 @@ if __name__ == "__main__":
     if state.is_main_process:
         args.out.mkdir(parents=True, exist_ok=True)
         torch.save(weights, args.out / "weights.pt")
-        info = {
-            "processes": state.num_processes,
-            "type": str(state.distributed_type),
-        }
+        info = {"processes": state.num_processes, "type": str(state.distributed_type)}
         (args.out / "run.json").write_text(json.dumps({"history": history, **info}))
     # Tear gloo down before exit: left to the interpreter's shutdown, a worker can abort in a
     # C++ destructor ("terminate called without an active exception") after finishing.

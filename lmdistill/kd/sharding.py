@@ -126,26 +126,12 @@ class ShardedStudent:
             else:
                 param.copy_(source)
 
-    def optimizer_snapshot(self, optimizer: Any, keep: bool = True) -> Snapshot:
-        """The optimizer's state dict with every tensor whole, on the CPU: exactly what one
-        process with the same parameters writes. Every process calls it (a collective per
-        tensor); with `keep` false the whole tensors are dropped as they come."""
-        state = optimizer.state_dict()
-        tensors: dict[Any, dict[str, Any]] = {}
-        for key, entry in state["state"].items():
-            values = {name: whole(value) for name, value in entry.items()}
-            if keep:
-                tensors[key] = {
-                    name: value.to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
-                    for name, value in values.items()
-                }
-        return Snapshot({"state": tensors, "param_groups": state["param_groups"]})
-
 
 class WholeOptimizer:
-    """A sharded optimizer seen as one process's: `load_state_dict` takes a whole state dict
-    (as checkpoints hold it) and keeps this process's shard of each tensor; `state` and
-    `param_groups` are the optimizer's (a DTensor's numel is the whole tensor's)."""
+    """A sharded optimizer seen as one process's: `snapshot` gathers its state whole (as
+    checkpoints hold it), `load_state_dict` takes a whole state dict and keeps this
+    process's shard of each tensor; `state` and `param_groups` are the optimizer's (a
+    DTensor's numel is the whole tensor's)."""
 
     def __init__(self, optimizer: Any) -> None:
         self.optimizer = optimizer
@@ -157,6 +143,21 @@ class WholeOptimizer:
     @property
     def param_groups(self) -> Any:
         return self.optimizer.param_groups
+
+    def snapshot(self, keep: bool = True) -> Snapshot:
+        """The state dict with every tensor whole, on the CPU: exactly what one process with
+        the same parameters writes. Every process calls it (a collective per tensor); with
+        `keep` false the whole tensors are dropped as they come."""
+        state = self.optimizer.state_dict()
+        tensors: dict[Any, dict[str, Any]] = {}
+        for key, entry in state["state"].items():
+            values = {name: whole(value) for name, value in entry.items()}
+            if keep:
+                tensors[key] = {
+                    name: value.to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
+                    for name, value in values.items()
+                }
+        return Snapshot({"state": tensors, "param_groups": state["param_groups"]})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from torch.distributed.tensor import distribute_tensor

@@ -519,7 +519,7 @@ def checkpoint(
     if shards is not None:  # whole on the main process only, the others drop each tensor
         keep = accelerator.is_main_process
         model = shards.gather(keep)
-        whole_optimizer = shards.optimizer_snapshot(optimizer, keep)
+        whole_optimizer = WholeOptimizer(optimizer).snapshot(keep)
     if accelerator.is_main_process:
         save_checkpoint(directory, model, whole_optimizer, scheduler, state, train.keep_checkpoints)
     accelerator.wait_for_everyone()
